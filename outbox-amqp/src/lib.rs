@@ -1,0 +1,1 @@
+//! RabbitMQ transport for the outbox framework (lapin). Not implemented yet.

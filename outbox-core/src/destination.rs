@@ -1,0 +1,91 @@
+use crate::event::Envelope;
+use std::future::Future;
+use std::time::Duration;
+
+/// Why one event could not be delivered, and whether to try again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryError {
+    /// Retry (after the policy's backoff, or after the given delay) or give up.
+    pub retry: Retry,
+    /// A human-readable reason, stored in the row's `last_error`.
+    pub reason: String,
+}
+
+/// What to do after a failed delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Try again after the retry policy's backoff, until the maximum attempts.
+    Backoff,
+    /// Try again no earlier than this delay (still bounded by the maximum attempts).
+    After(Duration),
+    /// Do not try again: the event goes dead at once.
+    Never,
+}
+
+impl DeliveryError {
+    /// A failure worth retrying.
+    pub fn retry(reason: impl Into<String>) -> Self {
+        Self {
+            retry: Retry::Backoff,
+            reason: reason.into(),
+        }
+    }
+
+    /// A failure retried no earlier than `delay`.
+    pub fn retry_after(delay: Duration, reason: impl Into<String>) -> Self {
+        Self {
+            retry: Retry::After(delay),
+            reason: reason.into(),
+        }
+    }
+
+    /// A failure that retrying cannot fix: the event goes dead with this reason.
+    pub fn permanent(reason: impl Into<String>) -> Self {
+        Self {
+            retry: Retry::Never,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for DeliveryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::error::Error for DeliveryError {}
+
+/// The outcome of one event in a delivered batch, in the batch's order.
+pub type DeliveryResult = Result<(), DeliveryError>;
+
+/// Where a relay sends the events it claims: the typed-handler [`Dispatcher`](crate::Dispatcher),
+/// a broker [`Transport`], or your own.
+///
+/// The relay hands over a whole batch so that a destination can pipeline it; the returned vector
+/// has one result per event, in the same order. An event is marked delivered only when its result
+/// is `Ok`. A batch never holds two events of one aggregate.
+pub trait Destination: Send + Sync + 'static {
+    /// Delivers `batch`; returns one result per event, in order.
+    fn deliver(&self, batch: &[Envelope]) -> impl Future<Output = Vec<DeliveryResult>> + Send;
+}
+
+/// A message broker the relay publishes to. Broker crates (`outbox-kafka`, `outbox-amqp`,
+/// `outbox-nats`) implement it; every `Transport` is a [`Destination`].
+///
+/// `publish` must return `Ok` for an event only once the broker has confirmed it (acks, publisher
+/// confirms, JetStream ack), and should keep many confirmations outstanding rather than waiting
+/// for each in turn.
+pub trait Transport: Send + Sync + 'static {
+    /// A short name for logs and routing, for instance `"kafka"`.
+    fn name(&self) -> &str;
+
+    /// Publishes `batch`; returns one result per event, in order.
+    fn publish(&self, batch: &[Envelope]) -> impl Future<Output = Vec<DeliveryResult>> + Send;
+}
+
+impl<T: Transport> Destination for T {
+    fn deliver(&self, batch: &[Envelope]) -> impl Future<Output = Vec<DeliveryResult>> + Send {
+        self.publish(batch)
+    }
+}

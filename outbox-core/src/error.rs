@@ -1,0 +1,70 @@
+use std::borrow::Cow;
+
+/// The one error type of the outbox framework.
+///
+/// Handler and delivery outcomes have their own types ([`HandlerError`](crate::HandlerError),
+/// [`DeliveryError`](crate::DeliveryError)): they describe what happened to one event and decide
+/// whether it is retried, while `Error` is returned to the caller of an API.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A table name that is not a plain SQL identifier.
+    #[error("invalid table name {name:?}: {reason}")]
+    InvalidTableName {
+        /// The rejected name.
+        name: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// The event could not be serialised to JSON.
+    #[error("cannot serialise event {event_type}: {source}")]
+    Serialize {
+        /// The event type being serialised.
+        event_type: Cow<'static, str>,
+        /// The serde error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Two handlers were registered for the same event type and schema version.
+    #[error(
+        "two handlers for event type {event_type:?} version {version}: {first} and {second}; \
+         keep one of them"
+    )]
+    DuplicateHandler {
+        /// The event type both handlers claim.
+        event_type: String,
+        /// The schema version both handlers claim.
+        version: u32,
+        /// The handler registered first.
+        first: String,
+        /// The handler registered second.
+        second: String,
+    },
+    /// Handlers the application expects are missing from the registry.
+    ///
+    /// With `inventory`, a handler defined in a library crate that the binary never references can
+    /// be dropped by the linker; [`Registry::require`](crate::Registry::require) turns that into
+    /// this start-up error instead of events that silently go dead.
+    #[error("no handler registered for {}", missing.join(", "))]
+    MissingHandlers {
+        /// `event_type vN` of every missing handler.
+        missing: Vec<String>,
+    },
+    /// A relay or router was configured inconsistently.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The database refused or failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A stored row could not be read back.
+    #[error("corrupt outbox row {id}: {reason}")]
+    CorruptRow {
+        /// The row id, as stored.
+        id: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+}
+
+/// `Result` with [`Error`] as the error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,225 @@
+use crate::error::{Error, Result};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+/// A domain event that can be written to the outbox.
+///
+/// Implement it with `#[derive(OutboxEvent)]` from the `outbox` crate rather than by hand: the
+/// derive checks the attributes at compile time.
+///
+/// The constants are what the relay, the transports and the handler registry route on; they are
+/// constants so that handler registrations can be built at compile time.
+pub trait OutboxEvent: Serialize {
+    /// The event type name, for instance `"payment.created"`.
+    const EVENT_TYPE: &'static str;
+    /// The kind of aggregate the event belongs to, for instance `"payment"`.
+    const AGGREGATE_TYPE: &'static str;
+    /// The version of the payload's schema; a handler is registered for one version.
+    const SCHEMA_VERSION: u32;
+    /// The route: Kafka topic, RabbitMQ exchange / routing-key base, NATS subject base.
+    const TOPIC: &'static str;
+
+    /// The id of the aggregate instance. Events of one aggregate are delivered in commit order.
+    fn aggregate_id(&self) -> String;
+}
+
+/// Well-known header names. Transports copy them onto broker messages.
+pub mod header {
+    /// Correlates every event caused by one request.
+    pub const CORRELATION_ID: &str = "correlation_id";
+    /// The id of the event or command that caused this one.
+    pub const CAUSATION_ID: &str = "causation_id";
+    /// W3C trace context.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// W3C trace state.
+    pub const TRACESTATE: &str = "tracestate";
+}
+
+/// String headers stored with an event (correlation id, trace context, your own keys).
+pub type Headers = BTreeMap<String, String>;
+
+/// Options for one enqueued event: deferred delivery and metadata.
+///
+/// ```
+/// use outbox_core::EnqueueOptions;
+/// use std::time::Duration;
+/// let opts = EnqueueOptions::new()
+///     .delay(Duration::from_secs(30))
+///     .correlation_id("req-42")
+///     .header("tenant", "acme");
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct EnqueueOptions {
+    pub(crate) available_at: Option<Deliver>,
+    pub(crate) headers: Headers,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Deliver {
+    At(DateTime<Utc>),
+    After(std::time::Duration),
+}
+
+impl EnqueueOptions {
+    /// No delay, no headers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Deliver no earlier than `when` (an effective date).
+    pub fn available_at(mut self, when: DateTime<Utc>) -> Self {
+        self.available_at = Some(Deliver::At(when));
+        self
+    }
+
+    /// Deliver no earlier than `delay` after the database's clock at insert.
+    pub fn delay(mut self, delay: std::time::Duration) -> Self {
+        self.available_at = Some(Deliver::After(delay));
+        self
+    }
+
+    /// Sets the correlation id header.
+    pub fn correlation_id(self, id: impl Into<String>) -> Self {
+        self.header(header::CORRELATION_ID, id)
+    }
+
+    /// Sets the causation id header.
+    pub fn causation_id(self, id: impl Into<String>) -> Self {
+        self.header(header::CAUSATION_ID, id)
+    }
+
+    /// Sets the W3C `traceparent` header, so consumers can continue the trace.
+    pub fn traceparent(self, value: impl Into<String>) -> Self {
+        self.header(header::TRACEPARENT, value)
+    }
+
+    /// Sets any header.
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// One serialised event, ready to be written; build it with [`Message::new`] to enqueue events
+/// of different types in one batch.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub(crate) id: Uuid,
+    pub(crate) event_type: &'static str,
+    pub(crate) aggregate_type: &'static str,
+    pub(crate) aggregate_id: String,
+    pub(crate) schema_version: u32,
+    pub(crate) topic: &'static str,
+    pub(crate) payload: String,
+    pub(crate) options: EnqueueOptions,
+}
+
+impl Message {
+    /// Serialises `event` with default options.
+    pub fn new<E: OutboxEvent>(event: &E) -> Result<Self> {
+        Self::with_options(event, EnqueueOptions::default())
+    }
+
+    /// Serialises `event` with `options`.
+    pub fn with_options<E: OutboxEvent>(event: &E, options: EnqueueOptions) -> Result<Self> {
+        let payload = serde_json::to_string(event).map_err(|source| Error::Serialize {
+            event_type: E::EVENT_TYPE.into(),
+            source,
+        })?;
+        Ok(Self {
+            id: Uuid::now_v7(),
+            event_type: E::EVENT_TYPE,
+            aggregate_type: E::AGGREGATE_TYPE,
+            aggregate_id: event.aggregate_id(),
+            schema_version: E::SCHEMA_VERSION,
+            topic: E::TOPIC,
+            payload,
+            options,
+        })
+    }
+
+    /// The id the event will have in the outbox (a UUID v7).
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    pub(crate) fn headers_json(&self) -> String {
+        // A map of strings always serialises.
+        serde_json::to_string(&self.options.headers).unwrap_or_else(|_| "{}".to_owned())
+    }
+}
+
+/// An event read back from the outbox, as handed to a destination (handlers or a broker).
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// The outbox row id (UUID v7); use it to deduplicate.
+    pub id: Uuid,
+    /// When the event was enqueued (database clock).
+    pub created_at: DateTime<Utc>,
+    /// The event type name.
+    pub event_type: String,
+    /// The aggregate type.
+    pub aggregate_type: String,
+    /// The aggregate id.
+    pub aggregate_id: String,
+    /// Position of the event in its aggregate: 1, 2, 3, … in commit order, without gaps.
+    pub sequence: i64,
+    /// The payload's schema version.
+    pub schema_version: u32,
+    /// The route (topic, exchange, subject base).
+    pub topic: String,
+    /// The payload, as JSON text.
+    pub payload: String,
+    /// Stored headers (correlation id, trace context, …).
+    pub headers: Headers,
+    /// Which delivery attempt this is, starting at 1.
+    pub attempt: u32,
+}
+
+impl Envelope {
+    /// The correlation id header, if any.
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.headers.get(header::CORRELATION_ID).map(String::as_str)
+    }
+
+    /// Every header a transport should put on the broker message: the stored headers plus the
+    /// outbox metadata (`outbox-id`, `outbox-event-type`, `outbox-aggregate-type`,
+    /// `outbox-aggregate-id`, `outbox-sequence`, `outbox-schema-version`, `content-type`).
+    pub fn wire_headers(&self) -> Vec<(String, String)> {
+        let mut out = Vec::with_capacity(self.headers.len() + 7);
+        out.push((wire::ID.to_owned(), self.id.to_string()));
+        out.push((wire::EVENT_TYPE.to_owned(), self.event_type.clone()));
+        out.push((wire::AGGREGATE_TYPE.to_owned(), self.aggregate_type.clone()));
+        out.push((wire::AGGREGATE_ID.to_owned(), self.aggregate_id.clone()));
+        out.push((wire::SEQUENCE.to_owned(), self.sequence.to_string()));
+        out.push((
+            wire::SCHEMA_VERSION.to_owned(),
+            self.schema_version.to_string(),
+        ));
+        out.push((wire::CONTENT_TYPE.to_owned(), wire::JSON.to_owned()));
+        out.extend(self.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+        out
+    }
+}
+
+/// Header names the transports put on broker messages.
+pub mod wire {
+    /// The outbox row id.
+    pub const ID: &str = "outbox-id";
+    /// The event type.
+    pub const EVENT_TYPE: &str = "outbox-event-type";
+    /// The aggregate type.
+    pub const AGGREGATE_TYPE: &str = "outbox-aggregate-type";
+    /// The aggregate id.
+    pub const AGGREGATE_ID: &str = "outbox-aggregate-id";
+    /// The per-aggregate sequence number.
+    pub const SEQUENCE: &str = "outbox-sequence";
+    /// The payload schema version.
+    pub const SCHEMA_VERSION: &str = "outbox-schema-version";
+    /// The payload content type.
+    pub const CONTENT_TYPE: &str = "content-type";
+    /// The only content type written today.
+    pub const JSON: &str = "application/json";
+}

@@ -1,0 +1,680 @@
+//! Typed handlers: the registry built from `#[outbox::handler]` registrations, and the
+//! [`Dispatcher`] that runs them as a relay destination.
+
+use crate::destination::{DeliveryError, DeliveryResult, Destination};
+use crate::error::{Error, Result};
+use crate::event::{header, Envelope, Headers, OutboxEvent};
+use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
+use serde::de::DeserializeOwned;
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::Instrument;
+use uuid::Uuid;
+
+/// What a handler returns when it cannot finish: retry later, or give up.
+///
+/// Any `std::error::Error` converts into a retryable `HandlerError`, so `?` works on database and
+/// I/O errors; use [`HandlerError::fatal`] for failures that retrying cannot fix.
+#[derive(Debug)]
+pub enum HandlerError {
+    /// Try again: after the retry policy's backoff, or no earlier than `after`.
+    Retry {
+        /// Why it failed.
+        reason: String,
+        /// The earliest moment to retry, if the handler knows better than the policy.
+        after: Option<Duration>,
+    },
+    /// Give up: the event goes dead at once with this reason.
+    Fatal {
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+impl HandlerError {
+    /// A retryable failure.
+    pub fn retry(reason: impl fmt::Display) -> Self {
+        Self::Retry {
+            reason: reason.to_string(),
+            after: None,
+        }
+    }
+
+    /// A failure to retry no earlier than `delay` from now.
+    pub fn retry_after(delay: Duration, reason: impl fmt::Display) -> Self {
+        Self::Retry {
+            reason: reason.to_string(),
+            after: Some(delay),
+        }
+    }
+
+    /// A failure that retrying cannot fix.
+    pub fn fatal(reason: impl fmt::Display) -> Self {
+        Self::Fatal {
+            reason: reason.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Retry { reason, .. } | Self::Fatal { reason } => f.write_str(reason),
+        }
+    }
+}
+
+impl<E: std::error::Error> From<E> for HandlerError {
+    fn from(error: E) -> Self {
+        Self::retry(error)
+    }
+}
+
+impl From<HandlerError> for DeliveryError {
+    fn from(error: HandlerError) -> Self {
+        match error {
+            HandlerError::Retry {
+                reason,
+                after: None,
+            } => DeliveryError::retry(reason),
+            HandlerError::Retry {
+                reason,
+                after: Some(delay),
+            } => DeliveryError::retry_after(delay, reason),
+            HandlerError::Fatal { reason } => DeliveryError::permanent(reason),
+        }
+    }
+}
+
+/// Shared values handlers can reach through [`HandlerContext::state`] (a pool, a client,
+/// configuration), keyed by type.
+#[derive(Default, Clone)]
+pub struct Extensions(HashMap<TypeId, Arc<dyn Any + Send + Sync>>);
+
+impl Extensions {
+    /// Adds `value`, replacing an earlier value of the same type.
+    pub fn insert<T: Send + Sync + 'static>(&mut self, value: T) {
+        self.0.insert(TypeId::of::<T>(), Arc::new(value));
+    }
+
+    /// The value of type `T`, if one was added.
+    pub fn get<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        self.0.get(&TypeId::of::<T>())?.downcast_ref()
+    }
+}
+
+impl fmt::Debug for Extensions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Extensions")
+            .field("len", &self.0.len())
+            .finish()
+    }
+}
+
+/// What a handler knows about the event it handles, and the shared state.
+#[derive(Debug, Clone)]
+pub struct HandlerContext {
+    event_id: Uuid,
+    event_type: String,
+    aggregate_type: String,
+    aggregate_id: String,
+    sequence: i64,
+    schema_version: u32,
+    attempt: u32,
+    created_at: DateTime<Utc>,
+    headers: Headers,
+    state: Arc<Extensions>,
+}
+
+impl HandlerContext {
+    /// Builds the context of `envelope`, with `state` reachable through [`state`](Self::state).
+    pub fn new(envelope: &Envelope, state: Arc<Extensions>) -> Self {
+        Self {
+            event_id: envelope.id,
+            event_type: envelope.event_type.clone(),
+            aggregate_type: envelope.aggregate_type.clone(),
+            aggregate_id: envelope.aggregate_id.clone(),
+            sequence: envelope.sequence,
+            schema_version: envelope.schema_version,
+            attempt: envelope.attempt,
+            created_at: envelope.created_at,
+            headers: envelope.headers.clone(),
+            state,
+        }
+    }
+
+    /// The outbox id of the event: the key to deduplicate on.
+    pub fn event_id(&self) -> Uuid {
+        self.event_id
+    }
+    /// The event type.
+    pub fn event_type(&self) -> &str {
+        &self.event_type
+    }
+    /// The aggregate type.
+    pub fn aggregate_type(&self) -> &str {
+        &self.aggregate_type
+    }
+    /// The aggregate id.
+    pub fn aggregate_id(&self) -> &str {
+        &self.aggregate_id
+    }
+    /// The event's position in its aggregate (1, 2, 3, … in commit order).
+    pub fn sequence(&self) -> i64 {
+        self.sequence
+    }
+    /// The payload's schema version.
+    pub fn schema_version(&self) -> u32 {
+        self.schema_version
+    }
+    /// Which attempt this is, starting at 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+    /// When the event was enqueued.
+    pub fn created_at(&self) -> DateTime<Utc> {
+        self.created_at
+    }
+    /// The stored headers.
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+    /// The correlation id header, if any.
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.headers.get(header::CORRELATION_ID).map(String::as_str)
+    }
+
+    /// The shared value of type `T` given to [`Dispatcher::state`].
+    ///
+    /// A missing value is a fatal handler error (a wiring mistake, not a transient failure).
+    pub fn state<T: Send + Sync + 'static>(&self) -> Result<&T, HandlerError> {
+        self.state.get::<T>().ok_or_else(|| {
+            HandlerError::fatal(format!(
+                "no state of type {} was given to the dispatcher",
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+}
+
+/// Why a registered handler did not complete.
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum CallError {
+    /// The payload did not deserialise into the handler's event type.
+    Decode(serde_json::Error),
+    /// The handler returned an error.
+    Handler(HandlerError),
+}
+
+type ErasedHandler =
+    Arc<dyn Fn(&str, HandlerContext) -> BoxFuture<'static, Result<(), CallError>> + Send + Sync>;
+
+/// Deserialises `payload` into `E` and runs `handler`: the body of every registered handler.
+#[doc(hidden)]
+pub fn call_handler<E, F, Fut>(
+    payload: &str,
+    ctx: HandlerContext,
+    handler: F,
+) -> BoxFuture<'static, Result<(), CallError>>
+where
+    E: DeserializeOwned,
+    F: FnOnce(E, HandlerContext) -> Fut,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    match serde_json::from_str::<E>(payload) {
+        Ok(event) => handler(event, ctx).map(|r| r.map_err(CallError::Handler)).boxed(),
+        Err(error) => std::future::ready(Err(CallError::Decode(error))).boxed(),
+    }
+}
+
+/// A handler registered at compile time by `#[outbox::handler]`. Collected with `inventory`.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct HandlerRegistration {
+    event_type: &'static str,
+    version: u32,
+    name: &'static str,
+    call: fn(&str, HandlerContext) -> BoxFuture<'static, Result<(), CallError>>,
+}
+
+impl HandlerRegistration {
+    #[doc(hidden)]
+    pub const fn new<E: OutboxEvent>(
+        name: &'static str,
+        call: fn(&str, HandlerContext) -> BoxFuture<'static, Result<(), CallError>>,
+    ) -> Self {
+        Self {
+            event_type: E::EVENT_TYPE,
+            version: E::SCHEMA_VERSION,
+            name,
+            call,
+        }
+    }
+}
+
+inventory::collect!(HandlerRegistration);
+
+#[derive(Clone)]
+struct Entry {
+    name: String,
+    call: ErasedHandler,
+}
+
+/// The handlers of an application, by event type and schema version. Built once, at start-up.
+///
+/// ```no_run
+/// # fn main() -> Result<(), outbox_core::Error> {
+/// use outbox_core::Registry;
+/// let registry = Registry::from_inventory()?;
+/// // Fail fast if a handler was dropped by the linker or never written:
+/// registry.require(&[("payment.created", 1), ("payment.confirmed", 1)])?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Default)]
+pub struct Registry {
+    handlers: HashMap<String, Vec<(u32, Entry)>>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut list = f.debug_list();
+        for (event_type, versions) in &self.handlers {
+            for (version, entry) in versions {
+                list.entry(&format_args!("{event_type} v{version} -> {}", entry.name));
+            }
+        }
+        list.finish()
+    }
+}
+
+impl Registry {
+    /// Every handler registered with `#[outbox::handler]` in the binary.
+    ///
+    /// Fails with [`Error::DuplicateHandler`] when two handlers claim the same event type and
+    /// version.
+    ///
+    /// Registrations in a library crate that the binary never otherwise references can be
+    /// dropped by the linker (a known limit of `inventory`): reference something from that crate
+    /// in the binary, and check with [`require`](Self::require) at start-up.
+    pub fn from_inventory() -> Result<Self> {
+        let mut builder = Self::builder();
+        for registration in inventory::iter::<HandlerRegistration> {
+            let call = registration.call;
+            builder = builder.insert(
+                registration.event_type,
+                registration.version,
+                registration.name.to_owned(),
+                Arc::new(call),
+            )?;
+        }
+        Ok(builder.build())
+    }
+
+    /// An empty builder: for tests, or to register closures.
+    pub fn builder() -> RegistryBuilder {
+        RegistryBuilder {
+            registry: Self::default(),
+        }
+    }
+
+    /// Checks that a handler exists for each `(event_type, version)`.
+    pub fn require(&self, expected: &[(&str, u32)]) -> Result<()> {
+        let missing: Vec<String> = expected
+            .iter()
+            .filter(|(event_type, version)| self.get(event_type, *version).is_none())
+            .map(|(event_type, version)| format!("{event_type} v{version}"))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::MissingHandlers { missing })
+        }
+    }
+
+    /// Checks that a handler exists for the event type `E` at its current schema version.
+    pub fn require_event<E: OutboxEvent>(&self) -> Result<()> {
+        self.require(&[(E::EVENT_TYPE, E::SCHEMA_VERSION)])
+    }
+
+    /// The number of registered handlers.
+    pub fn len(&self) -> usize {
+        self.handlers.values().map(Vec::len).sum()
+    }
+
+    /// Whether no handler is registered.
+    pub fn is_empty(&self) -> bool {
+        self.handlers.is_empty()
+    }
+
+    fn get(&self, event_type: &str, version: u32) -> Option<&Entry> {
+        self.handlers
+            .get(event_type)?
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, entry)| entry)
+    }
+
+    fn versions_of(&self, event_type: &str) -> Vec<u32> {
+        self.handlers
+            .get(event_type)
+            .map(|v| v.iter().map(|(version, _)| *version).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Builds a [`Registry`] by hand.
+#[derive(Debug)]
+pub struct RegistryBuilder {
+    registry: Registry,
+}
+
+impl RegistryBuilder {
+    /// Registers `handler` for events of type `E` at `E::SCHEMA_VERSION`.
+    ///
+    /// Fails with [`Error::DuplicateHandler`] if that type and version already has one.
+    pub fn handler<E, F, Fut>(self, name: impl Into<String>, handler: F) -> Result<Self>
+    where
+        E: OutboxEvent + DeserializeOwned + 'static,
+        F: Fn(E, HandlerContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        let call: ErasedHandler =
+            Arc::new(move |payload, ctx| call_handler::<E, _, _>(payload, ctx, &handler));
+        self.insert(E::EVENT_TYPE, E::SCHEMA_VERSION, name.into(), call)
+    }
+
+    /// Adds every `#[outbox::handler]` registration (see [`Registry::from_inventory`]).
+    pub fn with_inventory(mut self) -> Result<Self> {
+        for (event_type, versions) in Registry::from_inventory()?.handlers {
+            for (version, entry) in versions {
+                self = self.insert(&event_type, version, entry.name, entry.call)?;
+            }
+        }
+        Ok(self)
+    }
+
+    fn insert(
+        mut self,
+        event_type: &str,
+        version: u32,
+        name: String,
+        call: ErasedHandler,
+    ) -> Result<Self> {
+        if let Some(existing) = self.registry.get(event_type, version) {
+            return Err(Error::DuplicateHandler {
+                event_type: event_type.to_owned(),
+                version,
+                first: existing.name.clone(),
+                second: name,
+            });
+        }
+        self.registry
+            .handlers
+            .entry(event_type.to_owned())
+            .or_default()
+            .push((version, Entry { name, call }));
+        Ok(self)
+    }
+
+    /// The finished registry.
+    pub fn build(self) -> Registry {
+        self.registry
+    }
+}
+
+/// Runs typed handlers: the relay destination for in-process handling, and the core of every
+/// broker consumer.
+///
+/// An unknown event type is retried (the handler may arrive with the next deploy) and goes dead
+/// after the maximum attempts; a payload that does not deserialise goes dead at once; a handler
+/// that panics is a retryable failure whose reason is the panic message.
+#[derive(Debug, Clone)]
+pub struct Dispatcher {
+    registry: Arc<Registry>,
+    state: Arc<Extensions>,
+    concurrency: usize,
+}
+
+impl Dispatcher {
+    /// A dispatcher over `registry`, running up to 64 handlers at once.
+    pub fn new(registry: Registry) -> Self {
+        Self {
+            registry: Arc::new(registry),
+            state: Arc::default(),
+            concurrency: 64,
+        }
+    }
+
+    /// A dispatcher over every `#[outbox::handler]` in the binary.
+    pub fn from_inventory() -> Result<Self> {
+        Ok(Self::new(Registry::from_inventory()?))
+    }
+
+    /// Makes `value` reachable from handlers through [`HandlerContext::state`].
+    pub fn state<T: Send + Sync + 'static>(mut self, value: T) -> Self {
+        Arc::make_mut(&mut self.state).insert(value);
+        self
+    }
+
+    /// How many handlers of one batch run at once (never two of one aggregate). Default 64.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// The registry.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Runs the handler of one event.
+    pub async fn dispatch(&self, envelope: &Envelope) -> DeliveryResult {
+        let span = tracing::info_span!(
+            "outbox.handle",
+            event_id = %envelope.id,
+            event_type = %envelope.event_type,
+            aggregate_type = %envelope.aggregate_type,
+            aggregate_id = %envelope.aggregate_id,
+            sequence = envelope.sequence,
+            attempt = envelope.attempt,
+        );
+        self.dispatch_inner(envelope).instrument(span).await
+    }
+
+    async fn dispatch_inner(&self, envelope: &Envelope) -> DeliveryResult {
+        let Some(entry) = self
+            .registry
+            .get(&envelope.event_type, envelope.schema_version)
+        else {
+            let known = self.registry.versions_of(&envelope.event_type);
+            let reason = if known.is_empty() {
+                format!(
+                    "no handler for event type {:?} (is it registered, and linked into this binary?)",
+                    envelope.event_type
+                )
+            } else {
+                format!(
+                    "no handler for event type {:?} version {} (handlers exist for versions {known:?})",
+                    envelope.event_type, envelope.schema_version
+                )
+            };
+            return Err(DeliveryError::retry(reason));
+        };
+        let ctx = HandlerContext::new(envelope, self.state.clone());
+        // The handler is user code: a panic must become this event's failure, not the relay's.
+        let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| {
+            (entry.call)(&envelope.payload, ctx)
+        })) {
+            Ok(future) => AssertUnwindSafe(future).catch_unwind().await,
+            Err(panic) => Err(panic),
+        };
+        match outcome {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(CallError::Decode(error))) => Err(DeliveryError::permanent(format!(
+                "payload does not deserialise into {} v{} (handler {}): {error}",
+                envelope.event_type, envelope.schema_version, entry.name
+            ))),
+            Ok(Err(CallError::Handler(error))) => Err(error.into()),
+            Err(panic) => Err(DeliveryError::retry(format!(
+                "handler {} panicked: {}",
+                entry.name,
+                panic_message(&*panic)
+            ))),
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    if let Some(s) = panic.downcast_ref::<&'static str>() {
+        s
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s
+    } else {
+        "non-string panic payload"
+    }
+}
+
+impl Destination for Dispatcher {
+    async fn deliver(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
+        // Collected first: a closure inside the stream trips the `Send` check of the future.
+        let calls: Vec<_> = batch.iter().map(|envelope| self.dispatch(envelope)).collect();
+        futures_util::stream::iter(calls)
+            .buffered(self.concurrency)
+            .collect()
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize)]
+    struct Ping {
+        n: u32,
+    }
+
+    impl OutboxEvent for Ping {
+        const EVENT_TYPE: &'static str = "ping";
+        const AGGREGATE_TYPE: &'static str = "pinger";
+        const SCHEMA_VERSION: u32 = 1;
+        const TOPIC: &'static str = "pings";
+        fn aggregate_id(&self) -> String {
+            "p".into()
+        }
+    }
+
+    fn envelope(event_type: &str, version: u32, payload: &str) -> Envelope {
+        Envelope {
+            id: Uuid::now_v7(),
+            created_at: Utc::now(),
+            event_type: event_type.into(),
+            aggregate_type: "pinger".into(),
+            aggregate_id: "p".into(),
+            sequence: 1,
+            schema_version: version,
+            topic: "pings".into(),
+            payload: payload.into(),
+            headers: Headers::new(),
+            attempt: 1,
+        }
+    }
+
+    fn dispatcher() -> Dispatcher {
+        let registry = Registry::builder()
+            .handler::<Ping, _, _>("ping", |ping: Ping, _ctx| async move {
+                match ping.n {
+                    0 => Ok(()),
+                    1 => Err(HandlerError::fatal("one is fatal")),
+                    2 => panic!("two panics"),
+                    _ => Err(HandlerError::retry("later")),
+                }
+            })
+            .unwrap()
+            .build();
+        Dispatcher::new(registry)
+    }
+
+    #[tokio::test]
+    async fn outcomes_map_to_retry_decisions() {
+        let d = dispatcher();
+        let results = d
+            .deliver(&[
+                envelope("ping", 1, r#"{"n":0}"#),
+                envelope("ping", 1, r#"{"n":1}"#),
+                envelope("ping", 1, r#"{"n":2}"#),
+                envelope("ping", 1, r#"{"n":3}"#),
+                envelope("ping", 1, r#"{"m":3}"#),
+                envelope("pong", 1, "{}"),
+                envelope("ping", 2, r#"{"n":0}"#),
+            ])
+            .await;
+        assert_eq!(results[0], Ok(()));
+        assert_eq!(results[1], Err(DeliveryError::permanent("one is fatal")));
+        let panicked = results[2].as_ref().unwrap_err();
+        assert_eq!(panicked.retry, crate::Retry::Backoff);
+        assert!(panicked.reason.contains("two panics"), "{panicked}");
+        assert_eq!(results[3], Err(DeliveryError::retry("later")));
+        let bad = results[4].as_ref().unwrap_err();
+        assert_eq!(bad.retry, crate::Retry::Never);
+        assert!(bad.reason.contains("missing field `n`"), "{bad}");
+        let unknown = results[5].as_ref().unwrap_err();
+        assert_eq!(unknown.retry, crate::Retry::Backoff);
+        assert!(unknown.reason.contains("no handler for event type \"pong\""));
+        let version = results[6].as_ref().unwrap_err();
+        assert!(version.reason.contains("versions [1]"), "{version}");
+    }
+
+    #[test]
+    fn duplicates_are_rejected() {
+        let err = Registry::builder()
+            .handler::<Ping, _, _>("a", |_: Ping, _| async { Ok(()) })
+            .unwrap()
+            .handler::<Ping, _, _>("b", |_: Ping, _| async { Ok(()) })
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::DuplicateHandler { first, second, version: 1, .. } if first == "a" && second == "b"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn require_lists_missing_handlers() {
+        let registry = Registry::builder()
+            .handler::<Ping, _, _>("a", |_: Ping, _| async { Ok(()) })
+            .unwrap()
+            .build();
+        registry.require_event::<Ping>().unwrap();
+        let err = registry
+            .require(&[("ping", 1), ("ping", 2), ("pong", 1)])
+            .unwrap_err();
+        assert_eq!(err.to_string(), "no handler registered for ping v2, pong v1");
+    }
+
+    #[tokio::test]
+    async fn state_reaches_handlers() {
+        struct Greeting(&'static str);
+        let registry = Registry::builder()
+            .handler::<Ping, _, _>("s", |_: Ping, ctx: HandlerContext| async move {
+                let greeting = ctx.state::<Greeting>()?;
+                assert_eq!(greeting.0, "hi");
+                ctx.state::<u8>().map(|_| ())
+            })
+            .unwrap()
+            .build();
+        let d = Dispatcher::new(registry).state(Greeting("hi"));
+        let result = d.dispatch(&envelope("ping", 1, r#"{"n":0}"#)).await;
+        let err = result.unwrap_err();
+        assert_eq!(err.retry, crate::Retry::Never);
+        assert!(err.reason.contains("no state of type u8"), "{err}");
+    }
+}

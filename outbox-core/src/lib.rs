@@ -1,0 +1,39 @@
+//! Core of the `outbox` framework. Depend on the `outbox` facade crate instead: it re-exports
+//! everything here and adds the derive macros and broker transports.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+// Without a store feature there is nothing to write events to; the types still compile.
+#![cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
+
+mod destination;
+mod error;
+mod event;
+pub mod handler;
+mod relay;
+mod retention;
+mod retry;
+mod store;
+mod table;
+
+pub use destination::{DeliveryError, DeliveryResult, Destination, Retry, Transport};
+pub use error::{Error, Result};
+pub use event::{header, wire, EnqueueOptions, Envelope, Headers, Message, OutboxEvent};
+pub use handler::{
+    Dispatcher, Extensions, HandlerContext, HandlerError, Registry, RegistryBuilder,
+};
+pub use relay::{Relay, RelayBuilder};
+pub use retention::Retention;
+pub use retry::RetryPolicy;
+pub use store::{Backend, EventRecord, EventStatus, Outbox, OutboxBuilder};
+pub use table::{TableName, MAX_TABLE_NAME_LEN};
+
+pub use tokio_util::sync::CancellationToken;
+
+/// Not public API: what generated code names.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::handler::{call_handler, CallError, HandlerRegistration};
+    pub use futures_util::future::BoxFuture;
+    pub use serde::Serialize;
+    pub use inventory;
+    pub use std::{concat, module_path, stringify, string::String, string::ToString};
+}

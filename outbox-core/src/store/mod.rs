@@ -1,0 +1,447 @@
+//! The outbox table: schema, enqueue, and the statements the relay runs.
+
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+use crate::error::Result;
+use crate::event::{Envelope, EnqueueOptions, Message, OutboxEvent};
+use crate::retention::Retention;
+use crate::table::TableName;
+use chrono::{DateTime, Utc};
+use sqlx::Pool;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// A database the outbox can live in: PostgreSQL (`postgres` feature) or SQLite (`sqlite`).
+///
+/// Sealed: the methods are the outbox's own statements, not an extension point.
+pub trait Backend: sqlx::Database + sealed::Sealed {
+    #[doc(hidden)]
+    type Statements: Send + Sync + fmt::Debug + 'static;
+
+    #[doc(hidden)]
+    fn statements(table: &TableName, notify: bool) -> Self::Statements;
+
+    #[doc(hidden)]
+    fn migration_sql(table: &TableName) -> Vec<(i64, &'static str, String)>;
+
+    #[doc(hidden)]
+    fn migrate(pool: &Pool<Self>, table: &TableName) -> impl Future<Output = Result<()>> + Send;
+
+    #[doc(hidden)]
+    fn insert<'a>(
+        conn: &'a mut Self::Connection,
+        statements: &'a Self::Statements,
+        messages: &'a [Message],
+    ) -> impl Future<Output = Result<()>> + Send + 'a;
+
+    #[doc(hidden)]
+    fn claim<'a>(
+        pool: &'a Pool<Self>,
+        statements: &'a Self::Statements,
+        limit: usize,
+        lease: Duration,
+        token: Uuid,
+    ) -> impl Future<Output = Result<Vec<Envelope>>> + Send + 'a;
+
+    #[doc(hidden)]
+    fn mark_delivered<'a>(
+        pool: &'a Pool<Self>,
+        statements: &'a Self::Statements,
+        token: Uuid,
+        ids: &'a [Uuid],
+    ) -> impl Future<Output = Result<u64>> + Send + 'a;
+
+    #[doc(hidden)]
+    fn mark_failed<'a>(
+        pool: &'a Pool<Self>,
+        statements: &'a Self::Statements,
+        token: Uuid,
+        failures: &'a [Failure],
+    ) -> impl Future<Output = Result<u64>> + Send + 'a;
+
+    #[doc(hidden)]
+    fn purge_batch<'a>(
+        pool: &'a Pool<Self>,
+        statements: &'a Self::Statements,
+        retention: &'a Retention,
+    ) -> impl Future<Output = Result<u64>> + Send + 'a;
+
+    #[doc(hidden)]
+    fn get<'a>(
+        pool: &'a Pool<Self>,
+        statements: &'a Self::Statements,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<EventRecord>>> + Send + 'a;
+
+    #[doc(hidden)]
+    fn explain_claim<'a>(
+        pool: &'a Pool<Self>,
+        statements: &'a Self::Statements,
+        limit: usize,
+    ) -> impl Future<Output = Result<String>> + Send + 'a;
+
+    #[doc(hidden)]
+    fn requeue<'a>(
+        pool: &'a Pool<Self>,
+        statements: &'a Self::Statements,
+        id: Uuid,
+    ) -> impl Future<Output = Result<bool>> + Send + 'a;
+
+    /// Bumps `wake` whenever an enqueueing transaction commits, until `cancel`. Backends without
+    /// notifications return at once and the relay polls.
+    #[doc(hidden)]
+    fn listen(
+        pool: Pool<Self>,
+        table: TableName,
+        wake: watch::Sender<u64>,
+        cancel: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static;
+}
+
+/// A failed delivery, as recorded in the table.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub id: Uuid,
+    pub dead: bool,
+    pub retry_in: Duration,
+    pub reason: String,
+}
+
+/// Where an event is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EventStatus {
+    /// Waiting for delivery (possibly leased by a relay, or waiting for a retry).
+    Pending,
+    /// Delivered: the destination confirmed it.
+    Delivered,
+    /// Given up: see [`EventRecord::last_error`].
+    Dead,
+}
+
+impl EventStatus {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(Self::Pending),
+            "delivered" => Some(Self::Delivered),
+            "dead" => Some(Self::Dead),
+            _ => None,
+        }
+    }
+}
+
+/// One outbox row, as returned by [`Outbox::get`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EventRecord {
+    /// The event id.
+    pub id: Uuid,
+    /// The event type.
+    pub event_type: String,
+    /// The aggregate type.
+    pub aggregate_type: String,
+    /// The aggregate id.
+    pub aggregate_id: String,
+    /// The per-aggregate sequence number.
+    pub sequence: i64,
+    /// The status.
+    pub status: EventStatus,
+    /// Delivery attempts so far.
+    pub attempts: u32,
+    /// The last failure's reason.
+    pub last_error: Option<String>,
+    /// When it was enqueued.
+    pub created_at: DateTime<Utc>,
+    /// Deliver no earlier than this.
+    pub available_at: DateTime<Utc>,
+    /// When it was delivered.
+    pub delivered_at: Option<DateTime<Utc>>,
+    /// When it went dead.
+    pub dead_at: Option<DateTime<Utc>>,
+    /// The payload, as JSON text.
+    pub payload: String,
+}
+
+/// The outbox: enqueue events in your transactions, and hand it to a [`Relay`](crate::Relay).
+///
+/// Cheap to clone. Build one per table with [`Outbox::builder`].
+///
+/// ```no_run
+/// # #[cfg(feature = "postgres")]
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), outbox_core::Error> {
+/// use outbox_core::Outbox;
+/// let outbox = Outbox::builder(pool.clone()).table("outbox").build()?;
+/// outbox.migrate().await?;
+/// # Ok(()) }
+/// ```
+pub struct Outbox<DB: Backend> {
+    inner: Arc<Inner<DB>>,
+}
+
+struct Inner<DB: Backend> {
+    pool: Pool<DB>,
+    table: TableName,
+    statements: DB::Statements,
+}
+
+impl<DB: Backend> Clone for Outbox<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<DB: Backend> fmt::Debug for Outbox<DB> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outbox")
+            .field("backend", &DB::NAME)
+            .field("table", &self.inner.table)
+            .finish()
+    }
+}
+
+/// Configures an [`Outbox`].
+#[derive(Debug)]
+pub struct OutboxBuilder<DB: Backend> {
+    pool: Pool<DB>,
+    table: String,
+    notify: bool,
+}
+
+impl<DB: Backend> OutboxBuilder<DB> {
+    /// The table name (default `outbox`). Derived tables are `<table>_aggregates` (per-aggregate
+    /// sequence counters), `<table>_archive` and `<table>_migrations`.
+    pub fn table(mut self, name: impl Into<String>) -> Self {
+        self.table = name.into();
+        self
+    }
+
+    /// PostgreSQL only: send a `NOTIFY` from each enqueueing transaction so relays wake at its
+    /// commit (default on). Turn it off for very high write rates, where the commit-time lock
+    /// that `NOTIFY` takes would serialise your writers; relays then rely on polling.
+    pub fn notify(mut self, on: bool) -> Self {
+        self.notify = on;
+        self
+    }
+
+    /// Validates the configuration.
+    pub fn build(self) -> Result<Outbox<DB>> {
+        let table = TableName::new(self.table)?;
+        let statements = DB::statements(&table, self.notify);
+        Ok(Outbox {
+            inner: Arc::new(Inner {
+                pool: self.pool,
+                table,
+                statements,
+            }),
+        })
+    }
+}
+
+impl<DB: Backend> Outbox<DB> {
+    /// Starts configuring an outbox on `pool`.
+    pub fn builder(pool: Pool<DB>) -> OutboxBuilder<DB> {
+        OutboxBuilder {
+            pool,
+            table: TableName::default().as_str().to_owned(),
+            notify: true,
+        }
+    }
+
+    /// An outbox in the table `outbox`.
+    pub fn new(pool: Pool<DB>) -> Self {
+        Self::builder(pool)
+            .build()
+            .expect("the default table name is valid")
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Pool<DB> {
+        &self.inner.pool
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &TableName {
+        &self.inner.table
+    }
+
+    /// Creates or upgrades the outbox tables and indexes. Idempotent, safe to call from several
+    /// processes at once; versions applied are recorded in `<table>_migrations`.
+    ///
+    /// The outbox keeps its own migration table instead of sqlx's `_sqlx_migrations` so that it
+    /// never collides with your application's migrations. To run the SQL from your own migration
+    /// tool instead, take it from [`migration_sql`](Self::migration_sql).
+    pub async fn migrate(&self) -> Result<()> {
+        DB::migrate(&self.inner.pool, &self.inner.table)
+            .instrument(tracing::info_span!("outbox.migrate", table = %self.inner.table))
+            .await
+    }
+
+    /// The schema, as `(version, description, SQL)` steps.
+    pub fn migration_sql(&self) -> Vec<(i64, &'static str, String)> {
+        DB::migration_sql(&self.inner.table)
+    }
+
+    /// Writes `event` to the outbox inside the caller's transaction (`&mut *tx`).
+    ///
+    /// The row exists if and only if the transaction commits. Returns the event id.
+    pub async fn enqueue<E: OutboxEvent>(
+        &self,
+        conn: &mut DB::Connection,
+        event: &E,
+    ) -> Result<Uuid> {
+        self.enqueue_with(conn, event, EnqueueOptions::default())
+            .await
+    }
+
+    /// Like [`enqueue`](Self::enqueue), delivered no earlier than `when` (an effective date).
+    pub async fn enqueue_at<E: OutboxEvent>(
+        &self,
+        conn: &mut DB::Connection,
+        event: &E,
+        when: DateTime<Utc>,
+    ) -> Result<Uuid> {
+        self.enqueue_with(conn, event, EnqueueOptions::new().available_at(when))
+            .await
+    }
+
+    /// Like [`enqueue`](Self::enqueue), with a delay and headers.
+    pub async fn enqueue_with<E: OutboxEvent>(
+        &self,
+        conn: &mut DB::Connection,
+        event: &E,
+        options: EnqueueOptions,
+    ) -> Result<Uuid> {
+        let message = Message::with_options(event, options)?;
+        let id = message.id;
+        self.enqueue_messages(conn, std::slice::from_ref(&message))
+            .await?;
+        Ok(id)
+    }
+
+    /// Writes several events of one type in one round trip (PostgreSQL) and returns their ids
+    /// in order. Events of one aggregate get consecutive sequence numbers in slice order.
+    pub async fn enqueue_batch<'e, E: OutboxEvent + 'e>(
+        &self,
+        conn: &mut DB::Connection,
+        events: impl IntoIterator<Item = &'e E>,
+    ) -> Result<Vec<Uuid>> {
+        let messages = events
+            .into_iter()
+            .map(Message::new)
+            .collect::<Result<Vec<_>>>()?;
+        self.enqueue_messages(conn, &messages).await?;
+        Ok(messages.iter().map(Message::id).collect())
+    }
+
+    /// Writes prepared [`Message`]s, of any event types, in one round trip (PostgreSQL).
+    pub async fn enqueue_messages(
+        &self,
+        conn: &mut DB::Connection,
+        messages: &[Message],
+    ) -> Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let span = match messages {
+            [one] => tracing::debug_span!(
+                "outbox.enqueue",
+                event_id = %one.id,
+                event_type = one.event_type,
+                aggregate_type = one.aggregate_type,
+                aggregate_id = %one.aggregate_id,
+            ),
+            many => tracing::debug_span!("outbox.enqueue", count = many.len()),
+        };
+        DB::insert(conn, &self.inner.statements, messages)
+            .instrument(span)
+            .await
+    }
+
+    /// One row, by id.
+    pub async fn get(&self, id: Uuid) -> Result<Option<EventRecord>> {
+        DB::get(&self.inner.pool, &self.inner.statements, id).await
+    }
+
+    /// The query plan of the relay's claim statement (`EXPLAIN`), to check that it stays an
+    /// index scan on your data. See the "Indexes" section of the README.
+    pub async fn explain_claim(&self, batch_size: usize) -> Result<String> {
+        DB::explain_claim(&self.inner.pool, &self.inner.statements, batch_size).await
+    }
+
+    /// Puts a dead event back to pending with its attempts reset; returns whether it was dead.
+    ///
+    /// Later events of its aggregate may have been delivered meanwhile: a requeued event is
+    /// delivered after them.
+    pub async fn requeue(&self, id: Uuid) -> Result<bool> {
+        DB::requeue(&self.inner.pool, &self.inner.statements, id).await
+    }
+
+    /// Applies `retention` now: deletes (or archives) delivered rows older than its age, in
+    /// batches of its batch size, each its own short statement. Returns the rows removed.
+    pub async fn purge(&self, retention: &Retention) -> Result<u64> {
+        let span = tracing::info_span!("outbox.purge", table = %self.inner.table);
+        async {
+            let mut total = 0;
+            loop {
+                let n = DB::purge_batch(&self.inner.pool, &self.inner.statements, retention).await?;
+                total += n;
+                if n < retention.batch_size as u64 {
+                    return Ok(total);
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    pub(crate) fn statements(&self) -> &DB::Statements {
+        &self.inner.statements
+    }
+}
+
+impl<DB: Backend> Outbox<DB> {
+    pub(crate) async fn claim(
+        &self,
+        limit: usize,
+        lease: Duration,
+        token: Uuid,
+    ) -> Result<Vec<Envelope>> {
+        DB::claim(&self.inner.pool, self.statements(), limit, lease, token).await
+    }
+
+    pub(crate) async fn mark_delivered(&self, token: Uuid, ids: &[Uuid]) -> Result<u64> {
+        DB::mark_delivered(&self.inner.pool, self.statements(), token, ids).await
+    }
+
+    pub(crate) async fn mark_failed(&self, token: Uuid, failures: &[Failure]) -> Result<u64> {
+        DB::mark_failed(&self.inner.pool, self.statements(), token, failures).await
+    }
+}
+
+/// Parses the stored headers; a corrupt value must not make the event undeliverable.
+pub(crate) fn parse_headers(id: &Uuid, text: &str) -> crate::event::Headers {
+    serde_json::from_str(text).unwrap_or_else(|error| {
+        tracing::warn!(event_id = %id, %error, "ignoring unreadable outbox headers");
+        Default::default()
+    })
+}
+
+fn clamp_u32(n: i64) -> u32 {
+    n.clamp(0, u32::MAX as i64) as u32
+}

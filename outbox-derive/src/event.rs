@@ -1,0 +1,233 @@
+use crate::{default_crate_path, parse_crate_path, Errors};
+use proc_macro2::{Span, TokenStream};
+use quote::{quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{Data, DeriveInput, Fields, LitInt, LitStr};
+
+#[derive(Default)]
+struct StructAttrs {
+    event_type: Option<LitStr>,
+    aggregate_type: Option<LitStr>,
+    version: Option<LitInt>,
+    topic: Option<LitStr>,
+    krate: Option<syn::Path>,
+}
+
+pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
+    let mut errors = Errors::default();
+    let fields = match &input.data {
+        Data::Struct(data) => match &data.fields {
+            Fields::Named(named) => Some(&named.named),
+            Fields::Unnamed(_) | Fields::Unit => {
+                errors.push(syn::Error::new(
+                    input.ident.span(),
+                    "#[derive(OutboxEvent)] needs a struct with named fields, one of them marked #[outbox(aggregate_id)]",
+                ));
+                None
+            }
+        },
+        Data::Enum(data) => {
+            errors.push(syn::Error::new(
+                data.enum_token.span(),
+                "#[derive(OutboxEvent)] is not supported on enums: derive it on one struct per event type",
+            ));
+            None
+        }
+        Data::Union(data) => {
+            errors.push(syn::Error::new(
+                data.union_token.span(),
+                "#[derive(OutboxEvent)] is not supported on unions",
+            ));
+            None
+        }
+    };
+
+    let attrs = parse_struct_attrs(&input, &mut errors);
+
+    let mut aggregate_field: Option<&syn::Field> = None;
+    for field in fields.into_iter().flatten() {
+        for attr in field.attrs.iter().filter(|a| a.path().is_ident("outbox")) {
+            let parsed = attr.parse_nested_meta(|meta| {
+                if meta.path.is_ident("aggregate_id") {
+                    if aggregate_field.is_some() {
+                        errors.push(meta.error(
+                            "only one field can be #[outbox(aggregate_id)]; an event belongs to one aggregate",
+                        ));
+                    } else {
+                        aggregate_field = Some(field);
+                    }
+                    Ok(())
+                } else {
+                    Err(meta.error("unknown outbox field attribute; the only one is `aggregate_id`"))
+                }
+            });
+            if let Err(e) = parsed {
+                errors.push(e);
+            }
+        }
+    }
+    if fields.is_some() && aggregate_field.is_none() {
+        errors.push(syn::Error::new(
+            input.ident.span(),
+            "missing #[outbox(aggregate_id)]: mark the field that identifies the aggregate this event belongs to",
+        ));
+    }
+    errors.finish()?;
+    let field = aggregate_field.expect("checked above");
+    let field_ident = field.ident.as_ref().expect("named field");
+
+    let krate = attrs.krate.unwrap_or_else(default_crate_path);
+    let ident = &input.ident;
+    let event_type = attrs
+        .event_type
+        .unwrap_or_else(|| LitStr::new(&ident.to_string(), ident.span()));
+    let aggregate_type = attrs.aggregate_type.unwrap_or_else(|| {
+        let field_name = field_ident.to_string();
+        let name = match field_name.strip_suffix("_id") {
+            Some(stem) if !stem.is_empty() => stem.to_owned(),
+            _ => snake_case(&ident.to_string()),
+        };
+        LitStr::new(&name, Span::call_site())
+    });
+    let topic = attrs.topic.unwrap_or_else(|| aggregate_type.clone());
+    let version = attrs
+        .version
+        .unwrap_or_else(|| LitInt::new("1", Span::call_site()));
+
+    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    let mut where_clause = where_clause
+        .cloned()
+        .unwrap_or_else(|| syn::parse_quote!(where));
+    where_clause
+        .predicates
+        .push(syn::parse_quote!(#ident #ty_generics: #krate::__private::Serialize));
+
+    // Spanned on the field's type so "does not implement Display" points at the field.
+    let to_string = quote_spanned! {field.ty.span()=>
+        #krate::__private::ToString::to_string(&self.#field_ident)
+    };
+
+    Ok(quote! {
+        const _: () = {
+            #[automatically_derived]
+            impl #impl_generics #krate::__private::OutboxEvent for #ident #ty_generics #where_clause {
+                const EVENT_TYPE: &'static str = #event_type;
+                const AGGREGATE_TYPE: &'static str = #aggregate_type;
+                const SCHEMA_VERSION: u32 = #version;
+                const TOPIC: &'static str = #topic;
+
+                fn aggregate_id(&self) -> #krate::__private::String {
+                    #to_string
+                }
+            }
+        };
+    })
+}
+
+fn parse_struct_attrs(input: &DeriveInput, errors: &mut Errors) -> StructAttrs {
+    let mut attrs = StructAttrs::default();
+    for attr in input.attrs.iter().filter(|a| a.path().is_ident("outbox")) {
+        let parsed = attr.parse_nested_meta(|meta| {
+            let key = meta
+                .path
+                .get_ident()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            macro_rules! once {
+                ($slot:expr, $value:expr) => {{
+                    let value = $value;
+                    if $slot.is_some() {
+                        errors.push(meta.error(format!("duplicate outbox attribute `{key}`")));
+                    } else {
+                        $slot = Some(value);
+                    }
+                }};
+            }
+            match key.as_str() {
+                "event_type" => once!(attrs.event_type, non_empty(string(&meta, &key)?)?),
+                "aggregate_type" => {
+                    once!(attrs.aggregate_type, non_empty(string(&meta, &key)?)?)
+                }
+                "topic" => once!(attrs.topic, non_empty(string(&meta, &key)?)?),
+                "version" => {
+                    let lit: syn::Lit = meta.value()?.parse()?;
+                    let syn::Lit::Int(int) = lit else {
+                        return Err(syn::Error::new(
+                            lit.span(),
+                            "`version` takes an integer, for instance `version = 2`",
+                        ));
+                    };
+                    let n: u32 = int.base10_parse().map_err(|_| {
+                        syn::Error::new(int.span(), "`version` must fit in a u32")
+                    })?;
+                    if n == 0 {
+                        return Err(syn::Error::new(int.span(), "`version` starts at 1"));
+                    }
+                    once!(attrs.version, LitInt::new(&n.to_string(), int.span()))
+                }
+                "crate" => {
+                    let lit = string(&meta, &key)?;
+                    once!(attrs.krate, parse_crate_path(&lit)?)
+                }
+                "aggregate_id" => {
+                    return Err(meta.error(
+                        "`aggregate_id` goes on the field that holds the id: #[outbox(aggregate_id)]",
+                    ))
+                }
+                _ => {
+                    return Err(meta.error(
+                        "unknown outbox attribute; expected one of `event_type`, `aggregate_type`, `version`, `topic`, `crate`",
+                    ))
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = parsed {
+            errors.push(e);
+        }
+    }
+    attrs
+}
+
+fn string(meta: &syn::meta::ParseNestedMeta<'_>, key: &str) -> syn::Result<LitStr> {
+    let lit: syn::Lit = meta.value()?.parse()?;
+    match lit {
+        syn::Lit::Str(s) => Ok(s),
+        other => Err(syn::Error::new(
+            other.span(),
+            format!("`{key}` takes a string literal, for instance `{key} = \"...\"`"),
+        )),
+    }
+}
+
+fn non_empty(lit: LitStr) -> syn::Result<LitStr> {
+    if lit.value().trim().is_empty() {
+        Err(syn::Error::new(lit.span(), "must not be empty"))
+    } else {
+        Ok(lit)
+    }
+}
+
+fn snake_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.extend(c.to_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn snake_case() {
+        assert_eq!(super::snake_case("PaymentCreated"), "payment_created");
+        assert_eq!(super::snake_case("Order"), "order");
+    }
+}

@@ -1,0 +1,1 @@
+//! Kafka transport for the outbox framework (rdkafka). Not implemented yet.

@@ -1,0 +1,1 @@
+//! NATS JetStream transport for the outbox framework (async-nats). Not implemented yet.

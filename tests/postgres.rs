@@ -1,0 +1,277 @@
+//! The shared scenarios on PostgreSQL, and what only PostgreSQL has: concurrent writers,
+//! `LISTEN`/`NOTIFY`, query plans over a large table.
+
+use outbox::{Outbox, Relay};
+use outbox_tests::{
+    always_ok, dispatcher, eventually, init_tracing, pg_pool, scenarios, unique_table,
+    ItemChanged, Log, RunningRelay, TestDb,
+};
+use sqlx::{Postgres, Row};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_and_rollback() {
+    scenarios::commit_and_rollback::<Postgres>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_relays_10k_events_100_aggregates() {
+    scenarios::relays_share_work_in_order::<Postgres>(4, 100, 100).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_relay_is_taken_over() {
+    scenarios::crashed_relay_is_taken_over::<Postgres>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_retry_then_dead() {
+    scenarios::failures_retry_then_dead::<Postgres>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fatal_error_is_dead_at_once() {
+    scenarios::fatal_error_is_dead_at_once::<Postgres>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_delivery() {
+    scenarios::deferred_delivery::<Postgres>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_type_and_bad_payload_go_dead() {
+    scenarios::unknown_type_and_bad_payload_go_dead::<Postgres>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panicking_handler_is_contained() {
+    scenarios::panicking_handler_is_contained::<Postgres>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_enqueue_allocates_consecutive_sequences() {
+    scenarios::batch_enqueue_allocates_consecutive_sequences::<Postgres>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_in_flight_work() {
+    scenarios::graceful_shutdown_finishes_in_flight_work::<Postgres>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_only_delivered_rows() {
+    scenarios::retention_removes_only_delivered_rows::<Postgres>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_runs_retention() {
+    scenarios::relay_runs_retention::<Postgres>().await;
+}
+
+#[tokio::test]
+async fn invalid_table_names_are_rejected() {
+    let pool = pg_pool().await;
+    for bad in ["outbox; DROP TABLE users", "Outbox", "public.outbox", "", "x\"y"] {
+        let err = Outbox::builder(pool.clone()).table(bad).build().unwrap_err();
+        assert!(
+            matches!(err, outbox::Error::InvalidTableName { .. }),
+            "{bad:?} gave {err}"
+        );
+        assert!(err.to_string().contains("invalid table name"), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrations_are_safe_and_idempotent() {
+    let pool = pg_pool().await;
+    let outbox = Outbox::builder(pool).table(unique_table()).build().unwrap();
+    let runs: Vec<_> = (0..4)
+        .map(|_| {
+            let outbox = outbox.clone();
+            tokio::spawn(async move { outbox.migrate().await })
+        })
+        .collect();
+    for run in runs {
+        run.await.unwrap().unwrap();
+    }
+    outbox.migrate().await.unwrap();
+    let versions: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}_migrations", outbox.table()))
+        .fetch_one(outbox.pool())
+        .await
+        .unwrap();
+    assert_eq!(versions, outbox.migration_sql().len() as i64);
+    Postgres::drop_tables(&outbox).await;
+}
+
+/// 8 writers enqueue for the same 10 aggregates with random delays before commit and some
+/// rollbacks. Each transaction also takes a number from a database sequence after its enqueue,
+/// as its last act before commit: the order in which transactions of one aggregate commit.
+/// The handler must see, per aggregate, sequences 1, 2, 3, … without gaps, and in that order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_get_gapless_sequences_in_commit_order() {
+    init_tracing();
+    let outbox = Postgres::fresh().await;
+    let t = outbox.table().to_string();
+    sqlx::raw_sql(&format!(
+        "CREATE SEQUENCE {t}_commit_order; CREATE TABLE {t}_commits (event_id uuid PRIMARY KEY, commit_order bigint NOT NULL)"
+    ))
+    .execute(outbox.pool())
+    .await
+    .unwrap();
+
+    let writers: Vec<_> = (0..8u64)
+        .map(|writer| {
+            let outbox = outbox.clone();
+            let t = t.clone();
+            tokio::spawn(async move {
+                let mut committed = 0;
+                for n in 0..40u64 {
+                    let event = ItemChanged {
+                        item: format!("item-{}", fastrand::usize(0..10)),
+                        n: writer * 1000 + n,
+                    };
+                    let mut tx = outbox.pool().begin().await.unwrap();
+                    let id = outbox.enqueue(&mut *tx, &event).await.unwrap();
+                    // Simulated business work between enqueue and commit.
+                    tokio::time::sleep(Duration::from_micros(fastrand::u64(0..3000))).await;
+                    sqlx::query(&format!(
+                        "INSERT INTO {t}_commits SELECT $1, nextval('{t}_commit_order')"
+                    ))
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                    if fastrand::u8(0..10) == 0 {
+                        tx.rollback().await.unwrap();
+                    } else {
+                        tx.commit().await.unwrap();
+                        committed += 1;
+                    }
+                }
+                committed
+            })
+        })
+        .collect();
+    let mut committed = 0;
+    for w in writers {
+        committed += w.await.unwrap();
+    }
+
+    let log = Log::default();
+    let relays: Vec<_> = (0..2)
+        .map(|_| {
+            RunningRelay::spawn(
+                Relay::builder(outbox.clone(), dispatcher(&log, always_ok()))
+                    .poll_interval(Duration::from_millis(20))
+                    .build()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    eventually("every committed event handled", Duration::from_secs(60), || async {
+        log.len() >= committed
+    })
+    .await;
+    for r in relays {
+        r.stop().await;
+    }
+    assert_eq!(log.len(), committed);
+
+    let orders: BTreeMap<uuid::Uuid, i64> = sqlx::query(&format!("SELECT event_id, commit_order FROM {t}_commits"))
+        .fetch_all(outbox.pool())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let mut per_aggregate: BTreeMap<String, Vec<(i64, i64)>> = BTreeMap::new();
+    for h in log.snapshot() {
+        per_aggregate
+            .entry(h.event.item.clone())
+            .or_default()
+            .push((h.sequence, orders[&h.event_id]));
+    }
+    for (aggregate, seen) in per_aggregate {
+        let sequences: Vec<i64> = seen.iter().map(|(s, _)| *s).collect();
+        let expected: Vec<i64> = (1..=seen.len() as i64).collect();
+        assert_eq!(sequences, expected, "{aggregate}: not gapless in handling order");
+        assert!(
+            seen.windows(2).all(|w| w[0].1 < w[1].1),
+            "{aggregate}: handled out of commit order: {seen:?}"
+        );
+    }
+    sqlx::raw_sql(&format!("DROP TABLE {t}_commits; DROP SEQUENCE {t}_commit_order"))
+        .execute(outbox.pool())
+        .await
+        .unwrap();
+    Postgres::drop_tables(&outbox).await;
+}
+
+/// With polling at one minute, only the commit's NOTIFY can make the relay this quick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_wakes_the_relay_through_notify() {
+    init_tracing();
+    let outbox = Postgres::fresh().await;
+    let log = Log::default();
+    let relay = RunningRelay::spawn(
+        Relay::builder(outbox.clone(), dispatcher(&log, always_ok()))
+            .poll_interval(Duration::from_secs(60))
+            .build()
+            .unwrap(),
+    );
+    // Let the relay find the table empty and go to sleep on its poll interval.
+    eventually("the relay listens", Duration::from_secs(10), || async {
+        let listening: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'",
+        )
+        .fetch_one(outbox.pool())
+        .await
+        .unwrap();
+        listening > 0
+    })
+    .await;
+    for n in 1..=3 {
+        let mut tx = outbox.pool().begin().await.unwrap();
+        outbox
+            .enqueue(&mut *tx, &ItemChanged { item: "woken".into(), n })
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        eventually("the relay handled the event", Duration::from_secs(10), || async {
+            log.len() == n as usize
+        })
+        .await;
+    }
+    relay.stop().await;
+    Postgres::drop_tables(&outbox).await;
+}
+
+/// With a million delivered rows the claim stays an index scan on the partial indexes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_is_an_index_scan_with_a_million_delivered_rows() {
+    let outbox = Postgres::fresh().await;
+    let t = outbox.table();
+    sqlx::raw_sql(&format!(
+        r#"INSERT INTO {t} (id, aggregate_type, aggregate_id, seq, event_type, schema_version, topic,
+                            payload, status, delivered_at)
+           SELECT gen_random_uuid(), 'item', 'item-' || (g % 1000), g / 1000 + 1, 'test.item_changed', 1,
+                  'items', '{{}}', 'delivered', now()
+           FROM generate_series(1, 1000000) g;
+           INSERT INTO {t} (id, aggregate_type, aggregate_id, seq, event_type, schema_version, topic, payload)
+           SELECT gen_random_uuid(), 'item', 'item-' || g, 2000, 'test.item_changed', 1, 'items', '{{}}'
+           FROM generate_series(1, 100) g;
+           ANALYZE {t};"#
+    ))
+    .execute(outbox.pool())
+    .await
+    .unwrap();
+    let plan = outbox.explain_claim(100).await.unwrap();
+    println!("{plan}");
+    assert!(plan.contains(&format!("{t}_pending_due")), "{plan}");
+    // The anti-join on earlier pending rows may use either partial index, never the table.
+    assert!(!plan.contains(&format!("Seq Scan on {t} ")), "{plan}");
+    assert!(!plan.contains(&format!("Bitmap Heap Scan on {t} ")), "{plan}");
+    Postgres::drop_tables(&outbox).await;
+}

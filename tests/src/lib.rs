@@ -1,0 +1,351 @@
+//! Shared fixtures of the integration tests: real databases, test events, a recording handler,
+//! and scenarios that run the same on every backend.
+
+pub mod scenarios;
+
+use outbox::{Backend, HandlerContext, HandlerError, Outbox, OutboxEvent};
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{PgPool, Postgres, Sqlite, SqlitePool};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The PostgreSQL server the tests use: `OUTBOX_TEST_DATABASE_URL`, or the local default.
+pub fn pg_url() -> String {
+    std::env::var("OUTBOX_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A fresh table name, so tests run side by side in one database.
+pub fn unique_table() -> String {
+    format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// The event most tests write.
+#[derive(Debug, Clone, Serialize, Deserialize, OutboxEvent)]
+#[outbox(event_type = "test.item_changed", aggregate_type = "item", topic = "items")]
+pub struct ItemChanged {
+    #[outbox(aggregate_id)]
+    pub item: String,
+    pub n: u64,
+}
+
+/// An event with no handler anywhere.
+#[derive(Debug, Clone, Serialize, Deserialize, OutboxEvent)]
+#[outbox(event_type = "test.nobody_listens")]
+pub struct NobodyListens {
+    #[outbox(aggregate_id)]
+    pub item_id: String,
+}
+
+/// Writes an `ItemChanged` whose payload lacks `n`: the handler cannot deserialise it.
+#[derive(Debug, Clone, Serialize, Deserialize, OutboxEvent)]
+#[outbox(event_type = "test.item_changed", aggregate_type = "item", topic = "items")]
+pub struct MalformedItemChanged {
+    #[outbox(aggregate_id)]
+    pub item: String,
+    pub wrong: bool,
+}
+
+/// One handled event, as the handler saw it.
+#[derive(Debug, Clone)]
+pub struct Handled {
+    pub event: ItemChanged,
+    pub event_id: uuid::Uuid,
+    pub sequence: i64,
+    pub attempt: u32,
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Everything a test's handler saw, in order.
+#[derive(Debug, Default, Clone)]
+pub struct Log(Arc<Mutex<Vec<Handled>>>);
+
+impl Log {
+    pub fn push(&self, event: ItemChanged, ctx: &HandlerContext) {
+        self.0.lock().unwrap().push(Handled {
+            event,
+            event_id: ctx.event_id(),
+            sequence: ctx.sequence(),
+            attempt: ctx.attempt(),
+            at: chrono::Utc::now(),
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn snapshot(&self) -> Vec<Handled> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// What the test handler does with an event.
+pub type Behaviour = Arc<dyn Fn(&ItemChanged, &HandlerContext) -> Result<(), HandlerError> + Send + Sync>;
+
+/// A dispatcher whose `ItemChanged` handler applies `behaviour`, then logs the event if it
+/// succeeded.
+pub fn dispatcher(log: &Log, behaviour: Behaviour) -> outbox::Dispatcher {
+    let log = log.clone();
+    let registry = outbox::Registry::builder()
+        .handler::<ItemChanged, _, _>("test", move |event: ItemChanged, ctx: HandlerContext| {
+            let outcome = behaviour(&event, &ctx);
+            if outcome.is_ok() {
+                log.push(event, &ctx);
+            }
+            async move { outcome }
+        })
+        .unwrap()
+        .build();
+    outbox::Dispatcher::new(registry)
+}
+
+/// A handler that always succeeds.
+pub fn always_ok() -> Behaviour {
+    Arc::new(|_, _| Ok(()))
+}
+
+/// Polls `check` until it holds, or panics after `timeout` saying what was awaited.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A database the scenarios can run on.
+pub trait TestDb: Backend + Sized {
+    /// A fresh, migrated outbox in its own table.
+    fn fresh() -> impl Future<Output = Outbox<Self>> + Send;
+
+    /// Inserts a business row (in a table created on first use) in the caller's transaction.
+    fn insert_business_row<'a>(
+        outbox: &'a Outbox<Self>,
+        conn: &'a mut Self::Connection,
+        id: &'a str,
+    ) -> impl Future<Output = ()> + Send + 'a;
+
+    /// Counts the business rows with `id`.
+    fn count_business_rows<'a>(
+        outbox: &'a Outbox<Self>,
+        id: &'a str,
+    ) -> impl Future<Output = i64> + Send + 'a;
+
+    /// Counts the outbox rows.
+    fn count_outbox_rows(outbox: &Outbox<Self>) -> impl Future<Output = i64> + Send + '_;
+
+    /// Counts the outbox rows with `status` (`pending`, `delivered`, `dead`).
+    fn count_status<'a>(
+        outbox: &'a Outbox<Self>,
+        status: &'a str,
+    ) -> impl Future<Output = i64> + Send + 'a;
+
+    /// Counts the rows in `<table>_archive`.
+    fn count_archived(outbox: &Outbox<Self>) -> impl Future<Output = i64> + Send + '_;
+
+    /// Drops the test's tables.
+    fn drop_tables(outbox: &Outbox<Self>) -> impl Future<Output = ()> + Send + '_;
+}
+
+pub async fn pg_pool() -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(16)
+        .connect(&pg_url())
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach PostgreSQL (set OUTBOX_TEST_DATABASE_URL): {e}"))
+}
+
+impl TestDb for Postgres {
+    async fn fresh() -> Outbox<Self> {
+        let outbox = Outbox::builder(pg_pool().await)
+            .table(unique_table())
+            .build()
+            .unwrap();
+        outbox.migrate().await.unwrap();
+        sqlx::query(&format!(
+            "CREATE TABLE {}_business (id text PRIMARY KEY)",
+            outbox.table()
+        ))
+        .execute(outbox.pool())
+        .await
+        .unwrap();
+        outbox
+    }
+
+    async fn insert_business_row<'a>(
+        outbox: &'a Outbox<Self>,
+        conn: &'a mut sqlx::PgConnection,
+        id: &'a str,
+    ) {
+        sqlx::query(&format!("INSERT INTO {}_business (id) VALUES ($1)", outbox.table()))
+            .bind(id)
+            .execute(conn)
+            .await
+            .unwrap();
+    }
+
+    async fn count_business_rows<'a>(outbox: &'a Outbox<Self>, id: &'a str) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {}_business WHERE id = $1", outbox.table()))
+            .bind(id)
+            .fetch_one(outbox.pool())
+            .await
+            .unwrap()
+    }
+
+    async fn count_outbox_rows(outbox: &Outbox<Self>) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {}", outbox.table()))
+            .fetch_one(outbox.pool())
+            .await
+            .unwrap()
+    }
+
+    async fn count_status<'a>(outbox: &'a Outbox<Self>, status: &'a str) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {} WHERE status = $1", outbox.table()))
+            .bind(status)
+            .fetch_one(outbox.pool())
+            .await
+            .unwrap()
+    }
+
+    async fn count_archived(outbox: &Outbox<Self>) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {}_archive", outbox.table()))
+            .fetch_one(outbox.pool())
+            .await
+            .unwrap()
+    }
+
+    async fn drop_tables(outbox: &Outbox<Self>) {
+        let t = outbox.table();
+        sqlx::raw_sql(&format!(
+            "DROP TABLE IF EXISTS {t}, {t}_aggregates, {t}_archive, {t}_migrations, {t}_business"
+        ))
+        .execute(outbox.pool())
+        .await
+        .unwrap();
+    }
+}
+
+pub async fn sqlite_pool() -> SqlitePool {
+    let path = std::env::temp_dir().join(format!("outbox-test-{}.db", uuid::Uuid::new_v4()));
+    SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(
+            SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(10)),
+        )
+        .await
+        .unwrap()
+}
+
+impl TestDb for Sqlite {
+    async fn fresh() -> Outbox<Self> {
+        let outbox = Outbox::builder(sqlite_pool().await)
+            .table(unique_table())
+            .build()
+            .unwrap();
+        outbox.migrate().await.unwrap();
+        sqlx::query(&format!(
+            "CREATE TABLE {}_business (id TEXT PRIMARY KEY)",
+            outbox.table()
+        ))
+        .execute(outbox.pool())
+        .await
+        .unwrap();
+        outbox
+    }
+
+    async fn insert_business_row<'a>(
+        outbox: &'a Outbox<Self>,
+        conn: &'a mut sqlx::SqliteConnection,
+        id: &'a str,
+    ) {
+        sqlx::query(&format!("INSERT INTO {}_business (id) VALUES (?1)", outbox.table()))
+            .bind(id)
+            .execute(conn)
+            .await
+            .unwrap();
+    }
+
+    async fn count_business_rows<'a>(outbox: &'a Outbox<Self>, id: &'a str) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {}_business WHERE id = ?1", outbox.table()))
+            .bind(id)
+            .fetch_one(outbox.pool())
+            .await
+            .unwrap()
+    }
+
+    async fn count_outbox_rows(outbox: &Outbox<Self>) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {}", outbox.table()))
+            .fetch_one(outbox.pool())
+            .await
+            .unwrap()
+    }
+
+    async fn count_status<'a>(outbox: &'a Outbox<Self>, status: &'a str) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {} WHERE status = ?1", outbox.table()))
+            .bind(status)
+            .fetch_one(outbox.pool())
+            .await
+            .unwrap()
+    }
+
+    async fn count_archived(outbox: &Outbox<Self>) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {}_archive", outbox.table()))
+            .fetch_one(outbox.pool())
+            .await
+            .unwrap()
+    }
+
+    async fn drop_tables(outbox: &Outbox<Self>) {
+        // The database is a temporary file of its own.
+        outbox.pool().close().await;
+    }
+}
+
+/// Runs a relay in the background until [`RunningRelay::stop`].
+#[derive(Debug)]
+pub struct RunningRelay {
+    pub shutdown: outbox::CancellationToken,
+    pub task: tokio::task::JoinHandle<outbox::Result<()>>,
+}
+
+impl RunningRelay {
+    pub fn spawn<DB: Backend, D: outbox::Destination>(relay: outbox::Relay<DB, D>) -> Self {
+        let shutdown = outbox::CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move { relay.run(token).await });
+        Self { shutdown, task }
+    }
+
+    /// Graceful stop; panics if the relay failed.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}

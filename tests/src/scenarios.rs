@@ -1,0 +1,536 @@
+//! Scenarios that hold on every backend. Each test binary calls them with its database.
+
+use crate::{
+    always_ok, dispatcher, eventually, init_tracing, ItemChanged, Log, MalformedItemChanged,
+    NobodyListens, RunningRelay, TestDb,
+};
+use outbox::{
+    EnqueueOptions, EventStatus, HandlerError, Outbox, Relay, Retention, RetryPolicy,
+};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn fast_retry(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy::exponential(Duration::from_millis(20))
+        .max_delay(Duration::from_millis(100))
+        .max_attempts(max_attempts)
+}
+
+fn item(aggregate: usize, n: u64) -> ItemChanged {
+    ItemChanged {
+        item: format!("item-{aggregate}"),
+        n,
+    }
+}
+
+/// Rollback leaves neither the business row nor the event; commit leaves both.
+pub async fn commit_and_rollback<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+
+    let mut tx = outbox.pool().begin().await.unwrap();
+    DB::insert_business_row(&outbox, &mut *tx, "rolled-back").await;
+    let id = outbox.enqueue(&mut *tx, &item(1, 1)).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(DB::count_business_rows(&outbox, "rolled-back").await, 0);
+    assert!(outbox.get(id).await.unwrap().is_none());
+    assert_eq!(DB::count_outbox_rows(&outbox).await, 0);
+
+    let mut tx = outbox.pool().begin().await.unwrap();
+    DB::insert_business_row(&outbox, &mut *tx, "committed").await;
+    let id = outbox.enqueue(&mut *tx, &item(1, 2)).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(DB::count_business_rows(&outbox, "committed").await, 1);
+    let row = outbox.get(id).await.unwrap().expect("committed event");
+    assert_eq!(row.status, EventStatus::Pending);
+    assert_eq!(row.event_type, "test.item_changed");
+    assert_eq!(row.aggregate_type, "item");
+    assert_eq!(row.aggregate_id, "item-1");
+    // The rolled-back event took no sequence number.
+    assert_eq!(row.sequence, 1);
+    assert_eq!(row.attempts, 0);
+    let payload: serde_json::Value = serde_json::from_str(&row.payload).unwrap();
+    assert_eq!(payload, serde_json::json!({"item": "item-1", "n": 2}));
+    DB::drop_tables(&outbox).await;
+}
+
+/// Enqueues `per_aggregate` events for each of `aggregates` aggregates, in batches.
+async fn enqueue_backlog<DB: TestDb>(outbox: &Outbox<DB>, aggregates: usize, per_aggregate: u64) {
+    for n in 1..=per_aggregate {
+        let events: Vec<ItemChanged> = (0..aggregates).map(|a| item(a, n)).collect();
+        let mut tx = outbox.pool().begin().await.unwrap();
+        outbox.enqueue_batch(&mut *tx, &events).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+}
+
+/// Checks that every aggregate's events were handled exactly once, in sequence order.
+fn assert_ordered_exactly_once(log: &Log, aggregates: usize, per_aggregate: u64) {
+    let handled = log.snapshot();
+    let ids: HashSet<_> = handled.iter().map(|h| h.event_id).collect();
+    assert_eq!(ids.len(), handled.len(), "an event was handled twice");
+    assert_eq!(handled.len(), aggregates * per_aggregate as usize);
+    let mut by_aggregate: BTreeMap<&str, Vec<(i64, u64)>> = BTreeMap::new();
+    for h in &handled {
+        by_aggregate
+            .entry(&h.event.item)
+            .or_default()
+            .push((h.sequence, h.event.n));
+    }
+    assert_eq!(by_aggregate.len(), aggregates);
+    for (aggregate, seen) in by_aggregate {
+        let expected: Vec<(i64, u64)> = (1..=per_aggregate).map(|n| (n as i64, n)).collect();
+        assert_eq!(seen, expected, "order broken for {aggregate}");
+    }
+}
+
+/// `relays` relays share one table: every event handled once, per-aggregate order kept.
+pub async fn relays_share_work_in_order<DB: TestDb>(
+    relays: usize,
+    aggregates: usize,
+    per_aggregate: u64,
+) {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    enqueue_backlog(&outbox, aggregates, per_aggregate).await;
+
+    let log = Log::default();
+    let running: Vec<RunningRelay> = (0..relays)
+        .map(|_| {
+            RunningRelay::spawn(
+                Relay::builder(outbox.clone(), dispatcher(&log, always_ok()))
+                    .batch_size(50)
+                    .workers(2)
+                    .poll_interval(Duration::from_millis(50))
+                    .build()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let total = aggregates * per_aggregate as usize;
+    eventually("every event handled", WAIT, || async { log.len() >= total }).await;
+    for relay in running {
+        relay.stop().await;
+    }
+    assert_ordered_exactly_once(&log, aggregates, per_aggregate);
+    assert_eq!(DB::count_status(&outbox, "delivered").await, total as i64);
+    DB::drop_tables(&outbox).await;
+}
+
+/// A relay that dies mid-batch leaves its events to its lease; another relay delivers them.
+pub async fn crashed_relay_is_taken_over<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    enqueue_backlog(&outbox, 5, 2).await;
+
+    // The first relay's handler never returns, so it holds its batch until it is killed.
+    let claimed = Arc::new(AtomicU32::new(0));
+    let stuck = {
+        let claimed = claimed.clone();
+        let registry = outbox::Registry::builder()
+            .handler::<ItemChanged, _, _>("stuck", move |_: ItemChanged, _| {
+                claimed.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<Result<(), HandlerError>>()
+            })
+            .unwrap()
+            .build();
+        Relay::builder(outbox.clone(), outbox::Dispatcher::new(registry))
+            .lease(Duration::from_secs(1))
+            .poll_interval(Duration::from_millis(50))
+            .build()
+            .unwrap()
+    };
+    let doomed = RunningRelay::spawn(stuck);
+    eventually("the first relay claimed the heads", WAIT, || async {
+        claimed.load(Ordering::SeqCst) == 5
+    })
+    .await;
+    // Kill it: no graceful shutdown, like a crashed process.
+    doomed.task.abort();
+    assert!(doomed.task.await.unwrap_err().is_cancelled());
+
+    let log = Log::default();
+    let survivor = RunningRelay::spawn(
+        Relay::builder(outbox.clone(), dispatcher(&log, always_ok()))
+            .poll_interval(Duration::from_millis(50))
+            .build()
+            .unwrap(),
+    );
+    eventually("the survivor delivered everything", WAIT, || async {
+        log.len() == 10
+    })
+    .await;
+    survivor.stop().await;
+    assert_ordered_exactly_once(&log, 5, 2);
+    let handled = log.snapshot();
+    // The heads were attempted once by the dead relay.
+    assert!(handled.iter().filter(|h| h.sequence == 1).all(|h| h.attempt == 2));
+    assert!(handled.iter().filter(|h| h.sequence == 2).all(|h| h.attempt == 1));
+    DB::drop_tables(&outbox).await;
+}
+
+/// A handler that fails twice then succeeds is handled once, with three attempts recorded. One
+/// that always fails goes dead with its reason and holds back only its own aggregate.
+pub async fn failures_retry_then_dead<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    let flaky = item(1, 1);
+    let poison = item(2, 1);
+    let after_poison = item(2, 2);
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let flaky_id = outbox.enqueue(&mut *tx, &flaky).await.unwrap();
+    let poison_id = outbox.enqueue(&mut *tx, &poison).await.unwrap();
+    let after_poison_id = outbox.enqueue(&mut *tx, &after_poison).await.unwrap();
+    let others = outbox
+        .enqueue_batch(&mut *tx, &(3..13).map(|a| item(a, 1)).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let log = Log::default();
+    let behaviour: crate::Behaviour = Arc::new(|event, ctx| match event.item.as_str() {
+        "item-1" if ctx.attempt() <= 2 => Err(HandlerError::retry("gateway timeout")),
+        "item-2" if event.n == 1 => Err(HandlerError::retry("card declined by the bank")),
+        _ => Ok(()),
+    });
+    let relay = RunningRelay::spawn(
+        Relay::builder(outbox.clone(), dispatcher(&log, behaviour))
+            .retry(fast_retry(4))
+            .poll_interval(Duration::from_millis(20))
+            .build()
+            .unwrap(),
+    );
+    eventually("the poison event is dead", WAIT, || async {
+        outbox.get(poison_id).await.unwrap().unwrap().status == EventStatus::Dead
+    })
+    .await;
+    eventually("everything else is delivered", WAIT, || async {
+        log.len() == 12
+    })
+    .await;
+    relay.stop().await;
+
+    let flaky_row = outbox.get(flaky_id).await.unwrap().unwrap();
+    assert_eq!(flaky_row.status, EventStatus::Delivered);
+    assert_eq!(flaky_row.attempts, 3);
+    assert_eq!(flaky_row.last_error, None);
+    let handled = log.snapshot();
+    assert_eq!(handled.iter().filter(|h| h.event_id == flaky_id).count(), 1);
+
+    let poison_row = outbox.get(poison_id).await.unwrap().unwrap();
+    assert_eq!(poison_row.attempts, 4);
+    assert_eq!(poison_row.last_error.as_deref(), Some("card declined by the bank"));
+    assert!(poison_row.dead_at.is_some());
+
+    // Other aggregates were not held back by the poison event...
+    for id in others {
+        assert_eq!(outbox.get(id).await.unwrap().unwrap().status, EventStatus::Delivered);
+    }
+    // ...but its own aggregate's next event waited until it was dead.
+    let after = handled.iter().find(|h| h.event_id == after_poison_id).unwrap();
+    assert!(after.at >= poison_row.dead_at.unwrap() - chrono::Duration::milliseconds(50));
+    DB::drop_tables(&outbox).await;
+}
+
+/// A fatal handler error kills the event on the first attempt.
+pub async fn fatal_error_is_dead_at_once<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let id = outbox.enqueue(&mut *tx, &item(1, 1)).await.unwrap();
+    tx.commit().await.unwrap();
+    let log = Log::default();
+    let relay = RunningRelay::spawn(
+        Relay::builder(
+            outbox.clone(),
+            dispatcher(&log, Arc::new(|_, _| Err(HandlerError::fatal("amount is negative")))),
+        )
+        .retry(fast_retry(10))
+        .poll_interval(Duration::from_millis(20))
+        .build()
+        .unwrap(),
+    );
+    eventually("the event is dead", WAIT, || async {
+        outbox.get(id).await.unwrap().unwrap().status == EventStatus::Dead
+    })
+    .await;
+    relay.stop().await;
+    let row = outbox.get(id).await.unwrap().unwrap();
+    assert_eq!(row.attempts, 1);
+    assert_eq!(row.last_error.as_deref(), Some("amount is negative"));
+
+    // An operator fixes the cause and requeues it.
+    assert!(outbox.requeue(id).await.unwrap());
+    assert!(!outbox.requeue(id).await.unwrap(), "only dead events are requeued");
+    let relay = RunningRelay::spawn(
+        Relay::builder(outbox.clone(), dispatcher(&log, always_ok()))
+            .poll_interval(Duration::from_millis(20))
+            .build()
+            .unwrap(),
+    );
+    eventually("the requeued event is delivered", WAIT, || async { log.len() == 1 }).await;
+    relay.stop().await;
+    assert_eq!(outbox.get(id).await.unwrap().unwrap().status, EventStatus::Delivered);
+    DB::drop_tables(&outbox).await;
+}
+
+/// A deferred event is not handled before its time, and is handled after it.
+pub async fn deferred_delivery<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    let when = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let deferred = outbox.enqueue_at(&mut *tx, &item(1, 1), when).await.unwrap();
+    let delayed = outbox
+        .enqueue_with(
+            &mut *tx,
+            &item(2, 1),
+            EnqueueOptions::new().delay(Duration::from_millis(1500)),
+        )
+        .await
+        .unwrap();
+    let now = outbox.enqueue(&mut *tx, &item(3, 1)).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let log = Log::default();
+    let relay = RunningRelay::spawn(
+        Relay::builder(outbox.clone(), dispatcher(&log, always_ok()))
+            .poll_interval(Duration::from_millis(20))
+            .build()
+            .unwrap(),
+    );
+    eventually("the immediate event is handled", WAIT, || async { log.len() >= 1 }).await;
+    eventually("the deferred events are handled", WAIT, || async { log.len() == 3 }).await;
+    relay.stop().await;
+    let handled = log.snapshot();
+    assert_eq!(handled[0].event_id, now);
+    for id in [deferred, delayed] {
+        let h = handled.iter().find(|h| h.event_id == id).unwrap();
+        // The database clock decides; allow for a little skew between it and ours.
+        assert!(
+            h.at >= when - chrono::Duration::milliseconds(250),
+            "handled at {} before {when}",
+            h.at
+        );
+    }
+    DB::drop_tables(&outbox).await;
+}
+
+/// An unknown event type and a payload that does not deserialise end dead with a reason.
+pub async fn unknown_type_and_bad_payload_go_dead<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let unknown = outbox
+        .enqueue(&mut *tx, &NobodyListens { item_id: "x".into() })
+        .await
+        .unwrap();
+    let malformed = outbox
+        .enqueue(
+            &mut *tx,
+            &MalformedItemChanged {
+                item: "item-9".into(),
+                wrong: true,
+            },
+        )
+        .await
+        .unwrap();
+    let fine = outbox.enqueue(&mut *tx, &item(1, 1)).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let log = Log::default();
+    let relay = RunningRelay::spawn(
+        Relay::builder(outbox.clone(), dispatcher(&log, always_ok()))
+            .retry(fast_retry(3))
+            .poll_interval(Duration::from_millis(20))
+            .build()
+            .unwrap(),
+    );
+    eventually("both bad events are dead", WAIT, || async {
+        let a = outbox.get(unknown).await.unwrap().unwrap().status;
+        let b = outbox.get(malformed).await.unwrap().unwrap().status;
+        a == EventStatus::Dead && b == EventStatus::Dead
+    })
+    .await;
+    eventually("the good event is handled", WAIT, || async { log.len() == 1 }).await;
+    relay.stop().await;
+
+    let unknown = outbox.get(unknown).await.unwrap().unwrap();
+    assert_eq!(unknown.attempts, 3, "unknown types are retried: a deploy may bring the handler");
+    assert!(
+        unknown.last_error.as_deref().unwrap().contains("no handler for event type \"test.nobody_listens\""),
+        "{:?}",
+        unknown.last_error
+    );
+    let malformed = outbox.get(malformed).await.unwrap().unwrap();
+    assert_eq!(malformed.attempts, 1, "a payload that does not deserialise never will");
+    assert!(
+        malformed.last_error.as_deref().unwrap().contains("missing field `n`"),
+        "{:?}",
+        malformed.last_error
+    );
+    assert_eq!(log.snapshot()[0].event_id, fine);
+    DB::drop_tables(&outbox).await;
+}
+
+/// A handler that panics is a failure with the panic message; the relay carries on.
+pub async fn panicking_handler_is_contained<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let boom = outbox.enqueue(&mut *tx, &item(1, 1)).await.unwrap();
+    outbox.enqueue(&mut *tx, &item(2, 1)).await.unwrap();
+    tx.commit().await.unwrap();
+    let log = Log::default();
+    let relay = RunningRelay::spawn(
+        Relay::builder(
+            outbox.clone(),
+            dispatcher(
+                &log,
+                Arc::new(|event, _| {
+                    if event.item == "item-1" {
+                        panic!("index out of bounds in the handler")
+                    }
+                    Ok(())
+                }),
+            ),
+        )
+        .retry(fast_retry(2))
+        .poll_interval(Duration::from_millis(20))
+        .build()
+        .unwrap(),
+    );
+    eventually("the panicking event is dead", WAIT, || async {
+        outbox.get(boom).await.unwrap().unwrap().status == EventStatus::Dead
+    })
+    .await;
+    eventually("the other event is handled", WAIT, || async { log.len() == 1 }).await;
+    relay.stop().await;
+    let row = outbox.get(boom).await.unwrap().unwrap();
+    assert!(
+        row.last_error.as_deref().unwrap().contains("panicked: index out of bounds in the handler"),
+        "{:?}",
+        row.last_error
+    );
+    DB::drop_tables(&outbox).await;
+}
+
+/// Events of one aggregate in one batch get consecutive sequence numbers in slice order, after
+/// those already allocated.
+pub async fn batch_enqueue_allocates_consecutive_sequences<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    let mut tx = outbox.pool().begin().await.unwrap();
+    outbox.enqueue(&mut *tx, &item(1, 0)).await.unwrap();
+    tx.commit().await.unwrap();
+    let events = vec![item(1, 1), item(2, 1), item(1, 2), item(1, 3), item(2, 2)];
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let ids = outbox.enqueue_batch(&mut *tx, &events).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut seqs = Vec::new();
+    for id in ids {
+        seqs.push(outbox.get(id).await.unwrap().unwrap().sequence);
+    }
+    assert_eq!(seqs, [2, 1, 3, 4, 2]);
+    DB::drop_tables(&outbox).await;
+}
+
+/// Shutdown lets the batch in flight finish and record its outcome.
+pub async fn graceful_shutdown_finishes_in_flight_work<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let id = outbox.enqueue(&mut *tx, &item(1, 1)).await.unwrap();
+    tx.commit().await.unwrap();
+    let started = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let registry = {
+        let (started, release) = (started.clone(), release.clone());
+        outbox::Registry::builder()
+            .handler::<ItemChanged, _, _>("slow", move |_: ItemChanged, _| {
+                let (started, release) = (started.clone(), release.clone());
+                async move {
+                    started.notify_one();
+                    release.notified().await;
+                    Ok(())
+                }
+            })
+            .unwrap()
+            .build()
+    };
+    let relay = RunningRelay::spawn(
+        Relay::builder(outbox.clone(), outbox::Dispatcher::new(registry))
+            .poll_interval(Duration::from_millis(20))
+            .build()
+            .unwrap(),
+    );
+    started.notified().await;
+    relay.shutdown.cancel();
+    assert!(!relay.task.is_finished());
+    release.notify_one();
+    relay.task.await.unwrap().unwrap();
+    assert_eq!(outbox.get(id).await.unwrap().unwrap().status, EventStatus::Delivered);
+    DB::drop_tables(&outbox).await;
+}
+
+/// Retention deletes, or archives, delivered rows and leaves pending and dead ones alone.
+pub async fn retention_removes_only_delivered_rows<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    enqueue_backlog(&outbox, 10, 3).await;
+    let log = Log::default();
+    let relay = RunningRelay::spawn(
+        Relay::builder(outbox.clone(), dispatcher(&log, always_ok()))
+            .poll_interval(Duration::from_millis(20))
+            .build()
+            .unwrap(),
+    );
+    eventually("all handled", WAIT, || async { log.len() == 30 }).await;
+    relay.stop().await;
+    let mut tx = outbox.pool().begin().await.unwrap();
+    outbox.enqueue(&mut *tx, &item(99, 1)).await.unwrap();
+    tx.commit().await.unwrap();
+
+    // Young rows are kept.
+    let kept = outbox
+        .purge(&Retention::delete_after(Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    assert_eq!(kept, 0);
+    // Small batches: the loop must go round several times.
+    let archived = outbox
+        .purge(&Retention::archive_after(Duration::ZERO).batch_size(7))
+        .await
+        .unwrap();
+    assert_eq!(archived, 30);
+    assert_eq!(DB::count_archived(&outbox).await, 30);
+    assert_eq!(DB::count_outbox_rows(&outbox).await, 1);
+    assert_eq!(DB::count_status(&outbox, "pending").await, 1);
+    DB::drop_tables(&outbox).await;
+}
+
+/// The relay applies retention on its schedule.
+pub async fn relay_runs_retention<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    enqueue_backlog(&outbox, 5, 2).await;
+    let log = Log::default();
+    let relay = RunningRelay::spawn(
+        Relay::builder(outbox.clone(), dispatcher(&log, always_ok()))
+            .poll_interval(Duration::from_millis(20))
+            .retention(Retention::delete_after(Duration::ZERO), Duration::from_millis(50))
+            .build()
+            .unwrap(),
+    );
+    eventually("all handled and purged", WAIT, || async {
+        log.len() == 10 && DB::count_outbox_rows(&outbox).await == 0
+    })
+    .await;
+    relay.stop().await;
+    assert_eq!(DB::count_archived(&outbox).await, 0);
+    DB::drop_tables(&outbox).await;
+}
