@@ -143,31 +143,33 @@ fn parse_struct_attrs(input: &DeriveInput, errors: &mut Errors) -> StructAttrs {
                     }
                 }};
             }
+            // A value of the wrong type is reported and parsing goes on, so that one build
+            // shows every mistake; a value that is not a literal at all stops this attribute.
             match key.as_str() {
-                "event_type" => once!(attrs.event_type, non_empty(string(&meta, &key)?)?),
-                "aggregate_type" => {
-                    once!(attrs.aggregate_type, non_empty(string(&meta, &key)?)?)
+                "event_type" | "aggregate_type" | "topic" | "crate" => {
+                    let lit: syn::Lit = meta.value()?.parse()?;
+                    let checked = string(lit, &key).and_then(|s| {
+                        if key == "crate" {
+                            parse_crate_path(&s).map(Err)
+                        } else {
+                            non_empty(s).map(Ok)
+                        }
+                    });
+                    match (key.as_str(), checked) {
+                        (_, Err(e)) => errors.push(e),
+                        ("event_type", Ok(Ok(s))) => once!(attrs.event_type, s),
+                        ("aggregate_type", Ok(Ok(s))) => once!(attrs.aggregate_type, s),
+                        ("topic", Ok(Ok(s))) => once!(attrs.topic, s),
+                        (_, Ok(Err(path))) => once!(attrs.krate, path),
+                        _ => unreachable!("keys matched above"),
+                    }
                 }
-                "topic" => once!(attrs.topic, non_empty(string(&meta, &key)?)?),
                 "version" => {
                     let lit: syn::Lit = meta.value()?.parse()?;
-                    let syn::Lit::Int(int) = lit else {
-                        return Err(syn::Error::new(
-                            lit.span(),
-                            "`version` takes an integer, for instance `version = 2`",
-                        ));
-                    };
-                    let n: u32 = int.base10_parse().map_err(|_| {
-                        syn::Error::new(int.span(), "`version` must fit in a u32")
-                    })?;
-                    if n == 0 {
-                        return Err(syn::Error::new(int.span(), "`version` starts at 1"));
+                    match version(lit) {
+                        Ok(v) => once!(attrs.version, v),
+                        Err(e) => errors.push(e),
                     }
-                    once!(attrs.version, LitInt::new(&n.to_string(), int.span()))
-                }
-                "crate" => {
-                    let lit = string(&meta, &key)?;
-                    once!(attrs.krate, parse_crate_path(&lit)?)
                 }
                 "aggregate_id" => {
                     return Err(meta.error(
@@ -189,8 +191,7 @@ fn parse_struct_attrs(input: &DeriveInput, errors: &mut Errors) -> StructAttrs {
     attrs
 }
 
-fn string(meta: &syn::meta::ParseNestedMeta<'_>, key: &str) -> syn::Result<LitStr> {
-    let lit: syn::Lit = meta.value()?.parse()?;
+fn string(lit: syn::Lit, key: &str) -> syn::Result<LitStr> {
     match lit {
         syn::Lit::Str(s) => Ok(s),
         other => Err(syn::Error::new(
@@ -198,6 +199,22 @@ fn string(meta: &syn::meta::ParseNestedMeta<'_>, key: &str) -> syn::Result<LitSt
             format!("`{key}` takes a string literal, for instance `{key} = \"...\"`"),
         )),
     }
+}
+
+fn version(lit: syn::Lit) -> syn::Result<LitInt> {
+    let syn::Lit::Int(int) = lit else {
+        return Err(syn::Error::new(
+            lit.span(),
+            "`version` takes an integer, for instance `version = 2`",
+        ));
+    };
+    let n: u32 = int
+        .base10_parse()
+        .map_err(|_| syn::Error::new(int.span(), "`version` must fit in a u32"))?;
+    if n == 0 {
+        return Err(syn::Error::new(int.span(), "`version` starts at 1"));
+    }
+    Ok(LitInt::new(&n.to_string(), int.span()))
 }
 
 fn non_empty(lit: LitStr) -> syn::Result<LitStr> {

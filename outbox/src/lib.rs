@@ -63,6 +63,11 @@
 
 pub use outbox_core::*;
 
+/// The `chrono` version in the API (`enqueue_at` takes a `chrono::DateTime<Utc>`).
+pub use chrono;
+/// The `uuid` version in the API (event ids are `uuid::Uuid` v7).
+pub use uuid;
+
 /// `#[derive(OutboxEvent)]`: implements [`OutboxEvent`] for a struct with named fields.
 ///
 /// Attributes on the struct, all optional, in `#[outbox(...)]`:

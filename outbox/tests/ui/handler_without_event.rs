@@ -1,0 +1,6 @@
+#[outbox::handler]
+async fn on_nothing() -> Result<(), outbox::HandlerError> {
+    Ok(())
+}
+
+fn main() {}
