@@ -3,8 +3,8 @@
 
 use outbox::{Outbox, Relay};
 use outbox_tests::{
-    always_ok, dispatcher, eventually, init_tracing, pg_pool, scenarios, unique_table,
-    ItemChanged, Log, RunningRelay, TestDb,
+    always_ok, dispatcher, eventually, init_tracing, pg_pool, scenarios, unique_table, ItemChanged,
+    Log, RunningRelay, TestDb,
 };
 use sqlx::{Postgres, Row};
 use std::collections::BTreeMap;
@@ -73,8 +73,17 @@ async fn relay_runs_retention() {
 #[tokio::test]
 async fn invalid_table_names_are_rejected() {
     let pool = pg_pool().await;
-    for bad in ["outbox; DROP TABLE users", "Outbox", "public.outbox", "", "x\"y"] {
-        let err = Outbox::builder(pool.clone()).table(bad).build().unwrap_err();
+    for bad in [
+        "outbox; DROP TABLE users",
+        "Outbox",
+        "public.outbox",
+        "",
+        "x\"y",
+    ] {
+        let err = Outbox::builder(pool.clone())
+            .table(bad)
+            .build()
+            .unwrap_err();
         assert!(
             matches!(err, outbox::Error::InvalidTableName { .. }),
             "{bad:?} gave {err}"
@@ -97,10 +106,13 @@ async fn concurrent_migrations_are_safe_and_idempotent() {
         run.await.unwrap().unwrap();
     }
     outbox.migrate().await.unwrap();
-    let versions: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}_migrations", outbox.table()))
-        .fetch_one(outbox.pool())
-        .await
-        .unwrap();
+    let versions: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {}_migrations",
+        outbox.table()
+    ))
+    .fetch_one(outbox.pool())
+    .await
+    .unwrap();
     assert_eq!(versions, outbox.migration_sql().len() as i64);
     Postgres::drop_tables(&outbox).await;
 }
@@ -170,22 +182,25 @@ async fn concurrent_writers_get_gapless_sequences_in_commit_order() {
             )
         })
         .collect();
-    eventually("every committed event handled", Duration::from_secs(60), || async {
-        log.len() >= committed
-    })
+    eventually(
+        "every committed event handled",
+        Duration::from_secs(60),
+        || async { log.len() >= committed },
+    )
     .await;
     for r in relays {
         r.stop().await;
     }
     assert_eq!(log.len(), committed);
 
-    let orders: BTreeMap<uuid::Uuid, i64> = sqlx::query(&format!("SELECT event_id, commit_order FROM {t}_commits"))
-        .fetch_all(outbox.pool())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect();
+    let orders: BTreeMap<uuid::Uuid, i64> =
+        sqlx::query(&format!("SELECT event_id, commit_order FROM {t}_commits"))
+            .fetch_all(outbox.pool())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
     let mut per_aggregate: BTreeMap<String, Vec<(i64, i64)>> = BTreeMap::new();
     for h in log.snapshot() {
         per_aggregate
@@ -196,16 +211,21 @@ async fn concurrent_writers_get_gapless_sequences_in_commit_order() {
     for (aggregate, seen) in per_aggregate {
         let sequences: Vec<i64> = seen.iter().map(|(s, _)| *s).collect();
         let expected: Vec<i64> = (1..=seen.len() as i64).collect();
-        assert_eq!(sequences, expected, "{aggregate}: not gapless in handling order");
+        assert_eq!(
+            sequences, expected,
+            "{aggregate}: not gapless in handling order"
+        );
         assert!(
             seen.windows(2).all(|w| w[0].1 < w[1].1),
             "{aggregate}: handled out of commit order: {seen:?}"
         );
     }
-    sqlx::raw_sql(&format!("DROP TABLE {t}_commits; DROP SEQUENCE {t}_commit_order"))
-        .execute(outbox.pool())
-        .await
-        .unwrap();
+    sqlx::raw_sql(&format!(
+        "DROP TABLE {t}_commits; DROP SEQUENCE {t}_commit_order"
+    ))
+    .execute(outbox.pool())
+    .await
+    .unwrap();
     Postgres::drop_tables(&outbox).await;
 }
 
@@ -223,25 +243,32 @@ async fn commit_wakes_the_relay_through_notify() {
     );
     // Let the relay find the table empty and go to sleep on its poll interval.
     eventually("the relay listens", Duration::from_secs(10), || async {
-        let listening: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'",
-        )
-        .fetch_one(outbox.pool())
-        .await
-        .unwrap();
+        let listening: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'")
+                .fetch_one(outbox.pool())
+                .await
+                .unwrap();
         listening > 0
     })
     .await;
     for n in 1..=3 {
         let mut tx = outbox.pool().begin().await.unwrap();
         outbox
-            .enqueue(&mut *tx, &ItemChanged { item: "woken".into(), n })
+            .enqueue(
+                &mut *tx,
+                &ItemChanged {
+                    item: "woken".into(),
+                    n,
+                },
+            )
             .await
             .unwrap();
         tx.commit().await.unwrap();
-        eventually("the relay handled the event", Duration::from_secs(10), || async {
-            log.len() == n as usize
-        })
+        eventually(
+            "the relay handled the event",
+            Duration::from_secs(10),
+            || async { log.len() == n as usize },
+        )
         .await;
     }
     relay.stop().await;
@@ -272,6 +299,9 @@ async fn claim_is_an_index_scan_with_a_million_delivered_rows() {
     assert!(plan.contains(&format!("{t}_pending_due")), "{plan}");
     // The anti-join on earlier pending rows may use either partial index, never the table.
     assert!(!plan.contains(&format!("Seq Scan on {t} ")), "{plan}");
-    assert!(!plan.contains(&format!("Bitmap Heap Scan on {t} ")), "{plan}");
+    assert!(
+        !plan.contains(&format!("Bitmap Heap Scan on {t} ")),
+        "{plan}"
+    );
     Postgres::drop_tables(&outbox).await;
 }

@@ -69,5 +69,9 @@ async fn claim_uses_the_pending_indexes() {
     let plan = outbox.explain_claim(100).await.unwrap();
     assert!(plan.contains("_pending_due"), "{plan}");
     assert!(plan.contains("_pending_aggregate"), "{plan}");
-    assert!(!plan.contains(&format!("SCAN {} ", outbox.table())) && !plan.ends_with(&format!("SCAN {}", outbox.table())), "{plan}");
+    assert!(
+        !plan.contains(&format!("SCAN {} ", outbox.table()))
+            && !plan.ends_with(&format!("SCAN {}", outbox.table())),
+        "{plan}"
+    );
 }

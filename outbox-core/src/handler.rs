@@ -230,7 +230,9 @@ where
     Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
 {
     match serde_json::from_str::<E>(payload) {
-        Ok(event) => handler(event, ctx).map(|r| r.map_err(CallError::Handler)).boxed(),
+        Ok(event) => handler(event, ctx)
+            .map(|r| r.map_err(CallError::Handler))
+            .boxed(),
         Err(error) => std::future::ready(Err(CallError::Decode(error))).boxed(),
     }
 }
@@ -545,7 +547,10 @@ fn panic_message(panic: &(dyn Any + Send)) -> &str {
 impl Destination for Dispatcher {
     async fn deliver(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
         // Collected first: a closure inside the stream trips the `Send` check of the future.
-        let calls: Vec<_> = batch.iter().map(|envelope| self.dispatch(envelope)).collect();
+        let calls: Vec<_> = batch
+            .iter()
+            .map(|envelope| self.dispatch(envelope))
+            .collect();
         futures_util::stream::iter(calls)
             .buffered(self.concurrency)
             .collect()
@@ -629,7 +634,9 @@ mod tests {
         assert!(bad.reason.contains("missing field `n`"), "{bad}");
         let unknown = results[5].as_ref().unwrap_err();
         assert_eq!(unknown.retry, crate::Retry::Backoff);
-        assert!(unknown.reason.contains("no handler for event type \"pong\""));
+        assert!(unknown
+            .reason
+            .contains("no handler for event type \"pong\""));
         let version = results[6].as_ref().unwrap_err();
         assert!(version.reason.contains("versions [1]"), "{version}");
     }
@@ -657,7 +664,10 @@ mod tests {
         let err = registry
             .require(&[("ping", 1), ("ping", 2), ("pong", 1)])
             .unwrap_err();
-        assert_eq!(err.to_string(), "no handler registered for ping v2, pong v1");
+        assert_eq!(
+            err.to_string(),
+            "no handler registered for ping v2, pong v1"
+        );
     }
 
     #[tokio::test]

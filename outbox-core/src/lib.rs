@@ -33,7 +33,7 @@ pub use tokio_util::sync::CancellationToken;
 pub mod __private {
     pub use crate::handler::{call_handler, CallError, HandlerRegistration};
     pub use futures_util::future::BoxFuture;
-    pub use serde::Serialize;
     pub use inventory;
-    pub use std::{concat, module_path, stringify, string::String, string::ToString};
+    pub use serde::Serialize;
+    pub use std::{concat, module_path, string::String, string::ToString, stringify};
 }

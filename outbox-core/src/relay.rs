@@ -169,7 +169,8 @@ impl<DB: Backend, D: Destination> Relay<DB, D> {
     /// redelivered after their lease. Nothing is lost either way.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
         let relay_id = Uuid::now_v7();
-        let span = tracing::info_span!("outbox.relay", %relay_id, table = %self.shared.outbox.table());
+        let span =
+            tracing::info_span!("outbox.relay", %relay_id, table = %self.shared.outbox.table());
         async {
             tracing::info!(workers = self.shared.config.workers, "relay started");
             // `abandon` stops batches that outlive the shutdown timeout.
@@ -180,19 +181,23 @@ impl<DB: Backend, D: Destination> Relay<DB, D> {
             let mut tasks = JoinSet::new();
             for worker in 0..self.shared.config.workers {
                 let shared = self.shared.clone();
-                let (shutdown, abandon, wake) = (shutdown.clone(), abandon.clone(), wake_rx.clone());
+                let (shutdown, abandon, wake) =
+                    (shutdown.clone(), abandon.clone(), wake_rx.clone());
                 tasks.spawn(
                     async move { shared.work(shutdown, abandon, wake).await }
                         .instrument(tracing::info_span!("outbox.worker", worker)),
                 );
             }
             let mut background_tasks = JoinSet::new();
-            background_tasks.spawn(DB::listen(
-                self.shared.outbox.pool().clone(),
-                self.shared.outbox.table().clone(),
-                wake_tx,
-                background.clone(),
-            ).in_current_span());
+            background_tasks.spawn(
+                DB::listen(
+                    self.shared.outbox.pool().clone(),
+                    self.shared.outbox.table().clone(),
+                    wake_tx,
+                    background.clone(),
+                )
+                .in_current_span(),
+            );
             if let Some((retention, every)) = self.shared.config.retention.clone() {
                 let outbox = self.shared.outbox.clone();
                 let cancel = background.clone();
@@ -238,7 +243,10 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
             let claimed = self
                 .outbox
                 .claim(self.config.batch_size, self.config.lease, token)
-                .instrument(tracing::debug_span!("outbox.claim", limit = self.config.batch_size))
+                .instrument(tracing::debug_span!(
+                    "outbox.claim",
+                    limit = self.config.batch_size
+                ))
                 .await;
             let batch = match claimed {
                 Ok(batch) => {

@@ -59,10 +59,7 @@ impl RetryPolicy {
     /// The delay after failed attempt number `attempt` (1-based).
     pub fn delay(&self, attempt: u32) -> Duration {
         let exp = attempt.saturating_sub(1).min(31);
-        let full = self
-            .base
-            .saturating_mul(1u32 << exp)
-            .min(self.max_delay);
+        let full = self.base.saturating_mul(1u32 << exp).min(self.max_delay);
         if self.jitter {
             full / 2 + full.mul_f64(fastrand::f64() / 2.0)
         } else {

@@ -44,7 +44,10 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenS
     }
     if arg_types.is_empty() || arg_types.len() > 2 {
         errors.push(syn::Error::new(
-            sig.inputs.span().join(sig.paren_token.span.join()).unwrap_or(sig.ident.span()),
+            sig.inputs
+                .span()
+                .join(sig.paren_token.span.join())
+                .unwrap_or(sig.ident.span()),
             "#[outbox::handler] takes the event and optionally a HandlerContext: \
              `async fn on_x(event: MyEvent, ctx: HandlerContext) -> Result<(), HandlerError>`",
         ));

@@ -26,7 +26,16 @@ mod billing {
 fn duplicate_registrations_are_reported() {
     let err = Registry::from_inventory().unwrap_err();
     let message = err.to_string();
-    assert!(message.contains("two handlers for event type \"user.created\" version 1"), "{message}");
-    assert!(message.contains("duplicate_handlers::send_welcome_mail"), "{message}");
-    assert!(message.contains("duplicate_handlers::billing::open_account"), "{message}");
+    assert!(
+        message.contains("two handlers for event type \"user.created\" version 1"),
+        "{message}"
+    );
+    assert!(
+        message.contains("duplicate_handlers::send_welcome_mail"),
+        "{message}"
+    );
+    assert!(
+        message.contains("duplicate_handlers::billing::open_account"),
+        "{message}"
+    );
 }

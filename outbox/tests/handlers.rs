@@ -1,6 +1,8 @@
 //! `#[outbox::handler]`: registration through `inventory`, dispatch by event type and version.
 
-use outbox::{Destination, Dispatcher, Envelope, HandlerContext, HandlerError, OutboxEvent, Registry};
+use outbox::{
+    Destination, Dispatcher, Envelope, HandlerContext, HandlerError, OutboxEvent, Registry,
+};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -55,7 +57,6 @@ fn envelope<E: OutboxEvent>(event: &E) -> Envelope {
         attempt: 1,
     }
 }
-
 
 #[test]
 fn registry_holds_every_annotated_handler() {

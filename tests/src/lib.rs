@@ -33,7 +33,11 @@ pub fn init_tracing() {
 
 /// The event most tests write.
 #[derive(Debug, Clone, Serialize, Deserialize, OutboxEvent)]
-#[outbox(event_type = "test.item_changed", aggregate_type = "item", topic = "items")]
+#[outbox(
+    event_type = "test.item_changed",
+    aggregate_type = "item",
+    topic = "items"
+)]
 pub struct ItemChanged {
     #[outbox(aggregate_id)]
     pub item: String,
@@ -50,7 +54,11 @@ pub struct NobodyListens {
 
 /// Writes an `ItemChanged` whose payload lacks `n`: the handler cannot deserialise it.
 #[derive(Debug, Clone, Serialize, Deserialize, OutboxEvent)]
-#[outbox(event_type = "test.item_changed", aggregate_type = "item", topic = "items")]
+#[outbox(
+    event_type = "test.item_changed",
+    aggregate_type = "item",
+    topic = "items"
+)]
 pub struct MalformedItemChanged {
     #[outbox(aggregate_id)]
     pub item: String,
@@ -96,7 +104,8 @@ impl Log {
 }
 
 /// What the test handler does with an event.
-pub type Behaviour = Arc<dyn Fn(&ItemChanged, &HandlerContext) -> Result<(), HandlerError> + Send + Sync>;
+pub type Behaviour =
+    Arc<dyn Fn(&ItemChanged, &HandlerContext) -> Result<(), HandlerError> + Send + Sync>;
 
 /// A dispatcher whose `ItemChanged` handler applies `behaviour`, then logs the event if it
 /// succeeded.
@@ -131,7 +140,10 @@ where
         if check().await {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -200,19 +212,25 @@ impl TestDb for Postgres {
         conn: &'a mut sqlx::PgConnection,
         id: &'a str,
     ) {
-        sqlx::query(&format!("INSERT INTO {}_business (id) VALUES ($1)", outbox.table()))
-            .bind(id)
-            .execute(conn)
-            .await
-            .unwrap();
+        sqlx::query(&format!(
+            "INSERT INTO {}_business (id) VALUES ($1)",
+            outbox.table()
+        ))
+        .bind(id)
+        .execute(conn)
+        .await
+        .unwrap();
     }
 
     async fn count_business_rows<'a>(outbox: &'a Outbox<Self>, id: &'a str) -> i64 {
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {}_business WHERE id = $1", outbox.table()))
-            .bind(id)
-            .fetch_one(outbox.pool())
-            .await
-            .unwrap()
+        sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {}_business WHERE id = $1",
+            outbox.table()
+        ))
+        .bind(id)
+        .fetch_one(outbox.pool())
+        .await
+        .unwrap()
     }
 
     async fn count_outbox_rows(outbox: &Outbox<Self>) -> i64 {
@@ -223,11 +241,14 @@ impl TestDb for Postgres {
     }
 
     async fn count_status<'a>(outbox: &'a Outbox<Self>, status: &'a str) -> i64 {
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {} WHERE status = $1", outbox.table()))
-            .bind(status)
-            .fetch_one(outbox.pool())
-            .await
-            .unwrap()
+        sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {} WHERE status = $1",
+            outbox.table()
+        ))
+        .bind(status)
+        .fetch_one(outbox.pool())
+        .await
+        .unwrap()
     }
 
     async fn count_archived(outbox: &Outbox<Self>) -> i64 {
@@ -285,19 +306,25 @@ impl TestDb for Sqlite {
         conn: &'a mut sqlx::SqliteConnection,
         id: &'a str,
     ) {
-        sqlx::query(&format!("INSERT INTO {}_business (id) VALUES (?1)", outbox.table()))
-            .bind(id)
-            .execute(conn)
-            .await
-            .unwrap();
+        sqlx::query(&format!(
+            "INSERT INTO {}_business (id) VALUES (?1)",
+            outbox.table()
+        ))
+        .bind(id)
+        .execute(conn)
+        .await
+        .unwrap();
     }
 
     async fn count_business_rows<'a>(outbox: &'a Outbox<Self>, id: &'a str) -> i64 {
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {}_business WHERE id = ?1", outbox.table()))
-            .bind(id)
-            .fetch_one(outbox.pool())
-            .await
-            .unwrap()
+        sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {}_business WHERE id = ?1",
+            outbox.table()
+        ))
+        .bind(id)
+        .fetch_one(outbox.pool())
+        .await
+        .unwrap()
     }
 
     async fn count_outbox_rows(outbox: &Outbox<Self>) -> i64 {
@@ -308,11 +335,14 @@ impl TestDb for Sqlite {
     }
 
     async fn count_status<'a>(outbox: &'a Outbox<Self>, status: &'a str) -> i64 {
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {} WHERE status = ?1", outbox.table()))
-            .bind(status)
-            .fetch_one(outbox.pool())
-            .await
-            .unwrap()
+        sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {} WHERE status = ?1",
+            outbox.table()
+        ))
+        .bind(status)
+        .fetch_one(outbox.pool())
+        .await
+        .unwrap()
     }
 
     async fn count_archived(outbox: &Outbox<Self>) -> i64 {

@@ -4,9 +4,7 @@ use crate::{
     always_ok, dispatcher, eventually, init_tracing, ItemChanged, Log, MalformedItemChanged,
     NobodyListens, RunningRelay, TestDb,
 };
-use outbox::{
-    EnqueueOptions, EventStatus, HandlerError, Outbox, Relay, Retention, RetryPolicy,
-};
+use outbox::{EnqueueOptions, EventStatus, HandlerError, Outbox, Relay, Retention, RetryPolicy};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -168,8 +166,14 @@ pub async fn crashed_relay_is_taken_over<DB: TestDb>() {
     assert_ordered_exactly_once(&log, 5, 2);
     let handled = log.snapshot();
     // The heads were attempted once by the dead relay.
-    assert!(handled.iter().filter(|h| h.sequence == 1).all(|h| h.attempt == 2));
-    assert!(handled.iter().filter(|h| h.sequence == 2).all(|h| h.attempt == 1));
+    assert!(handled
+        .iter()
+        .filter(|h| h.sequence == 1)
+        .all(|h| h.attempt == 2));
+    assert!(handled
+        .iter()
+        .filter(|h| h.sequence == 2)
+        .all(|h| h.attempt == 1));
     DB::drop_tables(&outbox).await;
 }
 
@@ -223,15 +227,24 @@ pub async fn failures_retry_then_dead<DB: TestDb>() {
 
     let poison_row = outbox.get(poison_id).await.unwrap().unwrap();
     assert_eq!(poison_row.attempts, 4);
-    assert_eq!(poison_row.last_error.as_deref(), Some("card declined by the bank"));
+    assert_eq!(
+        poison_row.last_error.as_deref(),
+        Some("card declined by the bank")
+    );
     assert!(poison_row.dead_at.is_some());
 
     // Other aggregates were not held back by the poison event...
     for id in others {
-        assert_eq!(outbox.get(id).await.unwrap().unwrap().status, EventStatus::Delivered);
+        assert_eq!(
+            outbox.get(id).await.unwrap().unwrap().status,
+            EventStatus::Delivered
+        );
     }
     // ...but its own aggregate's next event waited until it was dead.
-    let after = handled.iter().find(|h| h.event_id == after_poison_id).unwrap();
+    let after = handled
+        .iter()
+        .find(|h| h.event_id == after_poison_id)
+        .unwrap();
     assert!(after.at >= poison_row.dead_at.unwrap() - chrono::Duration::milliseconds(50));
     DB::drop_tables(&outbox).await;
 }
@@ -247,7 +260,10 @@ pub async fn fatal_error_is_dead_at_once<DB: TestDb>() {
     let relay = RunningRelay::spawn(
         Relay::builder(
             outbox.clone(),
-            dispatcher(&log, Arc::new(|_, _| Err(HandlerError::fatal("amount is negative")))),
+            dispatcher(
+                &log,
+                Arc::new(|_, _| Err(HandlerError::fatal("amount is negative"))),
+            ),
         )
         .retry(fast_retry(10))
         .poll_interval(Duration::from_millis(20))
@@ -265,16 +281,25 @@ pub async fn fatal_error_is_dead_at_once<DB: TestDb>() {
 
     // An operator fixes the cause and requeues it.
     assert!(outbox.requeue(id).await.unwrap());
-    assert!(!outbox.requeue(id).await.unwrap(), "only dead events are requeued");
+    assert!(
+        !outbox.requeue(id).await.unwrap(),
+        "only dead events are requeued"
+    );
     let relay = RunningRelay::spawn(
         Relay::builder(outbox.clone(), dispatcher(&log, always_ok()))
             .poll_interval(Duration::from_millis(20))
             .build()
             .unwrap(),
     );
-    eventually("the requeued event is delivered", WAIT, || async { log.len() == 1 }).await;
+    eventually("the requeued event is delivered", WAIT, || async {
+        log.len() == 1
+    })
+    .await;
     relay.stop().await;
-    assert_eq!(outbox.get(id).await.unwrap().unwrap().status, EventStatus::Delivered);
+    assert_eq!(
+        outbox.get(id).await.unwrap().unwrap().status,
+        EventStatus::Delivered
+    );
     DB::drop_tables(&outbox).await;
 }
 
@@ -284,7 +309,10 @@ pub async fn deferred_delivery<DB: TestDb>() {
     let outbox = DB::fresh().await;
     let when = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
     let mut tx = outbox.pool().begin().await.unwrap();
-    let deferred = outbox.enqueue_at(&mut *tx, &item(1, 1), when).await.unwrap();
+    let deferred = outbox
+        .enqueue_at(&mut *tx, &item(1, 1), when)
+        .await
+        .unwrap();
     let delayed = outbox
         .enqueue_with(
             &mut *tx,
@@ -303,8 +331,14 @@ pub async fn deferred_delivery<DB: TestDb>() {
             .build()
             .unwrap(),
     );
-    eventually("the immediate event is handled", WAIT, || async { log.len() >= 1 }).await;
-    eventually("the deferred events are handled", WAIT, || async { log.len() == 3 }).await;
+    eventually("the immediate event is handled", WAIT, || async {
+        !log.is_empty()
+    })
+    .await;
+    eventually("the deferred events are handled", WAIT, || async {
+        log.len() == 3
+    })
+    .await;
     relay.stop().await;
     let handled = log.snapshot();
     assert_eq!(handled[0].event_id, now);
@@ -326,7 +360,12 @@ pub async fn unknown_type_and_bad_payload_go_dead<DB: TestDb>() {
     let outbox = DB::fresh().await;
     let mut tx = outbox.pool().begin().await.unwrap();
     let unknown = outbox
-        .enqueue(&mut *tx, &NobodyListens { item_id: "x".into() })
+        .enqueue(
+            &mut *tx,
+            &NobodyListens {
+                item_id: "x".into(),
+            },
+        )
         .await
         .unwrap();
     let malformed = outbox
@@ -356,20 +395,37 @@ pub async fn unknown_type_and_bad_payload_go_dead<DB: TestDb>() {
         a == EventStatus::Dead && b == EventStatus::Dead
     })
     .await;
-    eventually("the good event is handled", WAIT, || async { log.len() == 1 }).await;
+    eventually("the good event is handled", WAIT, || async {
+        log.len() == 1
+    })
+    .await;
     relay.stop().await;
 
     let unknown = outbox.get(unknown).await.unwrap().unwrap();
-    assert_eq!(unknown.attempts, 3, "unknown types are retried: a deploy may bring the handler");
+    assert_eq!(
+        unknown.attempts, 3,
+        "unknown types are retried: a deploy may bring the handler"
+    );
     assert!(
-        unknown.last_error.as_deref().unwrap().contains("no handler for event type \"test.nobody_listens\""),
+        unknown
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("no handler for event type \"test.nobody_listens\""),
         "{:?}",
         unknown.last_error
     );
     let malformed = outbox.get(malformed).await.unwrap().unwrap();
-    assert_eq!(malformed.attempts, 1, "a payload that does not deserialise never will");
+    assert_eq!(
+        malformed.attempts, 1,
+        "a payload that does not deserialise never will"
+    );
     assert!(
-        malformed.last_error.as_deref().unwrap().contains("missing field `n`"),
+        malformed
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("missing field `n`"),
         "{:?}",
         malformed.last_error
     );
@@ -408,11 +464,17 @@ pub async fn panicking_handler_is_contained<DB: TestDb>() {
         outbox.get(boom).await.unwrap().unwrap().status == EventStatus::Dead
     })
     .await;
-    eventually("the other event is handled", WAIT, || async { log.len() == 1 }).await;
+    eventually("the other event is handled", WAIT, || async {
+        log.len() == 1
+    })
+    .await;
     relay.stop().await;
     let row = outbox.get(boom).await.unwrap().unwrap();
     assert!(
-        row.last_error.as_deref().unwrap().contains("panicked: index out of bounds in the handler"),
+        row.last_error
+            .as_deref()
+            .unwrap()
+            .contains("panicked: index out of bounds in the handler"),
         "{:?}",
         row.last_error
     );
@@ -473,7 +535,10 @@ pub async fn graceful_shutdown_finishes_in_flight_work<DB: TestDb>() {
     assert!(!relay.task.is_finished());
     release.notify_one();
     relay.task.await.unwrap().unwrap();
-    assert_eq!(outbox.get(id).await.unwrap().unwrap().status, EventStatus::Delivered);
+    assert_eq!(
+        outbox.get(id).await.unwrap().unwrap().status,
+        EventStatus::Delivered
+    );
     DB::drop_tables(&outbox).await;
 }
 
@@ -522,7 +587,10 @@ pub async fn relay_runs_retention<DB: TestDb>() {
     let relay = RunningRelay::spawn(
         Relay::builder(outbox.clone(), dispatcher(&log, always_ok()))
             .poll_interval(Duration::from_millis(20))
-            .retention(Retention::delete_after(Duration::ZERO), Duration::from_millis(50))
+            .retention(
+                Retention::delete_after(Duration::ZERO),
+                Duration::from_millis(50),
+            )
             .build()
             .unwrap(),
     );

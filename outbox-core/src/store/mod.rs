@@ -6,7 +6,7 @@ mod postgres;
 mod sqlite;
 
 use crate::error::Result;
-use crate::event::{Envelope, EnqueueOptions, Message, OutboxEvent};
+use crate::event::{EnqueueOptions, Envelope, Message, OutboxEvent};
 use crate::retention::Retention;
 use crate::table::TableName;
 use chrono::{DateTime, Utc};
@@ -399,7 +399,8 @@ impl<DB: Backend> Outbox<DB> {
         async {
             let mut total = 0;
             loop {
-                let n = DB::purge_batch(&self.inner.pool, &self.inner.statements, retention).await?;
+                let n =
+                    DB::purge_batch(&self.inner.pool, &self.inner.statements, retention).await?;
                 total += n;
                 if n < retention.batch_size as u64 {
                     return Ok(total);

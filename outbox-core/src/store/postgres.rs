@@ -40,7 +40,10 @@ impl Backend for Postgres {
     fn statements(table: &TableName, notify: bool) -> PgStatements {
         let t = table.as_str();
         let notify = if notify {
-            format!(", wake AS (SELECT pg_notify('{}', '')) SELECT count(*) FROM ins, wake", channel(table))
+            format!(
+                ", wake AS (SELECT pg_notify('{}', '')) SELECT count(*) FROM ins, wake",
+                channel(table)
+            )
         } else {
             " SELECT count(*) FROM ins".to_owned()
         };
@@ -198,9 +201,10 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" (LIKE "{t}");"#
         ))
         .execute(&mut *tx)
         .await?;
-        let applied: Option<i64> = sqlx::query_scalar(&format!(r#"SELECT max(version) FROM "{m}""#))
-            .fetch_one(&mut *tx)
-            .await?;
+        let applied: Option<i64> =
+            sqlx::query_scalar(&format!(r#"SELECT max(version) FROM "{m}""#))
+                .fetch_one(&mut *tx)
+                .await?;
         for (version, description, sql) in Self::migration_sql(table) {
             if applied.is_some_and(|a| a >= version) {
                 continue;

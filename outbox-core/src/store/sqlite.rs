@@ -157,9 +157,10 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
         ))
         .execute(&mut *tx)
         .await?;
-        let applied: Option<i64> = sqlx::query_scalar(&format!(r#"SELECT max(version) FROM "{m}""#))
-            .fetch_one(&mut *tx)
-            .await?;
+        let applied: Option<i64> =
+            sqlx::query_scalar(&format!(r#"SELECT max(version) FROM "{m}""#))
+                .fetch_one(&mut *tx)
+                .await?;
         for (version, description, sql) in Self::migration_sql(table) {
             if applied.is_some_and(|a| a >= version) {
                 continue;
@@ -255,12 +256,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
         let rows: Vec<_> = failures
             .iter()
             .map(|f| {
-                serde_json::json!([
-                    f.id.to_string(),
-                    f.dead,
-                    duration_ms(f.retry_in),
-                    f.reason
-                ])
+                serde_json::json!([f.id.to_string(), f.dead, duration_ms(f.retry_in), f.reason])
             })
             .collect();
         let done = sqlx::query(&statements.failed)

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Installs (on a fresh Debian machine) and starts the servers the test suite talks to.
+# Idempotent: a server that already answers is left alone.
+#
+#   scripts/services.sh            # everything the tests need
+#   scripts/services.sh postgres   # just one
+set -euo pipefail
+
+log() { printf '[services] %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_updated=
+apt_install() {
+  if [ -z "$apt_updated" ]; then
+    as_root apt-get update -qq
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
+}
+
+# wait_for NAME SECONDS COMMAND...: polls COMMAND until it succeeds or the deadline passes.
+wait_for() {
+  local name=$1 seconds=$2
+  shift 2
+  local deadline=$((SECONDS + seconds))
+  until "$@" >/dev/null 2>&1; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      log "$name did not come up within ${seconds}s"
+      return 1
+    fi
+    sleep 0.5
+  done
+}
+
+pg_answers() { pg_isready -q -h 127.0.0.1 -p 5432; }
+pg_trusts_us() { psql -h 127.0.0.1 -U postgres -d postgres -Atqc 'SELECT 1' >/dev/null 2>&1; }
+
+postgres() {
+  if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+    log "installing PostgreSQL"
+    apt_install postgresql postgresql-client
+  fi
+  if ! pg_answers; then
+    local version
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    log "starting PostgreSQL $version"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    wait_for PostgreSQL 60 pg_answers
+  fi
+  if ! pg_trusts_us; then
+    # A fresh Debian install asks for passwords over TCP; the tests connect as postgres with
+    # none, on loopback only.
+    local hba
+    hba=$(as_root su postgres -c "psql -Atqc 'SHOW hba_file'")
+    log "allowing passwordless loopback connections in $hba"
+    as_root sed -i '1i host all postgres 127.0.0.1/32 trust\nhost all postgres ::1/128 trust' "$hba"
+    as_root su postgres -c "psql -Atqc 'SELECT pg_reload_conf()'" >/dev/null
+    wait_for "PostgreSQL (trust)" 30 pg_trusts_us
+  fi
+  log "PostgreSQL ready on 127.0.0.1:5432"
+}
+
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(postgres)
+for target in "${targets[@]}"; do
+  case "$target" in
+    postgres) postgres ;;
+    *) log "unknown service $target"; exit 2 ;;
+  esac
+done
