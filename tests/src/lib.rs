@@ -373,6 +373,11 @@ impl RunningRelay {
         Self { shutdown, task }
     }
 
+    /// Builds `relay` and spawns it.
+    pub fn start<DB: Backend, D: outbox::Destination>(relay: outbox::RelayBuilder<DB, D>) -> Self {
+        Self::spawn(relay.build().expect("valid relay configuration"))
+    }
+
     /// Graceful stop; panics if the relay failed.
     pub async fn stop(self) {
         self.shutdown.cancel();

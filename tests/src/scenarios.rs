@@ -12,6 +12,14 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// A relay builder that polls every 20 ms, for tests that do not wait on notifications.
+fn quick_relay<DB: TestDb, D: outbox::Destination>(
+    outbox: Outbox<DB>,
+    destination: D,
+) -> outbox::RelayBuilder<DB, D> {
+    Relay::builder(outbox, destination).poll_interval(Duration::from_millis(20))
+}
+
 fn fast_retry(max_attempts: u32) -> RetryPolicy {
     RetryPolicy::exponential(Duration::from_millis(20))
         .max_delay(Duration::from_millis(100))
@@ -201,12 +209,8 @@ pub async fn failures_retry_then_dead<DB: TestDb>() {
         "item-2" if event.n == 1 => Err(HandlerError::retry("card declined by the bank")),
         _ => Ok(()),
     });
-    let relay = RunningRelay::spawn(
-        Relay::builder(outbox.clone(), dispatcher(&log, behaviour))
-            .retry(fast_retry(4))
-            .poll_interval(Duration::from_millis(20))
-            .build()
-            .unwrap(),
+    let relay = RunningRelay::start(
+        quick_relay(outbox.clone(), dispatcher(&log, behaviour)).retry(fast_retry(4)),
     );
     eventually("the poison event is dead", WAIT, || async {
         outbox.get(poison_id).await.unwrap().unwrap().status == EventStatus::Dead
@@ -257,18 +261,15 @@ pub async fn fatal_error_is_dead_at_once<DB: TestDb>() {
     let id = outbox.enqueue(&mut *tx, &item(1, 1)).await.unwrap();
     tx.commit().await.unwrap();
     let log = Log::default();
-    let relay = RunningRelay::spawn(
-        Relay::builder(
+    let relay = RunningRelay::start(
+        quick_relay(
             outbox.clone(),
             dispatcher(
                 &log,
                 Arc::new(|_, _| Err(HandlerError::fatal("amount is negative"))),
             ),
         )
-        .retry(fast_retry(10))
-        .poll_interval(Duration::from_millis(20))
-        .build()
-        .unwrap(),
+        .retry(fast_retry(10)),
     );
     eventually("the event is dead", WAIT, || async {
         outbox.get(id).await.unwrap().unwrap().status == EventStatus::Dead
@@ -285,12 +286,7 @@ pub async fn fatal_error_is_dead_at_once<DB: TestDb>() {
         !outbox.requeue(id).await.unwrap(),
         "only dead events are requeued"
     );
-    let relay = RunningRelay::spawn(
-        Relay::builder(outbox.clone(), dispatcher(&log, always_ok()))
-            .poll_interval(Duration::from_millis(20))
-            .build()
-            .unwrap(),
-    );
+    let relay = RunningRelay::start(quick_relay(outbox.clone(), dispatcher(&log, always_ok())));
     eventually("the requeued event is delivered", WAIT, || async {
         log.len() == 1
     })
@@ -325,12 +321,7 @@ pub async fn deferred_delivery<DB: TestDb>() {
     tx.commit().await.unwrap();
 
     let log = Log::default();
-    let relay = RunningRelay::spawn(
-        Relay::builder(outbox.clone(), dispatcher(&log, always_ok()))
-            .poll_interval(Duration::from_millis(20))
-            .build()
-            .unwrap(),
-    );
+    let relay = RunningRelay::start(quick_relay(outbox.clone(), dispatcher(&log, always_ok())));
     eventually("the immediate event is handled", WAIT, || async {
         !log.is_empty()
     })
@@ -382,12 +373,8 @@ pub async fn unknown_type_and_bad_payload_go_dead<DB: TestDb>() {
     tx.commit().await.unwrap();
 
     let log = Log::default();
-    let relay = RunningRelay::spawn(
-        Relay::builder(outbox.clone(), dispatcher(&log, always_ok()))
-            .retry(fast_retry(3))
-            .poll_interval(Duration::from_millis(20))
-            .build()
-            .unwrap(),
+    let relay = RunningRelay::start(
+        quick_relay(outbox.clone(), dispatcher(&log, always_ok())).retry(fast_retry(3)),
     );
     eventually("both bad events are dead", WAIT, || async {
         let a = outbox.get(unknown).await.unwrap().unwrap().status;
@@ -442,8 +429,8 @@ pub async fn panicking_handler_is_contained<DB: TestDb>() {
     outbox.enqueue(&mut *tx, &item(2, 1)).await.unwrap();
     tx.commit().await.unwrap();
     let log = Log::default();
-    let relay = RunningRelay::spawn(
-        Relay::builder(
+    let relay = RunningRelay::start(
+        quick_relay(
             outbox.clone(),
             dispatcher(
                 &log,
@@ -455,10 +442,7 @@ pub async fn panicking_handler_is_contained<DB: TestDb>() {
                 }),
             ),
         )
-        .retry(fast_retry(2))
-        .poll_interval(Duration::from_millis(20))
-        .build()
-        .unwrap(),
+        .retry(fast_retry(2)),
     );
     eventually("the panicking event is dead", WAIT, || async {
         outbox.get(boom).await.unwrap().unwrap().status == EventStatus::Dead
@@ -524,12 +508,10 @@ pub async fn graceful_shutdown_finishes_in_flight_work<DB: TestDb>() {
             .unwrap()
             .build()
     };
-    let relay = RunningRelay::spawn(
-        Relay::builder(outbox.clone(), outbox::Dispatcher::new(registry))
-            .poll_interval(Duration::from_millis(20))
-            .build()
-            .unwrap(),
-    );
+    let relay = RunningRelay::start(quick_relay(
+        outbox.clone(),
+        outbox::Dispatcher::new(registry),
+    ));
     started.notified().await;
     relay.shutdown.cancel();
     assert!(!relay.task.is_finished());
@@ -548,12 +530,7 @@ pub async fn retention_removes_only_delivered_rows<DB: TestDb>() {
     let outbox = DB::fresh().await;
     enqueue_backlog(&outbox, 10, 3).await;
     let log = Log::default();
-    let relay = RunningRelay::spawn(
-        Relay::builder(outbox.clone(), dispatcher(&log, always_ok()))
-            .poll_interval(Duration::from_millis(20))
-            .build()
-            .unwrap(),
-    );
+    let relay = RunningRelay::start(quick_relay(outbox.clone(), dispatcher(&log, always_ok())));
     eventually("all handled", WAIT, || async { log.len() == 30 }).await;
     relay.stop().await;
     let mut tx = outbox.pool().begin().await.unwrap();
