@@ -204,6 +204,68 @@ impl Envelope {
     }
 }
 
+impl Envelope {
+    /// Rebuilds the envelope of a broker message from its headers (see
+    /// [`wire_headers`](Self::wire_headers)) and payload: what consumers hand to the
+    /// [`Dispatcher`](crate::Dispatcher). `attempt` is the broker's delivery count.
+    ///
+    /// Headers that are not outbox metadata become the envelope's headers again.
+    pub fn from_wire<'a>(
+        headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+        payload: String,
+        attempt: u32,
+    ) -> Result<Self, String> {
+        let mut id = None;
+        let mut event_type = None;
+        let mut aggregate_type = None;
+        let mut aggregate_id = None;
+        let mut sequence = None;
+        let mut schema_version = None;
+        let mut rest = Headers::new();
+        for (key, value) in headers {
+            match key {
+                wire::ID => {
+                    id = Some(Uuid::parse_str(value).map_err(|e| format!("bad {key}: {e}"))?)
+                }
+                wire::EVENT_TYPE => event_type = Some(value.to_owned()),
+                wire::AGGREGATE_TYPE => aggregate_type = Some(value.to_owned()),
+                wire::AGGREGATE_ID => aggregate_id = Some(value.to_owned()),
+                wire::SEQUENCE => {
+                    sequence = Some(value.parse().map_err(|e| format!("bad {key}: {e}"))?)
+                }
+                wire::SCHEMA_VERSION => {
+                    schema_version = Some(value.parse().map_err(|e| format!("bad {key}: {e}"))?)
+                }
+                wire::CONTENT_TYPE => {}
+                _ => {
+                    rest.insert(key.to_owned(), value.to_owned());
+                }
+            }
+        }
+        let missing = |name: &str| format!("message has no {name} header");
+        let id = id.ok_or_else(|| missing(wire::ID))?;
+        Ok(Self {
+            created_at: id
+                .get_timestamp()
+                .and_then(|t| {
+                    let (secs, nanos) = t.to_unix();
+                    DateTime::from_timestamp(secs as i64, nanos)
+                })
+                .unwrap_or_default(),
+            id,
+            event_type: event_type.ok_or_else(|| missing(wire::EVENT_TYPE))?,
+            aggregate_type: aggregate_type.ok_or_else(|| missing(wire::AGGREGATE_TYPE))?,
+            aggregate_id: aggregate_id.ok_or_else(|| missing(wire::AGGREGATE_ID))?,
+            sequence: sequence.ok_or_else(|| missing(wire::SEQUENCE))?,
+            schema_version: schema_version.ok_or_else(|| missing(wire::SCHEMA_VERSION))?,
+            topic: String::new(),
+            payload,
+            headers: rest,
+            attempt,
+        })
+    }
+}
+
 /// Header names the transports put on broker messages.
 pub mod wire {
     /// The outbox row id.
@@ -222,4 +284,51 @@ pub mod wire {
     pub const CONTENT_TYPE: &str = "content-type";
     /// The only content type written today.
     pub const JSON: &str = "application/json";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_headers_round_trip() {
+        let mut headers = Headers::new();
+        headers.insert(header::CORRELATION_ID.into(), "req-1".into());
+        let envelope = Envelope {
+            id: Uuid::now_v7(),
+            created_at: Utc::now(),
+            event_type: "a.b".into(),
+            aggregate_type: "agg".into(),
+            aggregate_id: "42".into(),
+            sequence: 7,
+            schema_version: 2,
+            topic: "t".into(),
+            payload: "{}".into(),
+            headers,
+            attempt: 1,
+        };
+        let wire = envelope.wire_headers();
+        let back = Envelope::from_wire(
+            wire.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            "{}".into(),
+            3,
+        )
+        .unwrap();
+        assert_eq!(back.id, envelope.id);
+        assert_eq!(back.event_type, "a.b");
+        assert_eq!(back.aggregate_id, "42");
+        assert_eq!(back.sequence, 7);
+        assert_eq!(back.schema_version, 2);
+        assert_eq!(back.attempt, 3);
+        assert_eq!(back.correlation_id(), Some("req-1"));
+        assert_eq!(
+            back.created_at.timestamp_millis() / 1000,
+            envelope.created_at.timestamp_millis() / 1000
+        );
+
+        let err = Envelope::from_wire([("outbox-id", "nope")], String::new(), 1).unwrap_err();
+        assert!(err.contains("bad outbox-id"), "{err}");
+        let err = Envelope::from_wire(std::iter::empty(), String::new(), 1).unwrap_err();
+        assert_eq!(err, "message has no outbox-id header");
+    }
 }

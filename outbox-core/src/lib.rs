@@ -8,9 +8,11 @@ mod destination;
 mod error;
 mod event;
 pub mod handler;
+mod inbox;
 mod relay;
 mod retention;
 mod retry;
+mod router;
 mod store;
 mod table;
 
@@ -20,9 +22,11 @@ pub use event::{header, wire, EnqueueOptions, Envelope, Headers, Message, Outbox
 pub use handler::{
     Dispatcher, Extensions, HandlerContext, HandlerError, Registry, RegistryBuilder,
 };
+pub use inbox::Inbox;
 pub use relay::{Relay, RelayBuilder};
 pub use retention::Retention;
 pub use retry::RetryPolicy;
+pub use router::{Router, RouterBuilder};
 pub use store::{Backend, EventRecord, EventStatus, Outbox, OutboxBuilder};
 pub use table::{TableName, MAX_TABLE_NAME_LEN};
 

@@ -1,6 +1,6 @@
 //! The relay: claims due events, delivers them, records the outcome.
 
-use crate::destination::{DeliveryError, DeliveryResult, Destination, Retry};
+use crate::destination::{DeliveryError, DeliveryResult, Destination};
 use crate::error::{Error, Result};
 use crate::event::Envelope;
 use crate::retention::Retention;
@@ -331,13 +331,8 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
     /// Decides what happens to a failed event, and logs it: the one place delivery failures
     /// are logged.
     fn failure(&self, envelope: &Envelope, error: DeliveryError) -> Failure {
-        let out_of_attempts = envelope.attempt >= self.config.retry.max_attempts;
-        let (dead, retry_in) = match error.retry {
-            Retry::Never => (true, Duration::ZERO),
-            _ if out_of_attempts => (true, Duration::ZERO),
-            Retry::Backoff => (false, self.config.retry.delay(envelope.attempt)),
-            Retry::After(delay) => (false, delay),
-        };
+        let next = self.config.retry.next_delay(envelope.attempt, error.retry);
+        let (dead, retry_in) = (next.is_none(), next.unwrap_or_default());
         if dead {
             tracing::error!(
                 event_id = %envelope.id,

@@ -56,6 +56,22 @@ impl RetryPolicy {
         self
     }
 
+    /// The attempts allowed before an event goes dead.
+    pub fn attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// What to do after attempt number `attempt` (1-based) failed with `retry`: try again after
+    /// the returned delay, or give up (`None`). Relays and consumers decide the same way.
+    pub fn next_delay(&self, attempt: u32, retry: crate::Retry) -> Option<Duration> {
+        match retry {
+            crate::Retry::Never => None,
+            _ if attempt >= self.max_attempts => None,
+            crate::Retry::Backoff => Some(self.delay(attempt)),
+            crate::Retry::After(delay) => Some(delay),
+        }
+    }
+
     /// The delay after failed attempt number `attempt` (1-based).
     pub fn delay(&self, attempt: u32) -> Duration {
         let exp = attempt.saturating_sub(1).min(31);
@@ -80,6 +96,24 @@ mod tests {
         let delays: Vec<u128> = (1..=6).map(|a| p.delay(a).as_millis()).collect();
         assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
         assert_eq!(p.delay(u32::MAX), Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn gives_up_after_the_last_attempt_or_on_never() {
+        use crate::Retry;
+        let p = RetryPolicy::exponential(Duration::from_millis(100))
+            .jitter(false)
+            .max_attempts(3);
+        assert_eq!(
+            p.next_delay(1, Retry::Backoff),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(
+            p.next_delay(2, Retry::After(Duration::from_secs(9))),
+            Some(Duration::from_secs(9))
+        );
+        assert_eq!(p.next_delay(3, Retry::Backoff), None);
+        assert_eq!(p.next_delay(1, Retry::Never), None);
     }
 
     #[test]

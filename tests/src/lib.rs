@@ -384,3 +384,40 @@ impl RunningRelay {
         self.task.await.unwrap().unwrap();
     }
 }
+
+/// An event too large for any broker's default message size limit.
+#[derive(Debug, Clone, Serialize, Deserialize, OutboxEvent)]
+#[outbox(event_type = "test.huge", aggregate_type = "item", topic = "items")]
+pub struct Huge {
+    #[outbox(aggregate_id)]
+    pub item: String,
+    pub blob: String,
+}
+
+/// An event whose route no broker topology captures.
+#[derive(Debug, Clone, Serialize, Deserialize, OutboxEvent)]
+#[outbox(
+    event_type = "test.unrouted",
+    aggregate_type = "item",
+    topic = "nowhere"
+)]
+pub struct Unrouted {
+    #[outbox(aggregate_id)]
+    pub item: String,
+}
+
+/// A free TCP port on loopback, for a private server.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A fresh directory under the system temporary directory.
+pub fn temp_dir(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("outbox-{what}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

@@ -100,6 +100,24 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         id: Uuid,
     ) -> impl Future<Output = Result<bool>> + Send + 'a;
 
+    /// Runs SQL without parameters (DDL).
+    #[doc(hidden)]
+    fn execute<'a>(
+        pool: &'a Pool<Self>,
+        sql: &'a str,
+    ) -> impl Future<Output = Result<()>> + Send + 'a;
+
+    #[doc(hidden)]
+    fn inbox_sql(table: &TableName) -> (String, String);
+
+    #[doc(hidden)]
+    fn inbox_insert<'a>(
+        conn: &'a mut Self::Connection,
+        insert: &'a str,
+        consumer: &'a str,
+        message_id: Uuid,
+    ) -> impl Future<Output = Result<bool>> + Send + 'a;
+
     /// Bumps `wake` whenever an enqueueing transaction commits, until `cancel`. Backends without
     /// notifications return at once and the relay polls.
     #[doc(hidden)]

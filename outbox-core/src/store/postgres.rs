@@ -398,6 +398,42 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" (LIKE "{t}");"#
         Ok(done.rows_affected() == 1)
     }
 
+    async fn execute<'a>(pool: &'a PgPool, sql: &'a str) -> Result<()> {
+        sqlx::Executor::execute(pool, sql).await?;
+        Ok(())
+    }
+
+    fn inbox_sql(table: &TableName) -> (String, String) {
+        let t = table.as_str();
+        (
+            format!(
+                r#"CREATE TABLE IF NOT EXISTS "{t}" (
+    consumer     text NOT NULL,
+    message_id   uuid NOT NULL,
+    processed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer, message_id)
+)"#
+            ),
+            format!(
+                r#"INSERT INTO "{t}" (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"#
+            ),
+        )
+    }
+
+    async fn inbox_insert<'a>(
+        conn: &'a mut sqlx::PgConnection,
+        insert: &'a str,
+        consumer: &'a str,
+        message_id: Uuid,
+    ) -> Result<bool> {
+        let done = sqlx::query(insert)
+            .bind(consumer)
+            .bind(message_id)
+            .execute(conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn listen(
         pool: PgPool,
         table: TableName,

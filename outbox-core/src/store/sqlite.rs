@@ -367,6 +367,44 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
         Ok(done.rows_affected() == 1)
     }
 
+    async fn execute<'a>(pool: &'a SqlitePool, sql: &'a str) -> Result<()> {
+        sqlx::Executor::execute(pool, sql).await?;
+        Ok(())
+    }
+
+    fn inbox_sql(table: &TableName) -> (String, String) {
+        let t = table.as_str();
+        (
+            format!(
+                r#"CREATE TABLE IF NOT EXISTS "{t}" (
+    consumer     TEXT NOT NULL,
+    message_id   TEXT NOT NULL,
+    processed_at INTEGER NOT NULL,
+    PRIMARY KEY (consumer, message_id)
+)"#
+            ),
+            format!(
+                r#"INSERT INTO "{t}" (consumer, message_id, processed_at) VALUES (?1, ?2, ?3)
+ON CONFLICT DO NOTHING"#
+            ),
+        )
+    }
+
+    async fn inbox_insert<'a>(
+        conn: &'a mut sqlx::SqliteConnection,
+        insert: &'a str,
+        consumer: &'a str,
+        message_id: Uuid,
+    ) -> Result<bool> {
+        let done = sqlx::query(insert)
+            .bind(consumer)
+            .bind(message_id.to_string())
+            .bind(now_ms())
+            .execute(conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn listen(
         _pool: SqlitePool,
         _table: TableName,

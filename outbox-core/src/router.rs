@@ -1,0 +1,355 @@
+//! Routing event types to transports: one relay, several brokers.
+
+use crate::destination::{DeliveryError, DeliveryResult, Destination, Transport};
+use crate::error::{Error, Result};
+use crate::event::{Envelope, OutboxEvent};
+use futures_util::future::{join_all, BoxFuture};
+use futures_util::FutureExt;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+/// A [`Transport`] behind a pointer: the router holds transports of different types.
+trait ErasedTransport: Send + Sync {
+    fn name(&self) -> &str;
+    fn publish<'a>(&'a self, batch: &'a [Envelope]) -> BoxFuture<'a, Vec<DeliveryResult>>;
+}
+
+impl<T: Transport> ErasedTransport for T {
+    fn name(&self) -> &str {
+        Transport::name(self)
+    }
+
+    fn publish<'a>(&'a self, batch: &'a [Envelope]) -> BoxFuture<'a, Vec<DeliveryResult>> {
+        Transport::publish(self, batch).boxed()
+    }
+}
+
+/// Sends each event type to its transport, the rest to a default.
+///
+/// ```
+/// # use outbox_core::{Router, Transport, Envelope, DeliveryResult};
+/// # struct Fake(&'static str);
+/// # impl Transport for Fake {
+/// #     fn name(&self) -> &str { self.0 }
+/// #     async fn publish(&self, batch: &[Envelope]) -> Vec<DeliveryResult> { vec![Ok(()); batch.len()] }
+/// # }
+/// # let (kafka, nats) = (Fake("kafka"), Fake("nats"));
+/// let router = Router::builder()
+///     .transport(kafka)
+///     .transport(nats)
+///     .route("payment.created", "kafka")
+///     .default_transport("nats")
+///     .build()
+///     .unwrap();
+/// assert_eq!(router.transport_for("payment.created"), Some("kafka"));
+/// assert_eq!(router.transport_for("user.signed_up"), Some("nats"));
+/// ```
+#[derive(Clone)]
+pub struct Router {
+    transports: Vec<Arc<dyn ErasedTransport>>,
+    routes: HashMap<String, usize>,
+    default: Option<usize>,
+}
+
+impl fmt::Debug for Router {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.transports.iter().map(|t| t.name()).collect();
+        f.debug_struct("Router")
+            .field("transports", &names)
+            .field("routes", &self.routes.len())
+            .field("default", &self.default.map(|i| names[i]))
+            .finish()
+    }
+}
+
+/// Configures a [`Router`].
+#[derive(Default)]
+pub struct RouterBuilder {
+    transports: Vec<Arc<dyn ErasedTransport>>,
+    routes: Vec<(String, String)>,
+    default: Option<String>,
+}
+
+impl fmt::Debug for RouterBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouterBuilder")
+            .field("transports", &self.transports.len())
+            .field("routes", &self.routes)
+            .field("default", &self.default)
+            .finish()
+    }
+}
+
+impl RouterBuilder {
+    /// Adds a transport, known by its [`Transport::name`].
+    pub fn transport<T: Transport>(mut self, transport: T) -> Self {
+        self.transports.push(Arc::new(transport));
+        self
+    }
+
+    /// Sends events of `event_type` to the transport named `transport`.
+    pub fn route(mut self, event_type: impl Into<String>, transport: impl Into<String>) -> Self {
+        self.routes.push((event_type.into(), transport.into()));
+        self
+    }
+
+    /// Sends events of type `E` to the transport named `transport`.
+    pub fn route_event<E: OutboxEvent>(self, transport: impl Into<String>) -> Self {
+        self.route(E::EVENT_TYPE, transport)
+    }
+
+    /// Sends every event type without a route to the transport named `transport`.
+    pub fn default_transport(mut self, transport: impl Into<String>) -> Self {
+        self.default = Some(transport.into());
+        self
+    }
+
+    /// Checks that every route names a configured transport, and that names are unique.
+    pub fn build(self) -> Result<Router> {
+        let mut index = HashMap::new();
+        for (i, t) in self.transports.iter().enumerate() {
+            if index.insert(t.name().to_owned(), i).is_some() {
+                return Err(Error::Config(format!(
+                    "two transports are named {:?}",
+                    t.name()
+                )));
+            }
+        }
+        let known = || {
+            let mut names: Vec<&str> = index.keys().map(String::as_str).collect();
+            names.sort_unstable();
+            names.join(", ")
+        };
+        let lookup = |name: &str, what: &str| {
+            index.get(name).copied().ok_or_else(|| {
+                Error::Config(format!(
+                    "{what} names transport {name:?}, which is not configured (configured: {})",
+                    known()
+                ))
+            })
+        };
+        let mut routes = HashMap::new();
+        for (event_type, transport) in &self.routes {
+            let i = lookup(transport, &format!("the route of {event_type:?}"))?;
+            if routes.insert(event_type.clone(), i).is_some() {
+                return Err(Error::Config(format!("two routes for {event_type:?}")));
+            }
+        }
+        let default = match &self.default {
+            Some(name) => Some(lookup(name, "the default route")?),
+            None => None,
+        };
+        if self.transports.is_empty() {
+            return Err(Error::Config(
+                "a router needs at least one transport".into(),
+            ));
+        }
+        Ok(Router {
+            transports: self.transports,
+            routes,
+            default,
+        })
+    }
+}
+
+impl Router {
+    /// Starts configuring a router.
+    pub fn builder() -> RouterBuilder {
+        RouterBuilder::default()
+    }
+
+    /// The name of the transport `event_type` goes to, if any.
+    pub fn transport_for(&self, event_type: &str) -> Option<&str> {
+        self.index_for(event_type)
+            .map(|i| self.transports[i].name())
+    }
+
+    fn index_for(&self, event_type: &str) -> Option<usize> {
+        self.routes.get(event_type).copied().or(self.default)
+    }
+}
+
+impl Destination for Router {
+    async fn deliver(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
+        // Split the batch per transport, publish the parts side by side, and put the results
+        // back in batch order.
+        let mut parts: Vec<(Vec<usize>, Vec<Envelope>)> =
+            vec![(Vec::new(), Vec::new()); self.transports.len()];
+        let mut results: Vec<Option<DeliveryResult>> = vec![None; batch.len()];
+        for (position, envelope) in batch.iter().enumerate() {
+            match self.index_for(&envelope.event_type) {
+                Some(i) => {
+                    parts[i].0.push(position);
+                    parts[i].1.push(envelope.clone());
+                }
+                None => {
+                    results[position] = Some(Err(DeliveryError::retry(format!(
+                        "no route for event type {:?} and no default transport",
+                        envelope.event_type
+                    ))))
+                }
+            }
+        }
+        let published = join_all(
+            parts
+                .iter()
+                .enumerate()
+                .filter(|(_, (positions, _))| !positions.is_empty())
+                .map(|(i, (positions, envelopes))| {
+                    self.transports[i]
+                        .publish(envelopes)
+                        .map(move |r| (positions, r))
+                }),
+        )
+        .await;
+        for (positions, part_results) in published {
+            for (position, result) in positions.iter().zip(part_results) {
+                results[*position] = Some(result);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(DeliveryError::retry(
+                        "transport returned fewer results than events",
+                    ))
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    struct Recording {
+        name: &'static str,
+        seen: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Transport for Recording {
+        fn name(&self) -> &str {
+            self.name
+        }
+        async fn publish(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
+            let mut seen = self.seen.lock().unwrap();
+            batch
+                .iter()
+                .map(|e| {
+                    seen.push(format!("{}:{}", self.name, e.event_type));
+                    if e.event_type == "bad" {
+                        Err(DeliveryError::permanent("rejected"))
+                    } else {
+                        Ok(())
+                    }
+                })
+                .collect()
+        }
+    }
+
+    fn envelope(event_type: &str) -> Envelope {
+        Envelope {
+            id: uuid::Uuid::now_v7(),
+            created_at: chrono::Utc::now(),
+            event_type: event_type.into(),
+            aggregate_type: "a".into(),
+            aggregate_id: event_type.into(),
+            sequence: 1,
+            schema_version: 1,
+            topic: "t".into(),
+            payload: "{}".into(),
+            headers: Default::default(),
+            attempt: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn routes_and_keeps_batch_order() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let router = Router::builder()
+            .transport(Recording {
+                name: "a",
+                seen: seen.clone(),
+            })
+            .transport(Recording {
+                name: "b",
+                seen: seen.clone(),
+            })
+            .route("x", "a")
+            .route("bad", "a")
+            .default_transport("b")
+            .build()
+            .unwrap();
+        let results = router
+            .deliver(&[envelope("y"), envelope("x"), envelope("bad"), envelope("z")])
+            .await;
+        assert_eq!(
+            results,
+            vec![
+                Ok(()),
+                Ok(()),
+                Err(DeliveryError::permanent("rejected")),
+                Ok(())
+            ]
+        );
+        let mut seen = seen.lock().unwrap().clone();
+        seen.sort();
+        assert_eq!(seen, ["a:bad", "a:x", "b:y", "b:z"]);
+    }
+
+    #[tokio::test]
+    async fn unrouted_events_are_retried() {
+        let router = Router::builder()
+            .transport(Recording {
+                name: "a",
+                seen: Arc::default(),
+            })
+            .route("x", "a")
+            .build()
+            .unwrap();
+        let results = router.deliver(&[envelope("y")]).await;
+        assert!(results[0]
+            .as_ref()
+            .unwrap_err()
+            .reason
+            .contains("no route for event type \"y\""));
+    }
+
+    #[test]
+    fn configuration_mistakes_are_start_up_errors() {
+        let t = || Recording {
+            name: "kafka",
+            seen: Arc::default(),
+        };
+        let unknown = Router::builder()
+            .transport(t())
+            .route("x", "nats")
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            unknown.to_string(),
+            "invalid configuration: the route of \"x\" names transport \"nats\", which is not configured (configured: kafka)"
+        );
+        let default = Router::builder()
+            .transport(t())
+            .default_transport("amqp")
+            .build()
+            .unwrap_err();
+        assert!(default
+            .to_string()
+            .contains("the default route names transport \"amqp\""));
+        let twice = Router::builder()
+            .transport(t())
+            .transport(t())
+            .build()
+            .unwrap_err();
+        assert!(twice
+            .to_string()
+            .contains("two transports are named \"kafka\""));
+        assert!(Router::builder().build().is_err());
+    }
+}

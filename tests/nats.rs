@@ -1,0 +1,507 @@
+//! The NATS JetStream transport and consumer against a real server (127.0.0.1:4222, or
+//! `OUTBOX_TEST_NATS_URL`), plus a private `nats-server` for the outage test.
+
+use async_nats::jetstream::{self, consumer};
+use futures_util::StreamExt;
+use outbox::nats::{ensure_stream, NatsConsumer, NatsTransport};
+use outbox::{EventStatus, Inbox, Relay, RetryPolicy};
+use outbox_tests::{
+    eventually, free_port, init_tracing, temp_dir, Huge, ItemChanged, RunningRelay, TestDb,
+    Unrouted,
+};
+use sqlx::Postgres;
+use std::collections::{BTreeMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn nats_url() -> String {
+    std::env::var("OUTBOX_TEST_NATS_URL").unwrap_or_else(|_| "127.0.0.1:4222".to_owned())
+}
+
+async fn jetstream(url: &str) -> jetstream::Context {
+    let client = async_nats::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach NATS at {url}: {e}"));
+    let mut js = jetstream::new(client);
+    js.set_timeout(Duration::from_secs(2));
+    js
+}
+
+/// A unique subject prefix and stream per test.
+fn names() -> (String, String) {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    (
+        format!("t{}", &id[..10]),
+        format!("T{}", &id[..10]).to_uppercase(),
+    )
+}
+
+fn quick_retry() -> RetryPolicy {
+    RetryPolicy::exponential(Duration::from_millis(50))
+        .max_delay(Duration::from_millis(500))
+        .max_attempts(1000)
+}
+
+/// Every message in `stream`, in stream order, read with a plain async-nats consumer.
+async fn read_all(
+    js: &jetstream::Context,
+    stream: &str,
+    expected: usize,
+) -> Vec<jetstream::Message> {
+    let stream = js.get_stream(stream).await.unwrap();
+    let reader = stream
+        .create_consumer(consumer::pull::Config {
+            deliver_policy: consumer::DeliverPolicy::All,
+            ack_policy: consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = reader.messages().await.unwrap();
+    let mut out = Vec::with_capacity(expected);
+    while out.len() < expected {
+        let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("stream delivered fewer messages than expected");
+        out.push(next.unwrap().unwrap());
+    }
+    // Nothing more than expected.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), messages.next())
+            .await
+            .is_err(),
+        "the stream holds more messages than events"
+    );
+    out
+}
+
+fn header<'a>(message: &'a jetstream::Message, name: &str) -> &'a str {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str())
+        .unwrap_or_else(|| panic!("message without {name}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_publishes_10k_events_in_aggregate_order() {
+    init_tracing();
+    let (prefix, stream) = names();
+    let js = jetstream(&nats_url()).await;
+    ensure_stream(&js, &stream, vec![format!("{prefix}.>")])
+        .await
+        .unwrap();
+    let outbox = Postgres::fresh().await;
+    for n in 1..=100u64 {
+        let events: Vec<_> = (0..100)
+            .map(|a| ItemChanged {
+                item: format!("item-{a}"),
+                n,
+            })
+            .collect();
+        let mut tx = outbox.pool().begin().await.unwrap();
+        outbox.enqueue_batch(&mut *tx, &events).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let relay = RunningRelay::start(
+        Relay::builder(
+            outbox.clone(),
+            NatsTransport::new(js.clone()).subject_prefix(&prefix),
+        )
+        .batch_size(100)
+        .workers(2)
+        .poll_interval(Duration::from_millis(50)),
+    );
+    eventually("all 10,000 delivered", WAIT, || async {
+        Postgres::count_status(&outbox, "delivered").await == 10_000
+    })
+    .await;
+    relay.stop().await;
+
+    let messages = read_all(&js, &stream, 10_000).await;
+    let mut last: BTreeMap<String, i64> = BTreeMap::new();
+    let mut ids = HashSet::new();
+    for m in &messages {
+        assert_eq!(
+            m.subject.as_str(),
+            format!("{prefix}.items.test.item_changed")
+        );
+        assert_eq!(header(m, "Nats-Msg-Id"), header(m, "outbox-id"));
+        assert!(
+            ids.insert(header(m, "outbox-id").to_owned()),
+            "duplicate message"
+        );
+        assert_eq!(header(m, "outbox-event-type"), "test.item_changed");
+        assert_eq!(header(m, "outbox-aggregate-type"), "item");
+        assert_eq!(header(m, "outbox-schema-version"), "1");
+        assert_eq!(header(m, "content-type"), "application/json");
+        let event: ItemChanged = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(header(m, "outbox-aggregate-id"), event.item);
+        let sequence: i64 = header(m, "outbox-sequence").parse().unwrap();
+        assert_eq!(sequence, event.n as i64, "payload and sequence disagree");
+        let previous = last.insert(event.item.clone(), sequence).unwrap_or(0);
+        assert_eq!(
+            sequence,
+            previous + 1,
+            "{}: out of order in the stream",
+            event.item
+        );
+    }
+    assert_eq!(last.len(), 100);
+    js.delete_stream(&stream).await.unwrap();
+    Postgres::drop_tables(&outbox).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_and_unroutable_events_go_dead_with_the_broker_reason() {
+    init_tracing();
+    let (prefix, stream) = names();
+    let js = jetstream(&nats_url()).await;
+    // Only `items` is captured: `nowhere` has no stream.
+    ensure_stream(&js, &stream, vec![format!("{prefix}.items.>")])
+        .await
+        .unwrap();
+    let outbox = Postgres::fresh().await;
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let huge = outbox
+        .enqueue(
+            &mut *tx,
+            &Huge {
+                item: "big".into(),
+                blob: "x".repeat(2 * 1024 * 1024),
+            },
+        )
+        .await
+        .unwrap();
+    let unrouted = outbox
+        .enqueue(
+            &mut *tx,
+            &Unrouted {
+                item: "lost".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let fine: Vec<_> = outbox
+        .enqueue_batch(
+            &mut *tx,
+            &(0..10)
+                .map(|a| ItemChanged {
+                    item: format!("ok-{a}"),
+                    n: 1,
+                })
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let relay = RunningRelay::start(
+        Relay::builder(
+            outbox.clone(),
+            NatsTransport::new(js.clone()).subject_prefix(&prefix),
+        )
+        .retry(quick_retry())
+        .poll_interval(Duration::from_millis(50)),
+    );
+    eventually("both bad events dead, the rest delivered", WAIT, || async {
+        Postgres::count_status(&outbox, "dead").await == 2
+            && Postgres::count_status(&outbox, "delivered").await == 10
+    })
+    .await;
+    relay.stop().await;
+    let huge = outbox.get(huge).await.unwrap().unwrap();
+    assert_eq!(huge.attempts, 1);
+    assert!(
+        huge.last_error.as_deref().unwrap().contains("max payload"),
+        "{:?}",
+        huge.last_error
+    );
+    let unrouted = outbox.get(unrouted).await.unwrap().unwrap();
+    assert_eq!(unrouted.status, EventStatus::Dead);
+    assert!(
+        unrouted
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("no stream"),
+        "{:?}",
+        unrouted.last_error
+    );
+    for id in fine {
+        assert_eq!(
+            outbox.get(id).await.unwrap().unwrap().status,
+            EventStatus::Delivered
+        );
+    }
+    js.delete_stream(&stream).await.unwrap();
+    Postgres::drop_tables(&outbox).await;
+}
+
+/// A `nats-server` of the test's own, which it can stop and start.
+struct PrivateNats {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivateNats {
+    fn binary() -> String {
+        std::env::var("OUTBOX_TEST_NATS_SERVER").unwrap_or_else(|_| "nats-server".to_owned())
+    }
+
+    async fn start(port: u16, dir: std::path::PathBuf) -> Self {
+        let mut server = Self {
+            port,
+            dir,
+            child: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    async fn restart(&mut self) {
+        let child = Command::new(Self::binary())
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server (set OUTBOX_TEST_NATS_SERVER)");
+        self.child = Some(child);
+        let port = self.port;
+        eventually(
+            "the private nats-server accepts connections",
+            Duration::from_secs(20),
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_loses_nothing_and_needs_no_restart() {
+    init_tracing();
+    let port = free_port();
+    let mut server = PrivateNats::start(port, temp_dir("nats")).await;
+    let url = format!("127.0.0.1:{port}");
+    let js = jetstream(&url).await;
+    let (prefix, stream) = names();
+    ensure_stream(&js, &stream, vec![format!("{prefix}.>")])
+        .await
+        .unwrap();
+    let outbox = Postgres::fresh().await;
+    let relay = RunningRelay::start(
+        Relay::builder(
+            outbox.clone(),
+            NatsTransport::new(js.clone()).subject_prefix(&prefix),
+        )
+        .retry(quick_retry())
+        .poll_interval(Duration::from_millis(50)),
+    );
+
+    server.stop();
+    for n in 1..=10u64 {
+        let events: Vec<_> = (0..100)
+            .map(|a| ItemChanged {
+                item: format!("item-{a}"),
+                n,
+            })
+            .collect();
+        let mut tx = outbox.pool().begin().await.unwrap();
+        outbox.enqueue_batch(&mut *tx, &events).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    // The relay tries, fails, and records why.
+    eventually(
+        "a failure is recorded while the broker is down",
+        WAIT,
+        || async {
+            let failed: i64 = sqlx::query_scalar(&format!(
+                "SELECT count(*) FROM {} WHERE last_error IS NOT NULL",
+                outbox.table()
+            ))
+            .fetch_one(outbox.pool())
+            .await
+            .unwrap();
+            failed > 0
+        },
+    )
+    .await;
+    assert_eq!(Postgres::count_status(&outbox, "dead").await, 0);
+
+    server.restart().await;
+    eventually(
+        "all 1,000 delivered after the broker came back",
+        WAIT,
+        || async { Postgres::count_status(&outbox, "delivered").await == 1000 },
+    )
+    .await;
+    relay.stop().await;
+    // Republished attempts were deduplicated by Nats-Msg-Id: each event is in the stream once.
+    let messages = read_all(&js, &stream, 1000).await;
+    let ids: HashSet<_> = messages
+        .iter()
+        .map(|m| header(m, "outbox-id").to_owned())
+        .collect();
+    assert_eq!(ids.len(), 1000);
+    Postgres::drop_tables(&outbox).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_runs_typed_handlers_once_with_the_inbox() {
+    init_tracing();
+    let (prefix, stream_name) = names();
+    let js = jetstream(&nats_url()).await;
+    let stream = ensure_stream(&js, &stream_name, vec![format!("{prefix}.>")])
+        .await
+        .unwrap();
+
+    // Producer side: the outbox and its relay.
+    let outbox = Postgres::fresh().await;
+    let relay = RunningRelay::start(
+        Relay::builder(
+            outbox.clone(),
+            NatsTransport::new(js.clone()).subject_prefix(&prefix),
+        )
+        .poll_interval(Duration::from_millis(50)),
+    );
+
+    // Consumer side: its own state table and inbox (here in the same server, other tables).
+    let t = outbox.table().to_string();
+    sqlx::query(&format!(
+        "CREATE TABLE {t}_applied (item text, n bigint, PRIMARY KEY (item, n))"
+    ))
+    .execute(outbox.pool())
+    .await
+    .unwrap();
+    let inbox =
+        Inbox::<Postgres>::new(outbox.pool().clone(), &format!("{t}_inbox"), "inventory").unwrap();
+    inbox.migrate().await.unwrap();
+    let handled = Arc::new(AtomicU32::new(0));
+    let registry = {
+        let (handled, t) = (handled.clone(), t.clone());
+        outbox::Registry::builder()
+            .handler::<ItemChanged, _, _>(
+                "apply",
+                move |event: ItemChanged, ctx: outbox::HandlerContext| {
+                    let (handled, t) = (handled.clone(), t.clone());
+                    async move {
+                        handled.fetch_add(1, Ordering::SeqCst);
+                        let inbox = ctx.state::<Inbox<Postgres>>()?;
+                        let Some(mut tx) = inbox.begin(&ctx).await? else {
+                            return Ok(());
+                        };
+                        // A duplicate application would violate the primary key.
+                        sqlx::query(&format!(
+                            "INSERT INTO {t}_applied (item, n) VALUES ($1, $2)"
+                        ))
+                        .bind(&event.item)
+                        .bind(event.n as i64)
+                        .execute(&mut *tx)
+                        .await?;
+                        tx.commit().await?;
+                        if ctx.attempt() == 1 {
+                            // The state is committed but the message is not acked: as if the
+                            // consumer crashed here. The broker redelivers it.
+                            return Err(outbox::HandlerError::retry("crashed before ack"));
+                        }
+                        Ok(())
+                    }
+                },
+            )
+            .unwrap()
+            .build()
+    };
+    let pull = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("inventory".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let consumer = NatsConsumer::new(pull, outbox::Dispatcher::new(registry).state(inbox)).retry(
+        RetryPolicy::exponential(Duration::from_millis(20)).max_delay(Duration::from_millis(50)),
+    );
+    let shutdown = outbox::CancellationToken::new();
+    let consuming = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { consumer.run(shutdown).await.unwrap() }
+    });
+
+    let mut tx = outbox.pool().begin().await.unwrap();
+    for n in 1..=3u64 {
+        for a in 0..10 {
+            outbox
+                .enqueue(
+                    &mut *tx,
+                    &ItemChanged {
+                        item: format!("item-{a}"),
+                        n,
+                    },
+                )
+                .await
+                .unwrap();
+        }
+    }
+    tx.commit().await.unwrap();
+
+    eventually("every event applied and redelivered once", WAIT, || async {
+        handled.load(Ordering::SeqCst) >= 60
+    })
+    .await;
+    let applied: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {t}_applied"))
+        .fetch_one(outbox.pool())
+        .await
+        .unwrap();
+    assert_eq!(applied, 30, "each event changed the state exactly once");
+    let mut info = js
+        .get_stream(&stream_name)
+        .await
+        .unwrap()
+        .get_consumer::<consumer::pull::Config>("inventory")
+        .await
+        .unwrap();
+    let info = info.info().await.unwrap();
+    assert_eq!(info.num_pending, 0);
+    assert_eq!(info.num_ack_pending, 0, "every message acked in the end");
+    shutdown.cancel();
+    consuming.await.unwrap();
+    relay.stop().await;
+    js.delete_stream(&stream_name).await.unwrap();
+    sqlx::raw_sql(&format!("DROP TABLE {t}_applied, {t}_inbox"))
+        .execute(outbox.pool())
+        .await
+        .unwrap();
+    Postgres::drop_tables(&outbox).await;
+}
