@@ -1,1 +1,494 @@
-//! RabbitMQ transport for the outbox framework (lapin). Not implemented yet.
+//! RabbitMQ (AMQP 0-9-1) for the outbox framework (`lapin`).
+//!
+//! - [`AmqpTransport`] publishes outbox events with publisher confirms, persistent delivery,
+//!   `mandatory` set (an unroutable message is an error, not silently dropped), `message_id` =
+//!   outbox id, `type` = event type, `content_type`, `timestamp`, and the outbox metadata as
+//!   headers. The exchange is the event's route (topic), the routing key its event type. A batch
+//!   is published with all its confirms outstanding at once. After a connection failure the
+//!   transport reconnects on the next batch.
+//! - [`AmqpConsumer`] consumes a queue into the same typed handlers as the relay, acking after
+//!   success; a retryable failure is retried in place with backoff (keeping the queue's order),
+//!   and a permanent one, or the last attempt, is rejected without requeue, which sends it to the
+//!   queue's dead-letter exchange.
+//! - [`Topology`] declares exchanges, queues, bindings and dead-lettering.
+//!
+//! TLS (`amqps://`) is behind the `tls` feature.
+
+use futures_util::future::join_all;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use outbox_core::{
+    wire, DeliveryError, DeliveryResult, Dispatcher, Envelope, RetryPolicy, Transport,
+};
+use std::fmt;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub use lapin;
+
+/// AMQP delivery mode 2: the broker writes the message to disk.
+const PERSISTENT: u8 = 2;
+
+/// Publishes outbox events to RabbitMQ with publisher confirms.
+pub struct AmqpTransport {
+    uri: String,
+    name: String,
+    exchange: Option<String>,
+    channel: Mutex<Option<(Connection, Channel)>>,
+}
+
+impl fmt::Debug for AmqpTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URI may hold a password: never print it.
+        f.debug_struct("AmqpTransport")
+            .field("name", &self.name)
+            .field("exchange", &self.exchange)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AmqpTransport {
+    /// A transport named `"amqp"` connecting to `uri` (`amqp://user:pass@host:5672/vhost`).
+    /// It connects on first use and again after any connection failure.
+    pub fn new(uri: impl Into<String>) -> Self {
+        Self {
+            uri: uri.into(),
+            name: "amqp".to_owned(),
+            exchange: None,
+            channel: Mutex::new(None),
+        }
+    }
+
+    /// Names the transport for a [`Router`](outbox_core::Router) (default `"amqp"`).
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Publishes every event to one exchange, with routing key `<topic>.<event_type>`, instead
+    /// of to the exchange named by its topic with routing key `<event_type>`.
+    pub fn exchange(mut self, exchange: impl Into<String>) -> Self {
+        self.exchange = Some(exchange.into());
+        self
+    }
+
+    /// The exchange and routing key of an event.
+    pub fn destination(&self, envelope: &Envelope) -> (String, String) {
+        match &self.exchange {
+            Some(exchange) => (
+                exchange.clone(),
+                format!("{}.{}", envelope.topic, envelope.event_type),
+            ),
+            None => (envelope.topic.clone(), envelope.event_type.clone()),
+        }
+    }
+
+    async fn connect(&self) -> Result<(Connection, Channel), lapin::Error> {
+        let connection = Connection::connect(&self.uri, ConnectionProperties::default()).await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        tracing::info!(transport = %self.name, "connected to RabbitMQ");
+        Ok((connection, channel))
+    }
+}
+
+/// The AMQP properties of an event.
+pub fn properties(envelope: &Envelope) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    for (key, value) in envelope.wire_headers() {
+        headers.insert(
+            ShortString::from(key),
+            AMQPValue::LongString(LongString::from(value)),
+        );
+    }
+    BasicProperties::default()
+        .with_message_id(envelope.id.to_string().into())
+        .with_type(envelope.event_type.as_str().into())
+        .with_content_type(wire::JSON.into())
+        .with_delivery_mode(PERSISTENT)
+        .with_timestamp(envelope.created_at.timestamp().max(0) as u64)
+        .with_headers(headers)
+}
+
+fn confirmation_result(confirmation: Result<Confirmation, lapin::Error>) -> DeliveryResult {
+    match confirmation {
+        Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
+        Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => {
+            Err(DeliveryError::permanent(format!(
+                "RabbitMQ returned the message: {} {} (exchange {:?}, routing key {:?})",
+                returned.reply_code,
+                returned.reply_text,
+                returned.delivery.exchange.as_str(),
+                returned.delivery.routing_key.as_str()
+            )))
+        }
+        Ok(Confirmation::Nack(None)) => Err(DeliveryError::retry(
+            "RabbitMQ refused to take the message (nack)",
+        )),
+        Err(error) => Err(classify(&error)),
+    }
+}
+
+fn classify(error: &lapin::Error) -> DeliveryError {
+    let reason = format!("RabbitMQ: {error}");
+    // The broker closes the channel with PRECONDITION_FAILED for a message over its
+    // max_message_size: no retry can fix that.
+    if reason.contains("PRECONDITION_FAILED") && reason.contains("max size") {
+        DeliveryError::permanent(reason)
+    } else {
+        DeliveryError::retry(reason)
+    }
+}
+
+impl Transport for AmqpTransport {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn publish(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
+        // One batch at a time on the channel: confirms are matched to their messages in order.
+        let mut slot = self.channel.lock().await;
+        if slot
+            .as_ref()
+            .is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected())
+        {
+            match self.connect().await {
+                Ok(connected) => *slot = Some(connected),
+                Err(error) => {
+                    let failure =
+                        DeliveryError::retry(format!("cannot connect to RabbitMQ: {error}"));
+                    return vec![Err(failure); batch.len()];
+                }
+            }
+        }
+        let (_, channel) = slot.as_ref().expect("connected above");
+        let mut pending = Vec::with_capacity(batch.len());
+        for envelope in batch {
+            let (exchange, routing_key) = self.destination(envelope);
+            let span = tracing::debug_span!(
+                "outbox.publish",
+                transport = %self.name,
+                event_id = %envelope.id,
+                event_type = %envelope.event_type,
+                aggregate_type = %envelope.aggregate_type,
+                aggregate_id = %envelope.aggregate_id,
+                attempt = envelope.attempt,
+            );
+            let sent = channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    envelope.payload.as_bytes(),
+                    properties(envelope),
+                )
+                .instrument(span)
+                .await;
+            pending.push(sent);
+        }
+        let results: Vec<DeliveryResult> = join_all(pending.into_iter().map(|sent| async move {
+            match sent {
+                Ok(confirm) => confirmation_result(confirm.await),
+                Err(error) => Err(classify(&error)),
+            }
+        }))
+        .await;
+        if !channel.status().connected() {
+            // Reconnect on the next batch.
+            *slot = None;
+        }
+        results
+    }
+}
+
+/// Exchanges, queues and bindings, declared idempotently.
+///
+/// ```no_run
+/// # async fn demo(channel: lapin::Channel) -> Result<(), lapin::Error> {
+/// use outbox_amqp::Topology;
+/// Topology::new("payments")                 // a durable topic exchange
+///     .queue("billing", ["payment.*"])       // a durable queue bound to it
+///     .with_dead_letters()                   // rejected messages go to billing.dead
+///     .declare(&channel)
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Topology {
+    exchange: String,
+    queues: Vec<(String, Vec<String>)>,
+    dead_letters: bool,
+}
+
+impl Topology {
+    /// A durable topic exchange named `exchange` (the events' route).
+    pub fn new(exchange: impl Into<String>) -> Self {
+        Self {
+            exchange: exchange.into(),
+            queues: Vec::new(),
+            dead_letters: false,
+        }
+    }
+
+    /// A durable queue bound to the exchange with each routing-key pattern.
+    pub fn queue<S: Into<String>>(
+        mut self,
+        name: impl Into<String>,
+        patterns: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.queues
+            .push((name.into(), patterns.into_iter().map(Into::into).collect()));
+        self
+    }
+
+    /// Gives each queue a dead-letter exchange `<exchange>.dlx` and a queue `<queue>.dead`
+    /// that receives the messages consumers reject.
+    pub fn with_dead_letters(mut self) -> Self {
+        self.dead_letters = true;
+        self
+    }
+
+    /// The name of the dead-letter queue of `queue`.
+    pub fn dead_letter_queue(queue: &str) -> String {
+        format!("{queue}.dead")
+    }
+
+    /// Declares everything on `channel`.
+    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .exchange_declare(
+                self.exchange.as_str().into(),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        let dlx = format!("{}.dlx", self.exchange);
+        if self.dead_letters {
+            channel
+                .exchange_declare(
+                    dlx.as_str().into(),
+                    ExchangeKind::Fanout,
+                    durable,
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        for (queue, patterns) in &self.queues {
+            let mut arguments = FieldTable::default();
+            if self.dead_letters {
+                let dead = Self::dead_letter_queue(queue);
+                declare_queue(channel, &dead, FieldTable::default()).await?;
+                channel
+                    .queue_bind(
+                        dead.as_str().into(),
+                        dlx.as_str().into(),
+                        "".into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                arguments.insert(
+                    "x-dead-letter-exchange".into(),
+                    AMQPValue::LongString(dlx.as_str().into()),
+                );
+            }
+            declare_queue(channel, queue, arguments).await?;
+            for pattern in patterns {
+                channel
+                    .queue_bind(
+                        queue.as_str().into(),
+                        self.exchange.as_str().into(),
+                        pattern.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn declare_queue(
+    channel: &Channel,
+    name: &str,
+    arguments: FieldTable,
+) -> Result<(), lapin::Error> {
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await?;
+    Ok(())
+}
+
+/// Consumes a RabbitMQ queue into typed handlers.
+///
+/// Deliveries are handled one at a time, in queue order, and acknowledged only after their
+/// handler succeeded. A retryable failure is retried in place after the retry policy's backoff,
+/// so later messages wait and the order of each aggregate holds; after the last attempt, or on a
+/// permanent failure, the message is rejected without requeue and goes to the queue's
+/// dead-letter exchange (see [`Topology::with_dead_letters`]). Use an
+/// [`Inbox`](outbox_core::Inbox) in handlers that change state: a message redelivered after a
+/// crash then changes it once.
+#[derive(Debug)]
+pub struct AmqpConsumer {
+    channel: Channel,
+    queue: String,
+    tag: String,
+    dispatcher: Dispatcher,
+    retry: RetryPolicy,
+}
+
+impl AmqpConsumer {
+    /// Consumes `queue` on `channel` into `dispatcher`'s handlers.
+    pub fn new(channel: Channel, queue: impl Into<String>, dispatcher: Dispatcher) -> Self {
+        let queue = queue.into();
+        Self {
+            tag: format!("outbox-{queue}-{}", uuid::Uuid::now_v7().simple()),
+            channel,
+            queue,
+            dispatcher,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// How failures are retried (default [`RetryPolicy::default`]).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Consumes until `shutdown` is cancelled; the delivery being handled is finished first.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), lapin::Error> {
+        self.channel
+            .basic_qos(64, BasicQosOptions::default())
+            .await?;
+        let mut deliveries = self
+            .channel
+            .basic_consume(
+                self.queue.as_str().into(),
+                self.tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                next = deliveries.next() => next,
+            };
+            match next {
+                Some(Ok(delivery)) => self.handle(delivery, &shutdown).await?,
+                Some(Err(error)) => return Err(error),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    async fn handle(
+        &self,
+        delivery: Delivery,
+        shutdown: &CancellationToken,
+    ) -> Result<(), lapin::Error> {
+        let envelope = envelope(&delivery);
+        let mut attempt = if delivery.redelivered { 2 } else { 1 };
+        loop {
+            let outcome = match &envelope {
+                Ok(envelope) => {
+                    let mut envelope = envelope.clone();
+                    envelope.attempt = attempt;
+                    self.dispatcher
+                        .dispatch(&envelope)
+                        .instrument(tracing::info_span!("outbox.consume", queue = %self.queue))
+                        .await
+                }
+                Err(reason) => Err(DeliveryError::permanent(format!(
+                    "not an outbox message: {reason}"
+                ))),
+            };
+            let error = match outcome {
+                Ok(()) => {
+                    delivery.acker.ack(BasicAckOptions::default()).await?;
+                    return Ok(());
+                }
+                Err(error) => error,
+            };
+            let event_id = envelope
+                .as_ref()
+                .map(|e| e.id.to_string())
+                .unwrap_or_default();
+            match self.retry.next_delay(attempt, error.retry) {
+                Some(delay) if !shutdown.is_cancelled() => {
+                    tracing::warn!(%event_id, attempt, reason = %error.reason, retry_in = ?delay, "handler failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        // Leave it to the broker: it is redelivered to the next consumer.
+                        _ = shutdown.cancelled() => return Ok(()),
+                    }
+                    attempt += 1;
+                }
+                Some(_) => return Ok(()),
+                None => {
+                    tracing::error!(%event_id, attempt, reason = %error.reason, "rejecting message to the dead-letter exchange");
+                    delivery
+                        .acker
+                        .reject(BasicRejectOptions { requeue: false })
+                        .await?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn envelope(delivery: &Delivery) -> Result<Envelope, String> {
+    let payload = String::from_utf8(delivery.data.clone())
+        .map_err(|e| format!("payload is not UTF-8: {e}"))?;
+    let headers = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .map(|h| {
+            h.inner()
+                .iter()
+                .filter_map(|(k, v)| match v {
+                    AMQPValue::LongString(s) => Some((
+                        k.as_str().to_owned(),
+                        String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                    )),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    Envelope::from_wire(
+        headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        payload,
+        1,
+    )
+}

@@ -421,3 +421,68 @@ pub fn temp_dir(what: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// A TCP proxy on loopback that a test can cut and restore, to take a broker away from a client
+/// without stopping the broker other tests use.
+#[derive(Debug)]
+pub struct TcpProxy {
+    pub port: u16,
+    upstream: std::net::SocketAddr,
+    running: Option<(
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<()>,
+    )>,
+}
+
+impl TcpProxy {
+    /// Starts forwarding a free local port to `upstream`.
+    pub async fn start(upstream: std::net::SocketAddr) -> Self {
+        let mut proxy = Self {
+            port: free_port(),
+            upstream,
+            running: None,
+        };
+        proxy.restore().await;
+        proxy
+    }
+
+    /// Listens and forwards again, on the same port.
+    pub async fn restore(&mut self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("proxy port");
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let upstream = self.upstream;
+        let token = cancel.clone();
+        let accept = tokio::spawn(async move {
+            loop {
+                let (mut client, _) = tokio::select! {
+                    _ = token.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(_) => continue,
+                    },
+                };
+                let token = token.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    }
+                });
+            }
+        });
+        self.running = Some((cancel, accept));
+    }
+
+    /// Closes the listener and every forwarded connection.
+    pub async fn cut(&mut self) {
+        if let Some((cancel, accept)) = self.running.take() {
+            cancel.cancel();
+            let _ = accept.await;
+        }
+    }
+}
