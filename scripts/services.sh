@@ -63,11 +63,67 @@ postgres() {
   log "PostgreSQL ready on 127.0.0.1:5432"
 }
 
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+rabbitmq() {
+  if ! command -v rabbitmq-server >/dev/null 2>&1; then
+    log "installing RabbitMQ"
+    apt_install rabbitmq-server
+  fi
+  if ! port_open 5672; then
+    log "starting RabbitMQ"
+    as_root rabbitmq-server -detached || true
+    wait_for RabbitMQ 120 port_open 5672
+  fi
+  log "RabbitMQ ready on 127.0.0.1:5672"
+}
+
+nats() {
+  if ! command -v nats-server >/dev/null 2>&1; then
+    log "installing NATS"
+    apt_install nats-server
+  fi
+  if ! port_open 4222; then
+    log "starting NATS with JetStream"
+    as_root mkdir -p /var/lib/nats-server
+    as_root start-stop-daemon --start --oknodo --background --exec "$(command -v nats-server)" -- \
+      -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+    wait_for NATS 60 port_open 4222
+  fi
+  log "NATS ready on 127.0.0.1:4222"
+}
+
+# The Kafka-protocol broker: tansu from crates.io, built once per machine into a stable place
+# outside the clone (the build takes 20-30 minutes on two cores), with in-memory storage.
+TANSU_VERSION=0.6.0
+TANSU_ROOT=${OUTBOX_TOOLS:-/opt/outbox-tools}/tansu-$TANSU_VERSION
+TANSU=$TANSU_ROOT/bin/tansu
+
+kafka() {
+  if [ ! -x "$TANSU" ]; then
+    log "building tansu $TANSU_VERSION into $TANSU_ROOT (once per machine; 20-30 minutes)"
+    as_root mkdir -p "$TANSU_ROOT"
+    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore --root "$TANSU_ROOT"
+  fi
+  if ! port_open 9092; then
+    log "starting tansu (Kafka protocol, memory storage)"
+    mkdir -p "$TANSU_ROOT/log"
+    nohup "$TANSU" broker --listener-url tcp://127.0.0.1:9092 \
+      --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/ \
+      </dev/null >"$TANSU_ROOT/log/tansu.log" 2>&1 &
+    wait_for tansu 60 port_open 9092
+  fi
+  log "Kafka protocol (tansu) ready on 127.0.0.1:9092"
+}
+
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(postgres)
+[ ${#targets[@]} -gt 0 ] || targets=(postgres rabbitmq nats kafka)
 for target in "${targets[@]}"; do
   case "$target" in
     postgres) postgres ;;
+    rabbitmq) rabbitmq ;;
+    nats) nats ;;
+    kafka) kafka ;;
     *) log "unknown service $target"; exit 2 ;;
   esac
 done

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Runs the whole test suite against real servers, starting (or installing) them first.
-# Point the tests at another PostgreSQL with OUTBOX_TEST_DATABASE_URL.
+# Point the tests at other servers with OUTBOX_TEST_DATABASE_URL, OUTBOX_TEST_AMQP_URL,
+# OUTBOX_TEST_NATS_URL and OUTBOX_TEST_KAFKA_BROKERS; with OUTBOX_SKIP_SERVICES=1 nothing is
+# started here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
-if [ -z "${OUTBOX_TEST_DATABASE_URL:-}" ]; then
-  scripts/services.sh postgres
+if [ -z "${OUTBOX_SKIP_SERVICES:-}" ]; then
+  scripts/services.sh
 fi
 cargo test --workspace --all-features "$@"

@@ -1,0 +1,470 @@
+//! The Kafka transport and consumer against a real Kafka-protocol broker (tansu on
+//! 127.0.0.1:9092, or `OUTBOX_TEST_KAFKA_BROKERS`), plus a private tansu for the outage test
+//! (`OUTBOX_TEST_TANSU`, default `/opt/outbox-tools/tansu-0.6.0/bin/tansu`).
+
+use outbox::kafka::{producer_config, KafkaConsumer, KafkaTransport, DEAD_REASON};
+use outbox::{EventStatus, Inbox, Relay, RetryPolicy};
+use outbox_tests::{
+    eventually, free_port, init_tracing, Huge, ItemChanged, MalformedItemChanged, RunningRelay,
+    TestDb,
+};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::Message;
+use sqlx::Postgres;
+use std::collections::{BTreeMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn brokers() -> String {
+    std::env::var("OUTBOX_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+fn unique(what: &str) -> String {
+    format!(
+        "{what}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
+}
+
+async fn create_topics(brokers: &str, topics: &[&str]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let new: Vec<_> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, 3, TopicReplication::Fixed(1)))
+        .collect();
+    for result in admin
+        .create_topics(&new, &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        result.unwrap();
+    }
+}
+
+/// A plain rdkafka consumer in a group of its own, reading `topic` from the start.
+fn raw_consumer(brokers: &str, topic: &str) -> StreamConsumer {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("raw"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    consumer
+}
+
+struct Received {
+    key: String,
+    headers: BTreeMap<String, String>,
+    payload: Vec<u8>,
+}
+
+fn received(m: &BorrowedMessage<'_>) -> Received {
+    Received {
+        key: String::from_utf8(m.key().unwrap().to_vec()).unwrap(),
+        headers: m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            String::from_utf8(h.value.unwrap().to_vec()).unwrap(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        payload: m.payload().unwrap_or_default().to_vec(),
+    }
+}
+
+async fn read(consumer: &StreamConsumer, expected: usize) -> Vec<Received> {
+    let mut out = Vec::with_capacity(expected);
+    while out.len() < expected {
+        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("the topic delivered fewer messages than expected")
+            .unwrap();
+        out.push(received(&m));
+    }
+    out
+}
+
+async fn enqueue_items(outbox: &outbox::Outbox<Postgres>, aggregates: usize, per_aggregate: u64) {
+    for n in 1..=per_aggregate {
+        let events: Vec<_> = (0..aggregates)
+            .map(|a| ItemChanged {
+                item: format!("item-{a}"),
+                n,
+            })
+            .collect();
+        let mut tx = outbox.pool().begin().await.unwrap();
+        outbox.enqueue_batch(&mut *tx, &events).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+}
+
+fn quick_retry() -> RetryPolicy {
+    RetryPolicy::exponential(Duration::from_millis(50))
+        .max_delay(Duration::from_millis(500))
+        .max_attempts(1000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_publishes_10k_events_keyed_by_aggregate_in_order() {
+    init_tracing();
+    let prefix = unique("t");
+    let topic = format!("{prefix}.items");
+    create_topics(&brokers(), &[&topic]).await;
+    let outbox = Postgres::fresh().await;
+    enqueue_items(&outbox, 100, 100).await;
+    let relay = RunningRelay::start(
+        Relay::builder(
+            outbox.clone(),
+            KafkaTransport::new(&brokers())
+                .unwrap()
+                .topic_prefix(&prefix),
+        )
+        .batch_size(100)
+        .workers(2)
+        .poll_interval(Duration::from_millis(50)),
+    );
+    eventually("all 10,000 acknowledged", WAIT, || async {
+        Postgres::count_status(&outbox, "delivered").await == 10_000
+    })
+    .await;
+    relay.stop().await;
+
+    let consumer = raw_consumer(&brokers(), &topic);
+    let messages = read(&consumer, 10_000).await;
+    let mut last: BTreeMap<String, i64> = BTreeMap::new();
+    let mut ids = HashSet::new();
+    for m in &messages {
+        let event: ItemChanged = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(m.key, event.item, "the key is the aggregate id");
+        assert_eq!(m.headers["outbox-aggregate-id"], event.item);
+        assert_eq!(m.headers["outbox-event-type"], "test.item_changed");
+        assert_eq!(m.headers["outbox-aggregate-type"], "item");
+        assert_eq!(m.headers["outbox-schema-version"], "1");
+        assert_eq!(m.headers["content-type"], "application/json");
+        assert!(
+            ids.insert(m.headers["outbox-id"].clone()),
+            "duplicate message"
+        );
+        let sequence: i64 = m.headers["outbox-sequence"].parse().unwrap();
+        assert_eq!(sequence, event.n as i64);
+        let previous = last.insert(event.item.clone(), sequence).unwrap_or(0);
+        assert_eq!(sequence, previous + 1, "{}: out of order", event.item);
+    }
+    assert_eq!(last.len(), 100);
+    Postgres::drop_tables(&outbox).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_event_goes_dead_with_the_reason() {
+    init_tracing();
+    let prefix = unique("t");
+    create_topics(&brokers(), &[&format!("{prefix}.items")]).await;
+    let outbox = Postgres::fresh().await;
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let huge = outbox
+        .enqueue(
+            &mut *tx,
+            &Huge {
+                item: "big".into(),
+                blob: "x".repeat(2 * 1024 * 1024),
+            },
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    enqueue_items(&outbox, 10, 2).await;
+    let relay = RunningRelay::start(
+        Relay::builder(
+            outbox.clone(),
+            KafkaTransport::new(&brokers())
+                .unwrap()
+                .topic_prefix(&prefix),
+        )
+        .retry(quick_retry())
+        .poll_interval(Duration::from_millis(50)),
+    );
+    eventually(
+        "the oversize event is dead, the rest delivered",
+        WAIT,
+        || async {
+            Postgres::count_status(&outbox, "dead").await == 1
+                && Postgres::count_status(&outbox, "delivered").await == 20
+        },
+    )
+    .await;
+    relay.stop().await;
+    let row = outbox.get(huge).await.unwrap().unwrap();
+    assert_eq!(row.status, EventStatus::Dead);
+    assert_eq!(row.attempts, 1);
+    assert!(
+        row.last_error.as_deref().unwrap().contains("too large"),
+        "{:?}",
+        row.last_error
+    );
+    Postgres::drop_tables(&outbox).await;
+}
+
+/// A tansu of the test's own, which it can stop and start (memory storage: a restart empties it).
+struct PrivateTansu {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateTansu {
+    async fn start() -> Self {
+        let mut tansu = Self {
+            port: free_port(),
+            child: None,
+        };
+        tansu.restart().await;
+        tansu
+    }
+
+    fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    async fn restart(&mut self) {
+        let binary = std::env::var("OUTBOX_TEST_TANSU")
+            .unwrap_or_else(|_| "/opt/outbox-tools/tansu-0.6.0/bin/tansu".to_owned());
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        self.child = Some(
+            Command::new(binary)
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                ])
+                .args(["--storage-engine", "memory://tansu/"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("tansu (run scripts/services.sh kafka, or set OUTBOX_TEST_TANSU)"),
+        );
+        let port = self.port;
+        eventually(
+            "the private tansu accepts connections",
+            Duration::from_secs(30),
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for PrivateTansu {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_loses_nothing_and_needs_no_restart() {
+    init_tracing();
+    let mut tansu = PrivateTansu::start().await;
+    let topic = "outage.items";
+    create_topics(&tansu.brokers(), &[topic]).await;
+    let outbox = Postgres::fresh().await;
+    let mut config = producer_config(&tansu.brokers());
+    config.set("message.timeout.ms", "3000");
+    let relay = RunningRelay::start(
+        Relay::builder(
+            outbox.clone(),
+            KafkaTransport::from_config(config)
+                .unwrap()
+                .topic_prefix("outage"),
+        )
+        .retry(quick_retry())
+        .poll_interval(Duration::from_millis(50)),
+    );
+    enqueue_items(&outbox, 1, 1).await;
+    eventually("the first event is delivered", WAIT, || async {
+        Postgres::count_status(&outbox, "delivered").await == 1
+    })
+    .await;
+
+    tansu.stop();
+    enqueue_items(&outbox, 100, 10).await;
+    eventually(
+        "a failure is recorded while the broker is down",
+        WAIT,
+        || async {
+            let failed: i64 = sqlx::query_scalar(&format!(
+                "SELECT count(*) FROM {} WHERE last_error IS NOT NULL",
+                outbox.table()
+            ))
+            .fetch_one(outbox.pool())
+            .await
+            .unwrap();
+            failed > 0
+        },
+    )
+    .await;
+    tansu.restart().await;
+    create_topics(&tansu.brokers(), &[topic]).await;
+    eventually("all delivered once the broker is back", WAIT, || async {
+        Postgres::count_status(&outbox, "delivered").await == 1001
+    })
+    .await;
+    relay.stop().await;
+    assert_eq!(Postgres::count_status(&outbox, "dead").await, 0);
+    // The restarted broker (memory storage) holds everything enqueued during the outage.
+    let consumer = raw_consumer(&tansu.brokers(), topic);
+    let mut ids = HashSet::new();
+    while ids.len() < 1000 {
+        for m in read(&consumer, 1).await {
+            ids.insert(m.headers["outbox-id"].clone());
+        }
+    }
+    Postgres::drop_tables(&outbox).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_applies_once_with_the_inbox_and_dead_letters_poison() {
+    init_tracing();
+    let prefix = unique("t");
+    let topic = format!("{prefix}.items");
+    let dlq = KafkaConsumer::dead_letter_topic(&topic);
+    create_topics(&brokers(), &[&topic, &dlq]).await;
+    let outbox = Postgres::fresh().await;
+    let t = outbox.table().to_string();
+    sqlx::query(&format!(
+        "CREATE TABLE {t}_applied (item text, n bigint, PRIMARY KEY (item, n))"
+    ))
+    .execute(outbox.pool())
+    .await
+    .unwrap();
+    let inbox =
+        Inbox::<Postgres>::new(outbox.pool().clone(), &format!("{t}_inbox"), "stock").unwrap();
+    inbox.migrate().await.unwrap();
+
+    let mut tx = outbox.pool().begin().await.unwrap();
+    outbox
+        .enqueue(
+            &mut *tx,
+            &MalformedItemChanged {
+                item: "poison".into(),
+                wrong: true,
+            },
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    enqueue_items(&outbox, 5, 4).await;
+    let relay = RunningRelay::start(
+        Relay::builder(
+            outbox.clone(),
+            KafkaTransport::new(&brokers())
+                .unwrap()
+                .topic_prefix(&prefix),
+        )
+        .poll_interval(Duration::from_millis(50)),
+    );
+    eventually("all published", WAIT, || async {
+        Postgres::count_status(&outbox, "delivered").await == 21
+    })
+    .await;
+    relay.stop().await;
+
+    let calls = Arc::new(AtomicU32::new(0));
+    let registry = {
+        let (calls, t) = (calls.clone(), t.clone());
+        outbox::Registry::builder()
+            .handler::<ItemChanged, _, _>(
+                "apply",
+                move |event: ItemChanged, ctx: outbox::HandlerContext| {
+                    let (calls, t) = (calls.clone(), t.clone());
+                    async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        let inbox = ctx.state::<Inbox<Postgres>>()?;
+                        let Some(mut tx) = inbox.begin(&ctx).await? else {
+                            return Ok(());
+                        };
+                        sqlx::query(&format!(
+                            "INSERT INTO {t}_applied (item, n) VALUES ($1, $2)"
+                        ))
+                        .bind(&event.item)
+                        .bind(event.n as i64)
+                        .execute(&mut *tx)
+                        .await?;
+                        tx.commit().await?;
+                        if ctx.attempt() == 1 && event.n == 1 {
+                            // Committed but not acknowledged: the message comes again.
+                            return Err(outbox::HandlerError::retry("lost the ack"));
+                        }
+                        Ok(())
+                    }
+                },
+            )
+            .unwrap()
+            .build()
+    };
+    let consumer = KafkaConsumer::new(
+        &brokers(),
+        &unique("group"),
+        &[&topic],
+        outbox::Dispatcher::new(registry).state(inbox),
+    )
+    .unwrap()
+    .retry(RetryPolicy::exponential(Duration::from_millis(20)).max_attempts(3));
+    let shutdown = outbox::CancellationToken::new();
+    let consuming = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { consumer.run(shutdown).await.unwrap() }
+    });
+    eventually("every event applied", WAIT, || async {
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {t}_applied"))
+            .fetch_one(outbox.pool())
+            .await
+            .unwrap();
+        n == 20
+    })
+    .await;
+    let dead = read(&raw_consumer(&brokers(), &dlq), 1).await;
+    assert_eq!(dead[0].key, "poison");
+    assert!(
+        dead[0].headers[DEAD_REASON].contains("missing field `n`"),
+        "{:?}",
+        dead[0].headers
+    );
+    shutdown.cancel();
+    consuming.await.unwrap();
+    // 20 events; the 5 first events of each aggregate came twice; state changed 20 times.
+    assert_eq!(calls.load(Ordering::SeqCst), 25);
+    sqlx::raw_sql(&format!("DROP TABLE {t}_applied, {t}_inbox"))
+        .execute(outbox.pool())
+        .await
+        .unwrap();
+    Postgres::drop_tables(&outbox).await;
+}
