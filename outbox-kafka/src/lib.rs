@@ -343,7 +343,7 @@ impl KafkaConsumer {
         let mut headers = message
             .headers()
             .map(|h| h.detach())
-            .unwrap_or_else(OwnedHeaders::new);
+            .unwrap_or_default();
         headers = headers.insert(Header {
             key: DEAD_REASON,
             value: Some(reason.as_bytes()),
