@@ -505,3 +505,145 @@ async fn consumer_runs_typed_handlers_once_with_the_inbox() {
         .unwrap();
     Postgres::drop_tables(&outbox).await;
 }
+
+/// Seed 000: "once a message is consumed by the external system, mark it consumed in the
+/// outbox". The consuming service writes a receipt to its own outbox in the transaction that
+/// applies the event; its relay publishes it; the producer consumes receipts and records
+/// `consumed_at`. The consumer never touches the producer's tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumption_receipts_mark_producer_rows_consumed() {
+    init_tracing();
+    let (prefix, stream_name) = names();
+    let js = jetstream(&nats_url()).await;
+    let stream = ensure_stream(&js, &stream_name, vec![format!("{prefix}.>")])
+        .await
+        .unwrap();
+    let transport = || NatsTransport::new(js.clone()).subject_prefix(&prefix);
+    let pull = |name: &str, filter: String| {
+        let stream = stream.clone();
+        let name = name.to_owned();
+        async move {
+            stream
+                .create_consumer(consumer::pull::Config {
+                    durable_name: Some(name),
+                    filter_subject: filter,
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+        }
+    };
+
+    // The producing service: its outbox, its relay, and its receipt consumer.
+    let producer = Postgres::fresh().await;
+    let producer_relay = RunningRelay::start(
+        Relay::builder(producer.clone(), transport()).poll_interval(Duration::from_millis(50)),
+    );
+    let receipts = NatsConsumer::new(
+        pull("receipts", format!("{prefix}.outbox.receipts.>")).await,
+        outbox::Dispatcher::new(
+            outbox::Registry::builder()
+                .record_receipts(producer.clone())
+                .unwrap()
+                .build(),
+        ),
+    );
+
+    // The consuming service: its own outbox (for receipts), inbox and relay.
+    let consumer_outbox = Postgres::fresh().await;
+    let inbox = Inbox::<Postgres>::new(
+        consumer_outbox.pool().clone(),
+        &format!("{}_inbox", consumer_outbox.table()),
+        "inventory",
+    )
+    .unwrap();
+    inbox.migrate().await.unwrap();
+    let consumer_relay = RunningRelay::start(
+        Relay::builder(consumer_outbox.clone(), transport())
+            .poll_interval(Duration::from_millis(50)),
+    );
+    let registry = {
+        let consumer_outbox = consumer_outbox.clone();
+        outbox::Registry::builder()
+            .handler::<ItemChanged, _, _>(
+                "apply",
+                move |_event: ItemChanged, ctx: outbox::HandlerContext| {
+                    let consumer_outbox = consumer_outbox.clone();
+                    async move {
+                        let inbox = ctx.state::<Inbox<Postgres>>()?;
+                        let Some(mut tx) = inbox.begin(&ctx).await? else {
+                            return Ok(());
+                        };
+                        // ... apply the event to the consumer's own state here ...
+                        consumer_outbox
+                            .enqueue(&mut *tx, &outbox::Receipt::for_event(&ctx, "inventory"))
+                            .await?;
+                        tx.commit().await?;
+                        Ok(())
+                    }
+                },
+            )
+            .unwrap()
+            .build()
+    };
+    let items = NatsConsumer::new(
+        pull("inventory", format!("{prefix}.items.>")).await,
+        outbox::Dispatcher::new(registry).state(inbox),
+    );
+    let shutdown = outbox::CancellationToken::new();
+    let tasks = [
+        tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { receipts.run(shutdown).await.unwrap() }
+        }),
+        tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { items.run(shutdown).await.unwrap() }
+        }),
+    ];
+
+    let mut tx = producer.pool().begin().await.unwrap();
+    let ids = producer
+        .enqueue_batch(
+            &mut *tx,
+            &(0..10)
+                .map(|a| ItemChanged {
+                    item: format!("item-{a}"),
+                    n: 1,
+                })
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    eventually("every producer row is marked consumed", WAIT, || async {
+        let consumed: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {} WHERE consumed_at IS NOT NULL",
+            producer.table()
+        ))
+        .fetch_one(producer.pool())
+        .await
+        .unwrap();
+        consumed == 10
+    })
+    .await;
+    for id in ids {
+        let row = producer.get(id).await.unwrap().unwrap();
+        // The receipt may overtake the producer relay's own bookkeeping: no order between them.
+        assert!(row.consumed_at.is_some());
+    }
+    shutdown.cancel();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    producer_relay.stop().await;
+    consumer_relay.stop().await;
+    js.delete_stream(&stream_name).await.unwrap();
+    sqlx::raw_sql(&format!("DROP TABLE {}_inbox", consumer_outbox.table()))
+        .execute(consumer_outbox.pool())
+        .await
+        .unwrap();
+    Postgres::drop_tables(&producer).await;
+    Postgres::drop_tables(&consumer_outbox).await;
+}

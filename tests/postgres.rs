@@ -66,6 +66,11 @@ async fn retention_removes_only_delivered_rows() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_processes_each_message_once() {
+    scenarios::inbox_processes_each_message_once::<Postgres>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_runs_retention() {
     scenarios::relay_runs_retention::<Postgres>().await;
 }

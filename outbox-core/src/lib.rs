@@ -9,6 +9,7 @@ mod error;
 mod event;
 pub mod handler;
 mod inbox;
+mod receipt;
 mod relay;
 mod retention;
 mod retry;
@@ -23,6 +24,7 @@ pub use handler::{
     Dispatcher, Extensions, HandlerContext, HandlerError, Registry, RegistryBuilder,
 };
 pub use inbox::Inbox;
+pub use receipt::Receipt;
 pub use relay::{Relay, RelayBuilder};
 pub use retention::Retention;
 pub use retry::RetryPolicy;

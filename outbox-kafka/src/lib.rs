@@ -340,10 +340,7 @@ impl KafkaConsumer {
     }
 
     async fn dead_letter(&self, message: &BorrowedMessage<'_>, reason: &str) -> bool {
-        let mut headers = message
-            .headers()
-            .map(|h| h.detach())
-            .unwrap_or_default();
+        let mut headers = message.headers().map(|h| h.detach()).unwrap_or_default();
         headers = headers.insert(Header {
             key: DEAD_REASON,
             value: Some(reason.as_bytes()),

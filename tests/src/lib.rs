@@ -261,7 +261,7 @@ impl TestDb for Postgres {
     async fn drop_tables(outbox: &Outbox<Self>) {
         let t = outbox.table();
         sqlx::raw_sql(&format!(
-            "DROP TABLE IF EXISTS {t}, {t}_aggregates, {t}_archive, {t}_migrations, {t}_business"
+            "DROP TABLE IF EXISTS {t}, {t}_aggregates, {t}_archive, {t}_migrations, {t}_business, {t}_inbox"
         ))
         .execute(outbox.pool())
         .await

@@ -579,3 +579,45 @@ pub async fn relay_runs_retention<DB: TestDb>() {
     assert_eq!(DB::count_archived(&outbox).await, 0);
     DB::drop_tables(&outbox).await;
 }
+
+/// The inbox records a message once per consumer, inside the handler's transaction: a second
+/// delivery is skipped, a rolled-back first attempt is not remembered, and consumers are apart.
+pub async fn inbox_processes_each_message_once<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    let table = format!("{}_inbox", outbox.table());
+    let inbox = outbox::Inbox::new(outbox.pool().clone(), &table, "billing").unwrap();
+    inbox.migrate().await.unwrap();
+    inbox.migrate().await.unwrap();
+    let message = uuid::Uuid::now_v7();
+
+    // A failed attempt rolls back its record with its changes.
+    let tx = inbox
+        .begin_for(message)
+        .await
+        .unwrap()
+        .expect("first delivery");
+    tx.rollback().await.unwrap();
+
+    let mut tx = inbox
+        .begin_for(message)
+        .await
+        .unwrap()
+        .expect("retry after rollback");
+    DB::insert_business_row(&outbox, &mut *tx, "applied-once").await;
+    tx.commit().await.unwrap();
+
+    assert!(
+        inbox.begin_for(message).await.unwrap().is_none(),
+        "redelivery is skipped"
+    );
+    assert_eq!(DB::count_business_rows(&outbox, "applied-once").await, 1);
+
+    let other = outbox::Inbox::new(outbox.pool().clone(), &table, "shipping").unwrap();
+    assert!(
+        other.begin_for(message).await.unwrap().is_some(),
+        "another consumer is independent"
+    );
+    assert!(outbox::Inbox::<DB>::new(outbox.pool().clone(), "bad name", "x").is_err());
+    DB::drop_tables(&outbox).await;
+}

@@ -87,6 +87,13 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     ) -> impl Future<Output = Result<Option<EventRecord>>> + Send + 'a;
 
     #[doc(hidden)]
+    fn mark_consumed<'a>(
+        pool: &'a Pool<Self>,
+        statements: &'a Self::Statements,
+        ids: &'a [Uuid],
+    ) -> impl Future<Output = Result<u64>> + Send + 'a;
+
+    #[doc(hidden)]
     fn explain_claim<'a>(
         pool: &'a Pool<Self>,
         statements: &'a Self::Statements,
@@ -190,6 +197,8 @@ pub struct EventRecord {
     pub delivered_at: Option<DateTime<Utc>>,
     /// When it went dead.
     pub dead_at: Option<DateTime<Utc>>,
+    /// When a consumer reported it consumed (see [`Receipt`](crate::Receipt)).
+    pub consumed_at: Option<DateTime<Utc>>,
     /// The payload, as JSON text.
     pub payload: String,
 }
@@ -400,6 +409,13 @@ impl<DB: Backend> Outbox<DB> {
     /// index scan on your data. See the "Indexes" section of the README.
     pub async fn explain_claim(&self, batch_size: usize) -> Result<String> {
         DB::explain_claim(&self.inner.pool, &self.inner.statements, batch_size).await
+    }
+
+    /// Records that consumers have consumed these events (`consumed_at`, first report wins);
+    /// returns how many rows changed. [`RegistryBuilder::record_receipts`](crate::RegistryBuilder::record_receipts)
+    /// calls it for every [`Receipt`](crate::Receipt) it receives.
+    pub async fn mark_consumed(&self, ids: &[Uuid]) -> Result<u64> {
+        DB::mark_consumed(&self.inner.pool, &self.inner.statements, ids).await
     }
 
     /// Puts a dead event back to pending with its attempts reset; returns whether it was dead.

@@ -23,6 +23,7 @@ pub struct PgStatements {
     purge_archive: String,
     get: String,
     requeue: String,
+    consumed: String,
 }
 
 /// Columns every read returns, in the order `envelope` and `record` expect.
@@ -132,12 +133,15 @@ DELETE FROM "{t}" o USING doomed WHERE o.id = doomed.id"#
 INSERT INTO "{t}_archive" SELECT * FROM moved"#
             ),
             get: format!(
-                r#"SELECT {COLUMNS}, o.status, o.last_error, o.available_at, o.delivered_at, o.dead_at
+                r#"SELECT {COLUMNS}, o.status, o.last_error, o.available_at, o.delivered_at, o.dead_at, o.consumed_at
 FROM "{t}" o WHERE o.id = $1"#
             ),
             requeue: format!(
                 r#"UPDATE "{t}" SET status = 'pending', attempts = 0, available_at = now(), dead_at = NULL
 WHERE id = $1 AND status = 'dead'"#
+            ),
+            consumed: format!(
+                r#"UPDATE "{t}" SET consumed_at = now() WHERE id = ANY($1) AND consumed_at IS NULL"#
             ),
         }
     }
@@ -365,6 +369,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" (LIKE "{t}");"#
             available_at: row.try_get("available_at")?,
             delivered_at: row.try_get("delivered_at")?,
             dead_at: row.try_get("dead_at")?,
+            consumed_at: row.try_get("consumed_at")?,
             id: envelope.id,
             event_type: envelope.event_type,
             aggregate_type: envelope.aggregate_type,
@@ -374,6 +379,18 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" (LIKE "{t}");"#
             created_at: envelope.created_at,
             payload: envelope.payload,
         }))
+    }
+
+    async fn mark_consumed<'a>(
+        pool: &'a PgPool,
+        statements: &'a PgStatements,
+        ids: &'a [Uuid],
+    ) -> Result<u64> {
+        let done = sqlx::query(&statements.consumed)
+            .bind(ids)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     async fn explain_claim<'a>(

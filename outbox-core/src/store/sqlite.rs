@@ -29,6 +29,7 @@ pub struct SqliteStatements {
     purge_delete: String,
     get: String,
     requeue: String,
+    consumed: String,
 }
 
 const COLUMNS: &str = "id, created_at, aggregate_type, aggregate_id, seq, event_type, \
@@ -95,12 +96,16 @@ ORDER BY delivered_at LIMIT ?2"#
                 r#"DELETE FROM "{t}" WHERE id IN (SELECT value FROM json_each(?1))"#
             ),
             get: format!(
-                r#"SELECT {COLUMNS}, status, last_error, available_at, delivered_at, dead_at
+                r#"SELECT {COLUMNS}, status, last_error, available_at, delivered_at, dead_at, consumed_at
 FROM "{t}" WHERE id = ?1"#
             ),
             requeue: format!(
                 r#"UPDATE "{t}" SET status = 'pending', attempts = 0, available_at = ?2, dead_at = NULL
 WHERE id = ?1 AND status = 'dead'"#
+            ),
+            consumed: format!(
+                r#"UPDATE "{t}" SET consumed_at = ?1
+WHERE consumed_at IS NULL AND id IN (SELECT value FROM json_each(?2))"#
             ),
         }
     }
@@ -325,6 +330,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
             available_at: time("available_at")?.unwrap_or_default(),
             delivered_at: time("delivered_at")?,
             dead_at: time("dead_at")?,
+            consumed_at: time("consumed_at")?,
             id: envelope.id,
             event_type: envelope.event_type,
             aggregate_type: envelope.aggregate_type,
@@ -334,6 +340,19 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
             created_at: envelope.created_at,
             payload: envelope.payload,
         }))
+    }
+
+    async fn mark_consumed<'a>(
+        pool: &'a SqlitePool,
+        statements: &'a SqliteStatements,
+        ids: &'a [Uuid],
+    ) -> Result<u64> {
+        let done = sqlx::query(&statements.consumed)
+            .bind(now_ms())
+            .bind(json_ids(ids))
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     async fn explain_claim<'a>(
