@@ -11,6 +11,11 @@ use uuid::Uuid;
 ///
 /// The constants are what the relay, the transports and the handler registry route on; they are
 /// constants so that handler registrations can be built at compile time.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an outbox event",
+    label = "not an outbox event",
+    note = "add `#[derive(outbox::OutboxEvent)]` (with serde's Serialize and Deserialize) to the type"
+)]
 pub trait OutboxEvent: Serialize {
     /// The event type name, for instance `"payment.created"`.
     const EVENT_TYPE: &'static str;
