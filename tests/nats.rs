@@ -6,8 +6,8 @@ use futures_util::StreamExt;
 use outbox::nats::{ensure_stream, NatsConsumer, NatsTransport};
 use outbox::{EventStatus, Inbox, Relay, RetryPolicy};
 use outbox_tests::{
-    eventually, free_port, init_tracing, temp_dir, Huge, ItemChanged, RunningRelay, TestDb,
-    Unrouted,
+    eventually, free_port, init_tracing, temp_dir, Huge, ItemChanged, MalformedItemChanged,
+    RunningRelay, TestDb, Unrouted,
 };
 use sqlx::Postgres;
 use std::collections::{BTreeMap, HashSet};
@@ -460,6 +460,17 @@ async fn consumer_runs_typed_handlers_once_with_the_inbox() {
     });
 
     let mut tx = outbox.pool().begin().await.unwrap();
+    // A message no handler can read: terminated, never blocking the others.
+    outbox
+        .enqueue(
+            &mut *tx,
+            &MalformedItemChanged {
+                item: "poison".into(),
+                wrong: true,
+            },
+        )
+        .await
+        .unwrap();
     for n in 1..=3u64 {
         for a in 0..10 {
             outbox
@@ -480,21 +491,28 @@ async fn consumer_runs_typed_handlers_once_with_the_inbox() {
         handled.load(Ordering::SeqCst) >= 60
     })
     .await;
+    eventually("every message acked or terminated", WAIT, || async {
+        let mut pull = js
+            .get_stream(&stream_name)
+            .await
+            .unwrap()
+            .get_consumer::<consumer::pull::Config>("inventory")
+            .await
+            .unwrap();
+        let info = pull.info().await.unwrap();
+        info.num_pending == 0 && info.num_ack_pending == 0
+    })
+    .await;
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        60,
+        "the poison message never reached the handler"
+    );
     let applied: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {t}_applied"))
         .fetch_one(outbox.pool())
         .await
         .unwrap();
     assert_eq!(applied, 30, "each event changed the state exactly once");
-    let mut info = js
-        .get_stream(&stream_name)
-        .await
-        .unwrap()
-        .get_consumer::<consumer::pull::Config>("inventory")
-        .await
-        .unwrap();
-    let info = info.info().await.unwrap();
-    assert_eq!(info.num_pending, 0);
-    assert_eq!(info.num_ack_pending, 0, "every message acked in the end");
     shutdown.cancel();
     consuming.await.unwrap();
     relay.stop().await;

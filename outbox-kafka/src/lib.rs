@@ -15,7 +15,7 @@
 //! TLS is behind the `tls` feature.
 //!
 //! ```no_run
-//! # async fn demo(outbox: outbox_core::Outbox<sqlx::Postgres>) -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn demo<DB: outbox_core::Backend>(outbox: outbox_core::Outbox<DB>) -> Result<(), Box<dyn std::error::Error>> {
 //! use outbox_core::{CancellationToken, Relay};
 //! use outbox_kafka::KafkaTransport;
 //!

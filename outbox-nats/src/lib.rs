@@ -11,7 +11,7 @@
 //! - [`ensure_stream`] creates the stream the transport publishes into.
 //!
 //! ```no_run
-//! # async fn demo(outbox: outbox_core::Outbox<sqlx::Postgres>) -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn demo<DB: outbox_core::Backend>(outbox: outbox_core::Outbox<DB>) -> Result<(), async_nats::Error> {
 //! use outbox_core::{Relay, CancellationToken};
 //! use outbox_nats::{ensure_stream, NatsTransport};
 //!
