@@ -8,8 +8,8 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use outbox::amqp::{AmqpConsumer, AmqpTransport, Topology};
 use outbox::{EventStatus, Inbox, Relay, RetryPolicy};
 use outbox_tests::{
-    eventually, init_tracing, ItemChanged, MalformedItemChanged, RunningRelay, TcpProxy, TestDb,
-    Unrouted,
+    eventually, init_tracing, Huge, ItemChanged, MalformedItemChanged, RunningRelay, TcpProxy,
+    TestDb, Unrouted,
 };
 use sqlx::Postgres;
 use std::collections::{BTreeMap, HashSet};
@@ -158,16 +158,15 @@ async fn relay_publishes_10k_events_with_confirms_in_aggregate_order() {
     Postgres::drop_tables(&outbox).await;
 }
 
-/// RabbitMQ returns an unroutable `mandatory` message: the event goes dead with the broker's
-/// reason at once, and the others keep flowing.
-///
-/// A message over the broker's `max_message_size` makes RabbitMQ close the channel with
-/// PRECONDITION_FAILED, which the transport also treats as permanent; it is not exercised here:
-/// the limit is 128 MiB by default, and RabbitMQ 3.10 did not apply a lowered limit changed at
-/// run time.
+/// RabbitMQ returns an unroutable `mandatory` message, and closes the channel on a message over
+/// its `max_message_size`: both events go dead with the broker's reason at once, and the others
+/// keep flowing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unroutable_events_go_dead_with_the_broker_reason() {
+async fn unroutable_and_oversize_events_go_dead_with_the_broker_reason() {
     init_tracing();
+    // The default limit is 128 MiB; lowered for this test. A channel reads the limit when it
+    // opens, so this comes before the transport connects.
+    let _limit = MaxMessageSize::set(1024 * 1024);
     let (exchange, queue) = names();
     let (_connection, channel) = open_channel(&amqp_url()).await;
     Topology::new(&exchange)
@@ -186,6 +185,16 @@ async fn unroutable_events_go_dead_with_the_broker_reason() {
         )
         .await
         .unwrap();
+    let huge = outbox
+        .enqueue(
+            &mut *tx,
+            &Huge {
+                item: "big".into(),
+                blob: "x".repeat(2 * 1024 * 1024),
+            },
+        )
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     enqueue_items(&outbox, 10, 2).await;
     let relay = RunningRelay::start(
@@ -196,26 +205,58 @@ async fn unroutable_events_go_dead_with_the_broker_reason() {
         .retry(quick_retry())
         .poll_interval(Duration::from_millis(50)),
     );
-    eventually(
-        "the unroutable event is dead, the rest delivered",
-        WAIT,
-        || async {
-            Postgres::count_status(&outbox, "dead").await == 1
-                && Postgres::count_status(&outbox, "delivered").await == 20
-        },
-    )
+    eventually("both bad events dead, the rest delivered", WAIT, || async {
+        Postgres::count_status(&outbox, "dead").await == 2
+            && Postgres::count_status(&outbox, "delivered").await == 20
+    })
     .await;
     relay.stop().await;
     let row = outbox.get(unrouted).await.unwrap().unwrap();
-    assert_eq!(row.status, EventStatus::Dead);
     assert_eq!(row.attempts, 1);
     assert!(
         row.last_error.as_deref().unwrap().contains("NO_ROUTE"),
         "{:?}",
         row.last_error
     );
+    let row = outbox.get(huge).await.unwrap().unwrap();
+    assert_eq!(row.status, EventStatus::Dead);
+    assert!(
+        row.last_error.as_deref().unwrap().contains("max size"),
+        "{:?}",
+        row.last_error
+    );
     assert_eq!(read_queue(&channel, &queue, 20).await.len(), 20);
     Postgres::drop_tables(&outbox).await;
+}
+
+/// Lowers the local broker's `max_message_size` until dropped.
+struct MaxMessageSize;
+
+impl MaxMessageSize {
+    const DEFAULT: u64 = 134_217_728;
+
+    fn set(bytes: u64) -> Self {
+        Self::eval(bytes);
+        Self
+    }
+
+    fn eval(bytes: u64) {
+        let status = std::process::Command::new("rabbitmqctl")
+            .args([
+                "eval",
+                &format!("application:set_env(rabbit, max_message_size, {bytes})."),
+            ])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("rabbitmqctl (the oversize test needs the local broker's CLI)");
+        assert!(status.success());
+    }
+}
+
+impl Drop for MaxMessageSize {
+    fn drop(&mut self) {
+        Self::eval(Self::DEFAULT);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

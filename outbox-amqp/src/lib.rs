@@ -141,13 +141,30 @@ fn confirmation_result(confirmation: Result<Confirmation, lapin::Error>) -> Deli
 }
 
 fn classify(error: &lapin::Error) -> DeliveryError {
-    let reason = format!("RabbitMQ: {error}");
-    // The broker closes the channel with PRECONDITION_FAILED for a message over its
-    // max_message_size: no retry can fix that.
-    if reason.contains("PRECONDITION_FAILED") && reason.contains("max size") {
-        DeliveryError::permanent(reason)
-    } else {
-        DeliveryError::retry(reason)
+    DeliveryError::retry(format!("RabbitMQ: {error}"))
+}
+
+/// The limit in RabbitMQ's "message size N is larger than configured max size M" channel error.
+fn max_message_size(reason: &str) -> Option<usize> {
+    let (_, rest) = reason.split_once("max size ")?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A message over the broker's `max_message_size` makes RabbitMQ close the channel, and every
+/// confirm outstanding on it fails with that same error: only the messages actually over the
+/// limit are dead (no retry can shrink them); the others are retried on a new channel.
+fn blame_oversize(batch: &[Envelope], results: &mut [DeliveryResult]) {
+    for (envelope, result) in batch.iter().zip(results.iter_mut()) {
+        if let Err(error) = result {
+            if let Some(limit) = max_message_size(&error.reason) {
+                if envelope.payload.len() > limit {
+                    *error = DeliveryError::permanent(error.reason.clone());
+                }
+            }
+        }
     }
 }
 
@@ -200,13 +217,15 @@ impl Transport for AmqpTransport {
                 .await;
             pending.push(sent);
         }
-        let results: Vec<DeliveryResult> = join_all(pending.into_iter().map(|sent| async move {
-            match sent {
-                Ok(confirm) => confirmation_result(confirm.await),
-                Err(error) => Err(classify(&error)),
-            }
-        }))
-        .await;
+        let mut results: Vec<DeliveryResult> =
+            join_all(pending.into_iter().map(|sent| async move {
+                match sent {
+                    Ok(confirm) => confirmation_result(confirm.await),
+                    Err(error) => Err(classify(&error)),
+                }
+            }))
+            .await;
+        blame_oversize(batch, &mut results);
         if !channel.status().connected() {
             // Reconnect on the next batch.
             *slot = None;
@@ -491,4 +510,15 @@ fn envelope(delivery: &Delivery) -> Result<Envelope, String> {
         payload,
         1,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_the_limit_from_the_channel_error() {
+        let reason = "RabbitMQ: protocol error: AMQP soft error: PRECONDITION-FAILED: \
+            PRECONDITION_FAILED - message size 2097182 is larger than configured max size 1048576";
+        assert_eq!(super::max_message_size(reason), Some(1_048_576));
+        assert_eq!(super::max_message_size("RabbitMQ: connection reset"), None);
+    }
 }
