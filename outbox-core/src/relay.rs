@@ -282,9 +282,9 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
         }
     }
 
-    /// Writes the outcome of a batch: one statement for the delivered events, one for the
-    /// failed ones. If the database is unreachable the rows stay leased and are delivered again
-    /// after the lease (at least once).
+    /// Writes the outcome of a batch in one transaction of set-based statements. If the
+    /// database is unreachable the rows stay leased and are delivered again after the lease (at
+    /// least once).
     async fn record(&self, token: Uuid, batch: &[Envelope], results: Vec<DeliveryResult>) {
         if results.len() != batch.len() {
             tracing::error!(
@@ -304,16 +304,7 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
             }
         }
         for attempt in 1..=3u32 {
-            let outcome = async {
-                if !delivered.is_empty() {
-                    self.outbox.mark_delivered(token, &delivered).await?;
-                }
-                if !failed.is_empty() {
-                    self.outbox.mark_failed(token, &failed).await?;
-                }
-                Ok::<_, Error>(())
-            }
-            .await;
+            let outcome = self.outbox.record(token, &delivered, &failed).await;
             match outcome {
                 Ok(()) => return,
                 Err(error) if attempt < 3 => {

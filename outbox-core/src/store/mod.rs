@@ -56,21 +56,17 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         token: Uuid,
     ) -> impl Future<Output = Result<Vec<Envelope>>> + Send + 'a;
 
+    /// Records a batch's outcome in one transaction: failures to retry stay pending with a new
+    /// `available_at`; delivered and dead events leave the pending set, and the next event of
+    /// each of their aggregates becomes its head.
     #[doc(hidden)]
-    fn mark_delivered<'a>(
+    fn record<'a>(
         pool: &'a Pool<Self>,
         statements: &'a Self::Statements,
         token: Uuid,
-        ids: &'a [Uuid],
-    ) -> impl Future<Output = Result<u64>> + Send + 'a;
-
-    #[doc(hidden)]
-    fn mark_failed<'a>(
-        pool: &'a Pool<Self>,
-        statements: &'a Self::Statements,
-        token: Uuid,
+        delivered: &'a [Uuid],
         failures: &'a [Failure],
-    ) -> impl Future<Output = Result<u64>> + Send + 'a;
+    ) -> impl Future<Output = Result<()>> + Send + 'a;
 
     #[doc(hidden)]
     fn purge_batch<'a>(
@@ -460,12 +456,20 @@ impl<DB: Backend> Outbox<DB> {
         DB::claim(&self.inner.pool, self.statements(), limit, lease, token).await
     }
 
-    pub(crate) async fn mark_delivered(&self, token: Uuid, ids: &[Uuid]) -> Result<u64> {
-        DB::mark_delivered(&self.inner.pool, self.statements(), token, ids).await
-    }
-
-    pub(crate) async fn mark_failed(&self, token: Uuid, failures: &[Failure]) -> Result<u64> {
-        DB::mark_failed(&self.inner.pool, self.statements(), token, failures).await
+    pub(crate) async fn record(
+        &self,
+        token: Uuid,
+        delivered: &[Uuid],
+        failures: &[Failure],
+    ) -> Result<()> {
+        DB::record(
+            &self.inner.pool,
+            self.statements(),
+            token,
+            delivered,
+            failures,
+        )
+        .await
     }
 }
 

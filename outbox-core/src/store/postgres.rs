@@ -17,8 +17,11 @@ impl super::sealed::Sealed for Postgres {}
 pub struct PgStatements {
     insert: String,
     claim: String,
-    delivered: String,
-    failed: String,
+    retry: String,
+    finish: String,
+    lock_aggregates: String,
+    release_aggregates: String,
+    promote: String,
     purge_delete: String,
     purge_archive: String,
     get: String,
@@ -63,36 +66,39 @@ impl Backend for Postgres {
 ), counts AS (
     SELECT aggregate_type, aggregate_id, count(*) AS n FROM input GROUP BY aggregate_type, aggregate_id
 ), seqs AS (
-    INSERT INTO "{t}_aggregates" AS a (aggregate_type, aggregate_id, last_seq)
-    SELECT aggregate_type, aggregate_id, n FROM counts ORDER BY aggregate_type, aggregate_id
-    ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET last_seq = a.last_seq + EXCLUDED.last_seq
-    RETURNING a.aggregate_type, a.aggregate_id, a.last_seq
+    INSERT INTO "{t}_aggregates" AS a (aggregate_type, aggregate_id, last_seq, pending)
+    SELECT aggregate_type, aggregate_id, n, n FROM counts ORDER BY aggregate_type, aggregate_id
+    ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE
+        SET last_seq = a.last_seq + EXCLUDED.last_seq, pending = a.pending + EXCLUDED.pending
+    RETURNING a.aggregate_type, a.aggregate_id, a.last_seq, a.pending
+), numbered AS (
+    SELECT i.*, row_number() OVER (PARTITION BY i.aggregate_type, i.aggregate_id ORDER BY i.ord) AS k
+    FROM input i
 ), ins AS (
-    INSERT INTO "{t}" (id, aggregate_type, aggregate_id, seq, event_type, schema_version, topic,
-                       payload, headers, available_at)
-    SELECT i.id, i.aggregate_type, i.aggregate_id,
-           s.last_seq - c.n + row_number() OVER (PARTITION BY i.aggregate_type, i.aggregate_id ORDER BY i.ord),
+    INSERT INTO "{t}" (id, aggregate_type, aggregate_id, seq, head, event_type, schema_version,
+                       topic, payload, headers, available_at)
+    SELECT i.id, i.aggregate_type, i.aggregate_id, s.last_seq - c.n + i.k,
+           -- The aggregate had nothing pending (the counter read under its row lock, not the
+           -- statement's snapshot): its first new event is the head.
+           s.pending = c.n AND i.k = 1,
            i.event_type, i.schema_version, i.topic, i.payload::jsonb, i.headers::jsonb,
            COALESCE(i.available_at, now() + i.delay_ms * interval '1 millisecond')
-    FROM input i
+    FROM numbered i
     JOIN seqs s USING (aggregate_type, aggregate_id)
     JOIN counts c USING (aggregate_type, aggregate_id)
     RETURNING 1
 ){notify}"#
             ),
-            // Heads only: a row is due when no earlier row of its aggregate is still pending
-            // (waiting, retrying or leased), so one aggregate never has two events in flight.
-            // SKIP LOCKED lets relays claim side by side; the lease lets another relay take
-            // over the rows of one that died.
+            // Only heads are claimed: the oldest pending event of each aggregate, flagged at
+            // enqueue and moved on when it leaves the pending set. So one aggregate never has
+            // two events in flight, and the claim reads about `limit` rows from a partial
+            // index however deep the backlog behind the heads is. SKIP LOCKED lets relays claim
+            // side by side; the lease lets another relay take over the rows of one that died.
             claim: format!(
                 r#"WITH due AS (
     SELECT o.id FROM "{t}" o
-    WHERE o.status = 'pending' AND o.available_at <= now()
+    WHERE o.status = 'pending' AND o.head AND o.available_at <= now()
       AND (o.locked_until IS NULL OR o.locked_until <= now())
-      AND NOT EXISTS (
-          SELECT 1 FROM "{t}" p
-          WHERE p.status = 'pending' AND p.aggregate_type = o.aggregate_type
-            AND p.aggregate_id = o.aggregate_id AND p.seq < o.seq)
     ORDER BY o.available_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
@@ -102,19 +108,52 @@ UPDATE "{t}" o SET locked_until = now() + $2 * interval '1 millisecond', locked_
 FROM due WHERE o.id = due.id
 RETURNING {COLUMNS}"#
             ),
-            delivered: format!(
-                r#"UPDATE "{t}" SET status = 'delivered', delivered_at = now(), locked_until = NULL,
-                   locked_by = NULL, last_error = NULL
-WHERE id = ANY($1) AND locked_by = $2"#
-            ),
-            failed: format!(
+            retry: format!(
                 r#"UPDATE "{t}" o SET
-    status = CASE WHEN f.dead THEN 'dead' ELSE 'pending' END,
-    available_at = CASE WHEN f.dead THEN o.available_at ELSE now() + f.delay_ms * interval '1 millisecond' END,
-    dead_at = CASE WHEN f.dead THEN now() END,
+    available_at = now() + f.delay_ms * interval '1 millisecond',
     last_error = f.reason, locked_until = NULL, locked_by = NULL
-FROM unnest($1::uuid[], $2::bool[], $3::int8[], $4::text[]) AS f(id, dead, delay_ms, reason)
-WHERE o.id = f.id AND o.locked_by = $5"#
+FROM unnest($1::uuid[], $2::int8[], $3::text[]) AS f(id, delay_ms, reason)
+WHERE o.id = f.id AND o.locked_by = $4"#
+            ),
+            finish: format!(
+                r#"UPDATE "{t}" o SET
+    status = f.status, head = false, last_error = f.reason,
+    delivered_at = CASE WHEN f.status = 'delivered' THEN now() END,
+    dead_at = CASE WHEN f.status = 'dead' THEN now() END,
+    locked_until = NULL, locked_by = NULL
+FROM unnest($1::uuid[], $2::text[], $3::text[]) AS f(id, status, reason)
+WHERE o.id = f.id AND o.locked_by = $4
+RETURNING o.aggregate_type, o.aggregate_id"#
+            ),
+            // Counter rows are locked in key order, like enqueue does, so the two cannot
+            // deadlock; a writer holding one delays this until it commits, after which the
+            // promotion below sees its events.
+            lock_aggregates: format!(
+                r#"SELECT 1 FROM "{t}_aggregates" a
+JOIN (SELECT DISTINCT * FROM unnest($1::text[], $2::text[])) g(aggregate_type, aggregate_id)
+  USING (aggregate_type, aggregate_id)
+ORDER BY a.aggregate_type, a.aggregate_id
+FOR UPDATE OF a"#
+            ),
+            release_aggregates: format!(
+                r#"WITH released AS (
+    UPDATE "{t}_aggregates" a SET pending = a.pending - g.n
+    FROM (SELECT aggregate_type, aggregate_id, count(*) AS n
+          FROM unnest($1::text[], $2::text[]) u(aggregate_type, aggregate_id)
+          GROUP BY aggregate_type, aggregate_id) g
+    WHERE a.aggregate_type = g.aggregate_type AND a.aggregate_id = g.aggregate_id
+    RETURNING a.aggregate_type, a.aggregate_id, a.pending
+)
+SELECT aggregate_type, aggregate_id FROM released WHERE pending > 0"#
+            ),
+            promote: format!(
+                r#"UPDATE "{t}" SET head = true
+WHERE id IN (
+    SELECT (SELECT p.id FROM "{t}" p
+            WHERE p.status = 'pending' AND p.aggregate_type = g.aggregate_type
+              AND p.aggregate_id = g.aggregate_id
+            ORDER BY p.seq LIMIT 1)
+    FROM unnest($1::text[], $2::text[]) g(aggregate_type, aggregate_id))"#
             ),
             purge_delete: format!(
                 r#"WITH doomed AS (
@@ -136,9 +175,18 @@ INSERT INTO "{t}_archive" SELECT * FROM moved"#
                 r#"SELECT {COLUMNS}, o.status, o.last_error, o.available_at, o.delivered_at, o.dead_at, o.consumed_at
 FROM "{t}" o WHERE o.id = $1"#
             ),
+            // Under the counter row's lock: the event is the head if nothing else is pending.
             requeue: format!(
-                r#"UPDATE "{t}" SET status = 'pending', attempts = 0, available_at = now(), dead_at = NULL
-WHERE id = $1 AND status = 'dead'"#
+                r#"WITH target AS (
+    SELECT aggregate_type, aggregate_id FROM "{t}" WHERE id = $1 AND status = 'dead'
+), counter AS (
+    UPDATE "{t}_aggregates" a SET pending = a.pending + 1
+    FROM target WHERE a.aggregate_type = target.aggregate_type AND a.aggregate_id = target.aggregate_id
+    RETURNING a.pending
+)
+UPDATE "{t}" o SET status = 'pending', attempts = 0, available_at = now(), dead_at = NULL,
+                   head = (SELECT pending = 1 FROM counter)
+WHERE o.id = $1 AND o.status = 'dead' AND EXISTS (SELECT 1 FROM counter)"#
             ),
             consumed: format!(
                 r#"UPDATE "{t}" SET consumed_at = now() WHERE id = ANY($1) AND consumed_at IS NULL"#
@@ -158,6 +206,7 @@ WHERE id = $1 AND status = 'dead'"#
     aggregate_type text NOT NULL,
     aggregate_id   text NOT NULL,
     seq            bigint NOT NULL,
+    head           boolean NOT NULL DEFAULT false,
     event_type     text NOT NULL,
     schema_version integer NOT NULL,
     topic          text NOT NULL,
@@ -173,9 +222,10 @@ WHERE id = $1 AND status = 'dead'"#
     dead_at        timestamptz,
     consumed_at    timestamptz
 );
--- The relay's claim scans only pending rows: these stay small however many delivered rows the
--- table holds (a partial index on pending rows is what keeps the claim an index scan).
-CREATE INDEX IF NOT EXISTS "{t}_pending_due" ON "{t}" (available_at) WHERE status = 'pending';
+-- The relay's claim reads only the heads (the oldest pending event of each aggregate), the
+-- promotion of the next head only the pending events of one aggregate: both partial indexes stay
+-- small however many delivered rows, and however deep a backlog, the table holds.
+CREATE INDEX IF NOT EXISTS "{t}_heads" ON "{t}" (available_at) WHERE status = 'pending' AND head;
 CREATE INDEX IF NOT EXISTS "{t}_pending_aggregate" ON "{t}" (aggregate_type, aggregate_id, seq) WHERE status = 'pending';
 -- Retention and dead-letter inspection.
 CREATE INDEX IF NOT EXISTS "{t}_delivered_at" ON "{t}" (delivered_at) WHERE status = 'delivered';
@@ -184,6 +234,7 @@ CREATE TABLE IF NOT EXISTS "{t}_aggregates" (
     aggregate_type text NOT NULL,
     aggregate_id   text NOT NULL,
     last_seq       bigint NOT NULL,
+    pending        bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (aggregate_type, aggregate_id)
 );
 CREATE TABLE IF NOT EXISTS "{t}_archive" (LIKE "{t}");"#
@@ -293,39 +344,76 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" (LIKE "{t}");"#
         rows.iter().map(envelope).collect()
     }
 
-    async fn mark_delivered<'a>(
+    async fn record<'a>(
         pool: &'a PgPool,
         statements: &'a PgStatements,
         token: Uuid,
-        ids: &'a [Uuid],
-    ) -> Result<u64> {
-        let done = sqlx::query(&statements.delivered)
-            .bind(ids)
-            .bind(token)
-            .execute(pool)
-            .await?;
-        Ok(done.rows_affected())
-    }
-
-    async fn mark_failed<'a>(
-        pool: &'a PgPool,
-        statements: &'a PgStatements,
-        token: Uuid,
+        delivered: &'a [Uuid],
         failures: &'a [Failure],
-    ) -> Result<u64> {
-        let ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
-        let dead: Vec<bool> = failures.iter().map(|f| f.dead).collect();
-        let delays: Vec<i64> = failures.iter().map(|f| duration_ms(f.retry_in)).collect();
-        let reasons: Vec<&str> = failures.iter().map(|f| f.reason.as_str()).collect();
-        let done = sqlx::query(&statements.failed)
-            .bind(ids)
-            .bind(dead)
-            .bind(delays)
-            .bind(reasons)
-            .bind(token)
-            .execute(pool)
-            .await?;
-        Ok(done.rows_affected())
+    ) -> Result<()> {
+        let mut tx = pool.begin().await?;
+        let (dead, retry): (Vec<&Failure>, Vec<&Failure>) = failures.iter().partition(|f| f.dead);
+        if !retry.is_empty() {
+            sqlx::query(&statements.retry)
+                .bind(retry.iter().map(|f| f.id).collect::<Vec<_>>())
+                .bind(
+                    retry
+                        .iter()
+                        .map(|f| duration_ms(f.retry_in))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(retry.iter().map(|f| f.reason.as_str()).collect::<Vec<_>>())
+                .bind(token)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !delivered.is_empty() || !dead.is_empty() {
+            let ids: Vec<Uuid> = delivered
+                .iter()
+                .copied()
+                .chain(dead.iter().map(|f| f.id))
+                .collect();
+            let statuses: Vec<&str> = delivered
+                .iter()
+                .map(|_| "delivered")
+                .chain(dead.iter().map(|_| "dead"))
+                .collect();
+            let reasons: Vec<Option<&str>> = delivered
+                .iter()
+                .map(|_| None)
+                .chain(dead.iter().map(|f| Some(f.reason.as_str())))
+                .collect();
+            let finished = sqlx::query(&statements.finish)
+                .bind(ids)
+                .bind(statuses)
+                .bind(reasons)
+                .bind(token)
+                .fetch_all(&mut *tx)
+                .await?;
+            let (types, aggregate_ids) = aggregate_columns(&finished)?;
+            if !types.is_empty() {
+                sqlx::query(&statements.lock_aggregates)
+                    .bind(&types)
+                    .bind(&aggregate_ids)
+                    .execute(&mut *tx)
+                    .await?;
+                let busy = sqlx::query(&statements.release_aggregates)
+                    .bind(&types)
+                    .bind(&aggregate_ids)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let (types, aggregate_ids) = aggregate_columns(&busy)?;
+                if !types.is_empty() {
+                    sqlx::query(&statements.promote)
+                        .bind(types)
+                        .bind(aggregate_ids)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn purge_batch<'a>(
@@ -508,6 +596,17 @@ async fn backoff(failures: u32, cancel: &CancellationToken) {
         _ = cancel.cancelled() => {}
         _ = tokio::time::sleep(delay) => {}
     }
+}
+
+/// The `(aggregate_type, aggregate_id)` columns of `rows`, as two arrays to bind.
+fn aggregate_columns(rows: &[PgRow]) -> Result<(Vec<String>, Vec<String>)> {
+    let mut types = Vec::with_capacity(rows.len());
+    let mut ids = Vec::with_capacity(rows.len());
+    for row in rows {
+        types.push(row.try_get(0)?);
+        ids.push(row.try_get(1)?);
+    }
+    Ok((types, ids))
 }
 
 fn duration_ms(d: Duration) -> i64 {

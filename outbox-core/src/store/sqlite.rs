@@ -22,8 +22,12 @@ pub struct SqliteStatements {
     next_seq: String,
     insert: String,
     claim: String,
-    delivered: String,
-    failed: String,
+    retry: String,
+    finish: String,
+    release_aggregate: String,
+    promote: String,
+    requeue_target: String,
+    requeue_counter: String,
     purge_select: String,
     purge_archive: String,
     purge_delete: String,
@@ -44,14 +48,15 @@ impl Backend for Sqlite {
             // The counter row is written first: SQLite holds the database write lock until
             // commit, so sequence order is commit order and a rollback leaves no gap.
             next_seq: format!(
-                r#"INSERT INTO "{t}_aggregates" (aggregate_type, aggregate_id, last_seq) VALUES (?1, ?2, 1)
-ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET last_seq = last_seq + 1
-RETURNING last_seq"#
+                r#"INSERT INTO "{t}_aggregates" (aggregate_type, aggregate_id, last_seq, pending)
+VALUES (?1, ?2, 1, 1)
+ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET last_seq = last_seq + 1, pending = pending + 1
+RETURNING last_seq, pending"#
             ),
             insert: format!(
                 r#"INSERT INTO "{t}" (id, created_at, aggregate_type, aggregate_id, seq, event_type,
-    schema_version, topic, payload, headers, available_at)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"#
+    schema_version, topic, payload, headers, available_at, head)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"#
             ),
             // Heads only, as on PostgreSQL; one UPDATE statement is atomic under SQLite's
             // database lock, so relays sharing the file never claim the same row.
@@ -59,31 +64,50 @@ VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"#
                 r#"UPDATE "{t}" SET locked_until = ?1 + ?2, locked_by = ?3, attempts = attempts + 1
 WHERE id IN (
     SELECT o.id FROM "{t}" o
-    WHERE o.status = 'pending' AND o.available_at <= ?1
+    WHERE o.status = 'pending' AND o.head AND o.available_at <= ?1
       AND (o.locked_until IS NULL OR o.locked_until <= ?1)
-      AND NOT EXISTS (
-          SELECT 1 FROM "{t}" p
-          WHERE p.status = 'pending' AND p.aggregate_type = o.aggregate_type
-            AND p.aggregate_id = o.aggregate_id AND p.seq < o.seq)
     ORDER BY o.available_at
     LIMIT ?4)
 RETURNING {COLUMNS}"#
             ),
-            delivered: format!(
-                r#"UPDATE "{t}" SET status = 'delivered', delivered_at = ?1, locked_until = NULL,
-    locked_by = NULL, last_error = NULL
-WHERE locked_by = ?2 AND id IN (SELECT value FROM json_each(?3))"#
-            ),
-            failed: format!(
+            retry: format!(
                 r#"UPDATE "{t}" AS o SET
-    status = CASE WHEN f.dead THEN 'dead' ELSE 'pending' END,
-    available_at = CASE WHEN f.dead THEN o.available_at ELSE ?1 + f.delay_ms END,
-    dead_at = CASE WHEN f.dead THEN ?1 END,
-    last_error = f.reason, locked_until = NULL, locked_by = NULL
-FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS dead,
-             json_extract(value, '$[2]') AS delay_ms, json_extract(value, '$[3]') AS reason
+    available_at = ?1 + f.delay_ms, last_error = f.reason, locked_until = NULL, locked_by = NULL
+FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS delay_ms,
+             json_extract(value, '$[2]') AS reason
       FROM json_each(?2)) AS f
 WHERE o.id = f.id AND o.locked_by = ?3"#
+            ),
+            finish: format!(
+                r#"UPDATE "{t}" AS o SET
+    status = f.status, head = 0, last_error = f.reason,
+    delivered_at = CASE WHEN f.status = 'delivered' THEN ?1 END,
+    dead_at = CASE WHEN f.status = 'dead' THEN ?1 END,
+    locked_until = NULL, locked_by = NULL
+FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS status,
+             json_extract(value, '$[2]') AS reason
+      FROM json_each(?2)) AS f
+WHERE o.id = f.id AND o.locked_by = ?3
+RETURNING aggregate_type, aggregate_id"#
+            ),
+            release_aggregate: format!(
+                r#"UPDATE "{t}_aggregates" SET pending = pending - ?3
+WHERE aggregate_type = ?1 AND aggregate_id = ?2
+RETURNING pending"#
+            ),
+            promote: format!(
+                r#"UPDATE "{t}" SET head = 1
+WHERE id = (SELECT id FROM "{t}"
+            WHERE status = 'pending' AND aggregate_type = ?1 AND aggregate_id = ?2
+            ORDER BY seq LIMIT 1)"#
+            ),
+            requeue_target: format!(
+                r#"SELECT aggregate_type, aggregate_id FROM "{t}" WHERE id = ?1 AND status = 'dead'"#
+            ),
+            requeue_counter: format!(
+                r#"UPDATE "{t}_aggregates" SET pending = pending + 1
+WHERE aggregate_type = ?1 AND aggregate_id = ?2
+RETURNING pending"#
             ),
             purge_select: format!(
                 r#"SELECT id FROM "{t}" WHERE status = 'delivered' AND delivered_at < ?1
@@ -100,7 +124,8 @@ ORDER BY delivered_at LIMIT ?2"#
 FROM "{t}" WHERE id = ?1"#
             ),
             requeue: format!(
-                r#"UPDATE "{t}" SET status = 'pending', attempts = 0, available_at = ?2, dead_at = NULL
+                r#"UPDATE "{t}" SET status = 'pending', attempts = 0, available_at = ?2, dead_at = NULL,
+    head = ?3
 WHERE id = ?1 AND status = 'dead'"#
             ),
             consumed: format!(
@@ -122,6 +147,7 @@ WHERE consumed_at IS NULL AND id IN (SELECT value FROM json_each(?2))"#
     aggregate_type TEXT NOT NULL,
     aggregate_id   TEXT NOT NULL,
     seq            INTEGER NOT NULL,
+    head           INTEGER NOT NULL DEFAULT 0,
     event_type     TEXT NOT NULL,
     schema_version INTEGER NOT NULL,
     topic          TEXT NOT NULL,
@@ -137,7 +163,7 @@ WHERE consumed_at IS NULL AND id IN (SELECT value FROM json_each(?2))"#
     dead_at        INTEGER,
     consumed_at    INTEGER
 );
-CREATE INDEX IF NOT EXISTS "{t}_pending_due" ON "{t}" (available_at) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS "{t}_heads" ON "{t}" (available_at) WHERE status = 'pending' AND head;
 CREATE INDEX IF NOT EXISTS "{t}_pending_aggregate" ON "{t}" (aggregate_type, aggregate_id, seq) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS "{t}_delivered_at" ON "{t}" (delivered_at) WHERE status = 'delivered';
 CREATE INDEX IF NOT EXISTS "{t}_dead_at" ON "{t}" (dead_at) WHERE status = 'dead';
@@ -145,6 +171,7 @@ CREATE TABLE IF NOT EXISTS "{t}_aggregates" (
     aggregate_type TEXT NOT NULL,
     aggregate_id   TEXT NOT NULL,
     last_seq       INTEGER NOT NULL,
+    pending        INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (aggregate_type, aggregate_id)
 );
 CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
@@ -192,7 +219,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
     ) -> Result<()> {
         let now = now_ms();
         for m in messages {
-            let seq: i64 = sqlx::query_scalar(&statements.next_seq)
+            let (seq, pending): (i64, i64) = sqlx::query_as(&statements.next_seq)
                 .bind(m.aggregate_type)
                 .bind(&m.aggregate_id)
                 .fetch_one(&mut *conn)
@@ -214,6 +241,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
                 .bind(&m.payload)
                 .bind(m.headers_json())
                 .bind(available_at)
+                .bind(pending == 1)
                 .execute(&mut *conn)
                 .await?;
         }
@@ -237,40 +265,69 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
         rows.iter().map(envelope).collect()
     }
 
-    async fn mark_delivered<'a>(
+    async fn record<'a>(
         pool: &'a SqlitePool,
         statements: &'a SqliteStatements,
         token: Uuid,
-        ids: &'a [Uuid],
-    ) -> Result<u64> {
-        let done = sqlx::query(&statements.delivered)
-            .bind(now_ms())
-            .bind(token.to_string())
-            .bind(json_ids(ids))
-            .execute(pool)
-            .await?;
-        Ok(done.rows_affected())
-    }
-
-    async fn mark_failed<'a>(
-        pool: &'a SqlitePool,
-        statements: &'a SqliteStatements,
-        token: Uuid,
+        delivered: &'a [Uuid],
         failures: &'a [Failure],
-    ) -> Result<u64> {
-        let rows: Vec<_> = failures
+    ) -> Result<()> {
+        let now = now_ms();
+        let token = token.to_string();
+        let mut tx = pool.begin().await?;
+        let retry: Vec<_> = failures
             .iter()
-            .map(|f| {
-                serde_json::json!([f.id.to_string(), f.dead, duration_ms(f.retry_in), f.reason])
-            })
+            .filter(|f| !f.dead)
+            .map(|f| serde_json::json!([f.id.to_string(), duration_ms(f.retry_in), f.reason]))
             .collect();
-        let done = sqlx::query(&statements.failed)
-            .bind(now_ms())
-            .bind(serde_json::Value::Array(rows).to_string())
-            .bind(token.to_string())
-            .execute(pool)
-            .await?;
-        Ok(done.rows_affected())
+        if !retry.is_empty() {
+            sqlx::query(&statements.retry)
+                .bind(now)
+                .bind(serde_json::Value::Array(retry).to_string())
+                .bind(&token)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let finished: Vec<_> = delivered
+            .iter()
+            .map(|id| serde_json::json!([id.to_string(), "delivered", null]))
+            .chain(
+                failures
+                    .iter()
+                    .filter(|f| f.dead)
+                    .map(|f| serde_json::json!([f.id.to_string(), "dead", f.reason])),
+            )
+            .collect();
+        if !finished.is_empty() {
+            let rows: Vec<(String, String)> = sqlx::query_as(&statements.finish)
+                .bind(now)
+                .bind(serde_json::Value::Array(finished).to_string())
+                .bind(&token)
+                .fetch_all(&mut *tx)
+                .await?;
+            let mut released: std::collections::BTreeMap<(String, String), i64> =
+                Default::default();
+            for key in rows {
+                *released.entry(key).or_default() += 1;
+            }
+            for ((aggregate_type, aggregate_id), n) in released {
+                let pending: i64 = sqlx::query_scalar(&statements.release_aggregate)
+                    .bind(&aggregate_type)
+                    .bind(&aggregate_id)
+                    .bind(n)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if pending > 0 {
+                    sqlx::query(&statements.promote)
+                        .bind(&aggregate_type)
+                        .bind(&aggregate_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn purge_batch<'a>(
@@ -378,11 +435,27 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
         statements: &'a SqliteStatements,
         id: Uuid,
     ) -> Result<bool> {
+        let mut tx = pool.begin().await?;
+        let Some((aggregate_type, aggregate_id)): Option<(String, String)> =
+            sqlx::query_as(&statements.requeue_target)
+                .bind(id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?
+        else {
+            return Ok(false);
+        };
+        let pending: i64 = sqlx::query_scalar(&statements.requeue_counter)
+            .bind(&aggregate_type)
+            .bind(&aggregate_id)
+            .fetch_one(&mut *tx)
+            .await?;
         let done = sqlx::query(&statements.requeue)
             .bind(id.to_string())
             .bind(now_ms())
-            .execute(pool)
+            .bind(pending == 1)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
 
