@@ -665,3 +665,89 @@ async fn consumption_receipts_mark_producer_rows_consumed() {
     Postgres::drop_tables(&producer).await;
     Postgres::drop_tables(&consumer_outbox).await;
 }
+
+/// A handler slower than the consumer's ack wait is not raced by a redelivery: the consumer
+/// reports progress while it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_handler_is_not_redelivered_while_it_runs() {
+    init_tracing();
+    let (prefix, stream_name) = names();
+    let js = jetstream(&nats_url()).await;
+    let stream = ensure_stream(&js, &stream_name, vec![format!("{prefix}.>")])
+        .await
+        .unwrap();
+    let outbox = Postgres::fresh().await;
+    let mut tx = outbox.pool().begin().await.unwrap();
+    outbox
+        .enqueue(
+            &mut *tx,
+            &ItemChanged {
+                item: "slow".into(),
+                n: 1,
+            },
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let relay = RunningRelay::start(
+        Relay::builder(
+            outbox.clone(),
+            NatsTransport::new(js.clone()).subject_prefix(&prefix),
+        )
+        .poll_interval(Duration::from_millis(50)),
+    );
+    let calls = Arc::new(AtomicU32::new(0));
+    let registry = {
+        let calls = calls.clone();
+        outbox::Registry::builder()
+            .handler::<ItemChanged, _, _>("slow", move |_: ItemChanged, _| {
+                let calls = calls.clone();
+                async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    // Simulated work, three times the ack wait.
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    Ok(())
+                }
+            })
+            .unwrap()
+            .build()
+    };
+    let pull = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("slow".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let consumer = NatsConsumer::new(pull, outbox::Dispatcher::new(registry));
+    let shutdown = outbox::CancellationToken::new();
+    let consuming = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { consumer.run(shutdown).await.unwrap() }
+    });
+    eventually("the message is acked", WAIT, || async {
+        let mut c = js
+            .get_stream(&stream_name)
+            .await
+            .unwrap()
+            .get_consumer::<consumer::pull::Config>("slow")
+            .await
+            .unwrap();
+        let info = c.info().await.unwrap();
+        assert_eq!(info.num_redelivered, 0, "the server redelivered the message");
+        info.num_pending == 0 && info.num_ack_pending == 0 && info.delivered.stream_sequence == 1
+    })
+    .await;
+    shutdown.cancel();
+    consuming.await.unwrap();
+    relay.stop().await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "redelivered while the handler ran"
+    );
+    js.delete_stream(&stream_name).await.unwrap();
+    Postgres::drop_tables(&outbox).await;
+}

@@ -270,7 +270,13 @@ impl KafkaConsumer {
             match next {
                 Some(Ok(message)) => {
                     if self.handle(&message, &shutdown).await {
-                        self.consumer.commit_message(&message, CommitMode::Async)?;
+                        if let Err(error) =
+                            self.consumer.commit_message(&message, CommitMode::Async)
+                        {
+                            // A later commit covers this offset; if none comes, the message is
+                            // redelivered and the inbox skips it.
+                            tracing::warn!(%error, "committing a Kafka offset failed");
+                        }
                     }
                 }
                 Some(Err(error)) => tracing::warn!(%error, "Kafka consumer error; continuing"),

@@ -205,6 +205,28 @@ impl NatsConsumer {
         }
     }
 
+    /// Runs `handling`, telling the server every third of the consumer's ack wait that the
+    /// message is still in progress, so a slow handler is not raced by a redelivery.
+    async fn keep_alive<F: std::future::Future>(
+        &self,
+        message: &jetstream::Message,
+        handling: F,
+    ) -> F::Output {
+        let ack_wait = self.consumer.cached_info().config.ack_wait;
+        let period = (ack_wait / 3).max(Duration::from_millis(100));
+        let mut handling = std::pin::pin!(handling);
+        loop {
+            tokio::select! {
+                output = &mut handling => return output,
+                _ = tokio::time::sleep(period) => {
+                    if let Err(error) = message.ack_with(AckKind::Progress).await {
+                        tracing::debug!(%error, "sending an in-progress ack failed");
+                    }
+                }
+            }
+        }
+    }
+
     async fn handle(&self, message: jetstream::Message) {
         let attempt = message
             .info()
@@ -225,10 +247,11 @@ impl NatsConsumer {
             });
         let outcome = match &envelope {
             Ok(envelope) => {
-                self.dispatcher
+                let handling = self
+                    .dispatcher
                     .dispatch(envelope)
-                    .instrument(tracing::info_span!("outbox.consume", subject = %message.subject))
-                    .await
+                    .instrument(tracing::info_span!("outbox.consume", subject = %message.subject));
+                self.keep_alive(&message, handling).await
             }
             Err(reason) => Err(DeliveryError::permanent(format!(
                 "not an outbox message: {reason}"
