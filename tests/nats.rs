@@ -736,7 +736,10 @@ async fn slow_handler_is_not_redelivered_while_it_runs() {
             .await
             .unwrap();
         let info = c.info().await.unwrap();
-        assert_eq!(info.num_redelivered, 0, "the server redelivered the message");
+        assert_eq!(
+            info.num_redelivered, 0,
+            "the server redelivered the message"
+        );
         info.num_pending == 0 && info.num_ack_pending == 0 && info.delivered.stream_sequence == 1
     })
     .await;

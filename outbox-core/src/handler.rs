@@ -1,7 +1,7 @@
 //! Typed handlers: the registry built from `#[outbox::handler]` registrations, and the
 //! [`Dispatcher`] that runs them as a relay destination.
 
-use crate::destination::{DeliveryError, DeliveryResult, Destination};
+use crate::destination::{DeliveryError, DeliveryResult, Transport};
 use crate::error::{Error, Result};
 use crate::event::{header, Envelope, Headers, OutboxEvent};
 use chrono::{DateTime, Utc};
@@ -544,8 +544,14 @@ fn panic_message(panic: &(dyn Any + Send)) -> &str {
     }
 }
 
-impl Destination for Dispatcher {
-    async fn deliver(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
+/// A dispatcher is a transport named `"handlers"`: a [`Router`](crate::Router) can send some
+/// event types to in-process handlers and others to brokers.
+impl Transport for Dispatcher {
+    fn name(&self) -> &str {
+        "handlers"
+    }
+
+    async fn publish(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
         // Collected first: a closure inside the stream trips the `Send` check of the future.
         let calls: Vec<_> = batch
             .iter()
@@ -612,8 +618,9 @@ mod tests {
     #[tokio::test]
     async fn outcomes_map_to_retry_decisions() {
         let d = dispatcher();
-        let results = d
-            .deliver(&[
+        let results = crate::Destination::deliver(
+            &d,
+            &[
                 envelope("ping", 1, r#"{"n":0}"#),
                 envelope("ping", 1, r#"{"n":1}"#),
                 envelope("ping", 1, r#"{"n":2}"#),
@@ -621,8 +628,9 @@ mod tests {
                 envelope("ping", 1, r#"{"m":3}"#),
                 envelope("pong", 1, "{}"),
                 envelope("ping", 2, r#"{"n":0}"#),
-            ])
-            .await;
+            ],
+        )
+        .await;
         assert_eq!(results[0], Ok(()));
         assert_eq!(results[1], Err(DeliveryError::permanent("one is fatal")));
         let panicked = results[2].as_ref().unwrap_err();

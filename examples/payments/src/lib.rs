@@ -1,0 +1,442 @@
+//! Payments API and worker (seeds 001 and 004).
+//!
+//! - `POST /api/payment` stores a `Pending` payment and its `PaymentCreated` event in one
+//!   transaction.
+//! - The worker handles `PaymentCreated` with a typed handler: a simulated payment gateway that
+//!   fails at random. Failures are retried with backoff; after [`Config::max_attempts`] the
+//!   payment is `Rejected` and the outbox row records why. On success the payment is `Paid`
+//!   and a `PaymentConfirmed` event (the confirmation e-mail) is enqueued in the same
+//!   transaction; the relay publishes it to the configured broker.
+//! - `GET /api/payment/status/{paymentId}` reports `Pending`, `Paid` or `Rejected`.
+
+mod api;
+mod store;
+
+use outbox::{
+    DeliveryResult, Dispatcher, Envelope, HandlerContext, HandlerError, Outbox, OutboxEvent, Relay,
+    RetryPolicy, Router, Transport,
+};
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+pub use store::Store;
+
+/// A payment request was accepted.
+#[derive(Debug, Clone, Serialize, Deserialize, OutboxEvent)]
+#[outbox(
+    event_type = "payment.created",
+    aggregate_type = "payment",
+    topic = "payments"
+)]
+pub struct PaymentCreated {
+    #[outbox(aggregate_id)]
+    pub payment_id: Uuid,
+    pub token_card: String,
+    pub amount: i64,
+    pub currency: String,
+    pub card_holder_name: String,
+    pub card_holder_email: String,
+}
+
+/// A payment went through: send the confirmation e-mail.
+#[derive(Debug, Clone, Serialize, Deserialize, OutboxEvent)]
+#[outbox(
+    event_type = "payment.confirmed",
+    aggregate_type = "payment",
+    topic = "payments"
+)]
+pub struct PaymentConfirmed {
+    #[outbox(aggregate_id)]
+    pub payment_id: Uuid,
+    pub card_holder_email: String,
+    pub amount: i64,
+    pub currency: String,
+}
+
+/// Which parts of the service run in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The HTTP API only.
+    Api,
+    /// The relay and the payment worker only.
+    Worker,
+    /// Both.
+    All,
+}
+
+/// Where `PaymentConfirmed` goes.
+#[derive(Debug, Clone)]
+pub enum Broker {
+    /// Print the e-mail that would be sent (no server needed).
+    Log,
+    /// NATS JetStream, on subject `[prefix.]payments.payment.confirmed` of stream `PAYMENTS`
+    /// (or `<prefix>_PAYMENTS`), created if missing.
+    Nats { url: String, prefix: Option<String> },
+}
+
+/// The service's settings, from the environment in `main`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// PostgreSQL URL, or `None` for a SQLite file.
+    pub database_url: Option<String>,
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Chance that the simulated gateway declines an attempt (the seed uses 30 %).
+    pub failure_rate: f64,
+    /// Gateway attempts before a payment is rejected (the seed uses 3).
+    pub max_attempts: u32,
+    /// First retry delay; it doubles per attempt.
+    pub retry_base: Duration,
+    /// Where confirmations go.
+    pub broker: Broker,
+}
+
+impl Config {
+    /// Reads `DATABASE_URL`, `PORT`, `FAILURE_RATE`, `MAX_ATTEMPTS`, `BROKER` (`log` or `nats`),
+    /// `NATS_URL` and `NATS_SUBJECT_PREFIX`.
+    pub fn from_env() -> Result<Self, String> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let port: u16 =
+            var("PORT").map_or(Ok(8080), |p| p.parse().map_err(|e| format!("PORT: {e}")))?;
+        let failure_rate: f64 = var("FAILURE_RATE").map_or(Ok(0.3), |r| {
+            r.parse().map_err(|e| format!("FAILURE_RATE: {e}"))
+        })?;
+        if !(0.0..=1.0).contains(&failure_rate) {
+            return Err("FAILURE_RATE must be between 0 and 1".into());
+        }
+        let max_attempts = var("MAX_ATTEMPTS").map_or(Ok(3), |r| {
+            r.parse().map_err(|e| format!("MAX_ATTEMPTS: {e}"))
+        })?;
+        let broker = match var("BROKER").as_deref() {
+            None | Some("log") => Broker::Log,
+            Some("nats") => Broker::Nats {
+                url: var("NATS_URL").unwrap_or_else(|| "127.0.0.1:4222".into()),
+                prefix: var("NATS_SUBJECT_PREFIX"),
+            },
+            Some(other) => return Err(format!("BROKER: unknown broker {other:?} (log or nats)")),
+        };
+        Ok(Self {
+            database_url: var("DATABASE_URL"),
+            listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            failure_rate,
+            max_attempts,
+            retry_base: Duration::from_millis(500),
+            broker,
+        })
+    }
+}
+
+/// What the worker's handler needs from the service, whatever the database.
+pub trait Payments: Send + Sync + 'static {
+    /// Marks the payment `Paid` and enqueues its confirmation, in one transaction. Does nothing
+    /// if the payment is no longer pending (a redelivered event).
+    fn mark_paid<'a>(
+        &'a self,
+        event: &'a PaymentCreated,
+    ) -> Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>>;
+
+    /// Marks the payment `Rejected` with `reason`, if it is still pending.
+    fn mark_rejected<'a>(
+        &'a self,
+        payment_id: Uuid,
+        reason: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>>;
+}
+
+/// The service's shared state.
+#[derive(Debug)]
+pub struct App<DB: Store> {
+    pub outbox: Outbox<DB>,
+    pub config: Config,
+}
+
+impl<DB: Store> Payments for App<DB> {
+    fn mark_paid<'a>(
+        &'a self,
+        event: &'a PaymentCreated,
+    ) -> Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>> {
+        Box::pin(async move {
+            let mut tx = self.outbox.pool().begin().await?;
+            if DB::settle(&mut *tx, event.payment_id, "Paid", None).await? {
+                let confirmed = PaymentConfirmed {
+                    payment_id: event.payment_id,
+                    card_holder_email: event.card_holder_email.clone(),
+                    amount: event.amount,
+                    currency: event.currency.clone(),
+                };
+                self.outbox
+                    .enqueue(&mut *tx, &confirmed)
+                    .await
+                    .map_err(HandlerError::retry)?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn mark_rejected<'a>(
+        &'a self,
+        payment_id: Uuid,
+        reason: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>> {
+        Box::pin(async move {
+            let mut tx = self.outbox.pool().begin().await?;
+            DB::settle(&mut *tx, payment_id, "Rejected", Some(reason)).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+}
+
+/// The simulated payment gateway: declines at random.
+#[derive(Debug, Clone, Copy)]
+pub struct Gateway {
+    pub failure_rate: f64,
+}
+
+impl Gateway {
+    fn charge(&self, event: &PaymentCreated) -> Result<(), String> {
+        if fastrand::f64() < self.failure_rate {
+            Err(format!(
+                "gateway declined card {} for {} {}",
+                mask(&event.token_card),
+                event.amount,
+                event.currency
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The attempts allowed before a payment is rejected.
+#[derive(Debug, Clone, Copy)]
+pub struct MaxAttempts(pub u32);
+
+fn mask(token: &str) -> String {
+    let tail: String = token
+        .chars()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    format!("****{tail}")
+}
+
+#[outbox::handler]
+async fn on_payment_created(
+    event: PaymentCreated,
+    ctx: HandlerContext,
+) -> Result<(), HandlerError> {
+    let payments = ctx.state::<Arc<dyn Payments>>()?;
+    let gateway = ctx.state::<Gateway>()?;
+    let MaxAttempts(max_attempts) = *ctx.state::<MaxAttempts>()?;
+    match gateway.charge(&event) {
+        Ok(()) => {
+            payments.mark_paid(&event).await?;
+            tracing::info!(payment_id = %event.payment_id, attempt = ctx.attempt(), "payment paid");
+            Ok(())
+        }
+        Err(reason) if ctx.attempt() < max_attempts => Err(HandlerError::retry(reason)),
+        Err(reason) => {
+            let reason = format!("rejected after {} attempts: {reason}", ctx.attempt());
+            payments.mark_rejected(event.payment_id, &reason).await?;
+            tracing::info!(payment_id = %event.payment_id, %reason, "payment rejected");
+            Err(HandlerError::fatal(reason))
+        }
+    }
+}
+
+/// Prints the confirmation e-mail instead of publishing it: the default when no broker is set.
+#[derive(Debug)]
+pub struct LogTransport;
+
+impl Transport for LogTransport {
+    fn name(&self) -> &str {
+        "broker"
+    }
+
+    async fn publish(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
+        batch
+            .iter()
+            .map(|e| {
+                let confirmed: PaymentConfirmed = serde_json::from_str(&e.payload)
+                    .map_err(|err| outbox::DeliveryError::permanent(err.to_string()))?;
+                println!(
+                    "confirmation e-mail to {}: payment {} of {} {} went through",
+                    confirmed.card_holder_email,
+                    confirmed.payment_id,
+                    confirmed.amount,
+                    confirmed.currency
+                );
+                Ok(())
+            })
+            .collect()
+    }
+}
+
+/// A running service: stop it with [`Running::stop`].
+#[derive(Debug)]
+pub struct Running {
+    /// Where the API listens (if it runs here).
+    pub addr: Option<SocketAddr>,
+    shutdown: outbox::CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
+}
+
+impl Running {
+    /// Waits until `shutdown` is cancelled elsewhere or a part fails.
+    pub async fn wait(self) -> Result<(), String> {
+        for task in self.tasks {
+            task.await.map_err(|e| e.to_string())??;
+        }
+        Ok(())
+    }
+
+    /// Graceful stop: the API stops accepting, the relay finishes its batch.
+    pub async fn stop(self) -> Result<(), String> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
+
+/// Starts the service on the database of `config`.
+pub async fn start(
+    config: Config,
+    role: Role,
+    shutdown: outbox::CancellationToken,
+) -> Result<Running, String> {
+    match config.database_url.clone() {
+        Some(url) if url.starts_with("postgres") => {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(16)
+                .connect(&url)
+                .await
+                .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+            start_with(pool, config, role, shutdown).await
+        }
+        Some(_) => Err("DATABASE_URL must be a postgres:// URL (or unset, for SQLite)".into()),
+        None => {
+            let path = std::env::temp_dir().join("outbox-payments.db");
+            let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(
+                    sqlx::sqlite::SqliteConnectOptions::new()
+                        .filename(&path)
+                        .create_if_missing(true)
+                        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                        .busy_timeout(Duration::from_secs(10)),
+                )
+                .await
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            tracing::info!(database = %path.display(), "using SQLite");
+            start_with(pool, config, role, shutdown).await
+        }
+    }
+}
+
+async fn start_with<DB: Store>(
+    pool: sqlx::Pool<DB>,
+    config: Config,
+    role: Role,
+    shutdown: outbox::CancellationToken,
+) -> Result<Running, String> {
+    let outbox = Outbox::new(pool.clone());
+    outbox.migrate().await.map_err(|e| e.to_string())?;
+    DB::create_schema(&pool).await.map_err(|e| e.to_string())?;
+    let app = Arc::new(App {
+        outbox: outbox.clone(),
+        config: config.clone(),
+    });
+    let mut tasks = Vec::new();
+    let mut addr = None;
+
+    if role != Role::Worker {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        addr = Some(listener.local_addr().map_err(|e| e.to_string())?);
+        let router = api::router(app.clone());
+        let shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await
+                .map_err(|e| e.to_string())
+        }));
+    }
+
+    if role != Role::Api {
+        let registry = outbox::Registry::from_inventory().map_err(|e| e.to_string())?;
+        registry
+            .require_event::<PaymentCreated>()
+            .map_err(|e| e.to_string())?;
+        let payments: Arc<dyn Payments> = app.clone();
+        let handlers = Dispatcher::new(registry)
+            .state(payments)
+            .state(Gateway {
+                failure_rate: config.failure_rate,
+            })
+            .state(MaxAttempts(config.max_attempts));
+        let router = match &config.broker {
+            Broker::Log => Router::builder()
+                .transport(handlers)
+                .transport(LogTransport),
+            Broker::Nats { url, prefix } => {
+                let client = async_nats::connect(url)
+                    .await
+                    .map_err(|e| format!("cannot reach NATS at {url}: {e}"))?;
+                let js = async_nats::jetstream::new(client);
+                let (stream, subjects, transport) = match prefix {
+                    Some(p) => (
+                        format!("{}_PAYMENTS", p.to_uppercase()),
+                        format!("{p}.payments.>"),
+                        outbox::nats::NatsTransport::new(js.clone()).subject_prefix(p),
+                    ),
+                    None => (
+                        "PAYMENTS".into(),
+                        "payments.>".into(),
+                        outbox::nats::NatsTransport::new(js.clone()),
+                    ),
+                };
+                outbox::nats::ensure_stream(&js, &stream, vec![subjects])
+                    .await
+                    .map_err(|e| format!("cannot create stream {stream}: {e}"))?;
+                Router::builder()
+                    .transport(handlers)
+                    .transport(transport.named("broker"))
+            }
+        }
+        .route_event::<PaymentCreated>("handlers")
+        .route_event::<PaymentConfirmed>("broker")
+        .build()
+        .map_err(|e| e.to_string())?;
+        // The handler decides when a payment is rejected; the relay keeps retrying past that
+        // only when recording the decision itself failed (a database hiccup).
+        let relay = Relay::builder(outbox, router)
+            .retry(
+                RetryPolicy::exponential(config.retry_base)
+                    .max_delay(config.retry_base * 8)
+                    .max_attempts(config.max_attempts + 5),
+            )
+            .poll_interval(Duration::from_millis(200))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            relay.run(shutdown).await.map_err(|e| e.to_string())
+        }));
+    }
+    Ok(Running {
+        addr,
+        shutdown,
+        tasks,
+    })
+}
