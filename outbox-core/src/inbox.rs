@@ -71,7 +71,7 @@ impl<DB: Backend> Inbox<DB> {
     /// table name). Several consumers can share one table.
     pub fn new(pool: Pool<DB>, table: &str, consumer: impl Into<String>) -> Result<Self> {
         let table = TableName::new(table)?;
-        let (create, insert) = DB::inbox_sql(&table);
+        let (create, insert) = DB::backend_inbox_sql(&table);
         Ok(Self {
             inner: Arc::new(InboxInner {
                 pool,
@@ -85,7 +85,7 @@ impl<DB: Backend> Inbox<DB> {
 
     /// Creates the table if it does not exist.
     pub async fn migrate(&self) -> Result<()> {
-        DB::execute(&self.inner.pool, &self.inner.create).await
+        DB::backend_execute(&self.inner.pool, &self.inner.create).await
     }
 
     /// The pool.
@@ -102,7 +102,7 @@ impl<DB: Backend> Inbox<DB> {
     /// Like [`begin`](Self::begin), for a message id of your own.
     pub async fn begin_for(&self, message_id: Uuid) -> Result<Option<Transaction<'static, DB>>> {
         let mut tx = self.inner.pool.begin().await?;
-        let first_time = DB::inbox_insert(
+        let first_time = DB::backend_inbox_insert(
             &mut *tx,
             &self.inner.insert,
             &self.inner.consumer,

@@ -190,7 +190,7 @@ impl<DB: Backend, D: Destination> Relay<DB, D> {
             }
             let mut background_tasks = JoinSet::new();
             background_tasks.spawn(
-                DB::listen(
+                DB::backend_listen(
                     self.shared.outbox.pool().clone(),
                     self.shared.outbox.table().clone(),
                     wake_tx,

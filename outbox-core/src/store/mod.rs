@@ -26,29 +26,34 @@ mod sealed {
 
 /// A database the outbox can live in: PostgreSQL (`postgres` feature) or SQLite (`sqlite`).
 ///
-/// Sealed: the methods are the outbox's own statements, not an extension point.
+/// Sealed: the methods are the outbox's own statements, not an extension point. They are
+/// hidden and prefixed `backend_` so that your own traits on these database types (a `Store`
+/// with `insert` and `get`, say) never collide with them.
 pub trait Backend: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
     type Statements: Send + Sync + fmt::Debug + 'static;
 
     #[doc(hidden)]
-    fn statements(table: &TableName, notify: bool) -> Self::Statements;
+    fn backend_statements(table: &TableName, notify: bool) -> Self::Statements;
 
     #[doc(hidden)]
-    fn migration_sql(table: &TableName) -> Vec<(i64, &'static str, String)>;
+    fn backend_migration_sql(table: &TableName) -> Vec<(i64, &'static str, String)>;
 
     #[doc(hidden)]
-    fn migrate(pool: &Pool<Self>, table: &TableName) -> impl Future<Output = Result<()>> + Send;
+    fn backend_migrate(
+        pool: &Pool<Self>,
+        table: &TableName,
+    ) -> impl Future<Output = Result<()>> + Send;
 
     #[doc(hidden)]
-    fn insert<'a>(
+    fn backend_insert<'a>(
         conn: &'a mut Self::Connection,
         statements: &'a Self::Statements,
         messages: &'a [Message],
     ) -> impl Future<Output = Result<()>> + Send + 'a;
 
     #[doc(hidden)]
-    fn claim<'a>(
+    fn backend_claim<'a>(
         pool: &'a Pool<Self>,
         statements: &'a Self::Statements,
         limit: usize,
@@ -60,7 +65,7 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     /// `available_at`; delivered and dead events leave the pending set, and the next event of
     /// each of their aggregates becomes its head.
     #[doc(hidden)]
-    fn record<'a>(
+    fn backend_record<'a>(
         pool: &'a Pool<Self>,
         statements: &'a Self::Statements,
         token: Uuid,
@@ -69,35 +74,35 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     ) -> impl Future<Output = Result<()>> + Send + 'a;
 
     #[doc(hidden)]
-    fn purge_batch<'a>(
+    fn backend_purge_batch<'a>(
         pool: &'a Pool<Self>,
         statements: &'a Self::Statements,
         retention: &'a Retention,
     ) -> impl Future<Output = Result<u64>> + Send + 'a;
 
     #[doc(hidden)]
-    fn get<'a>(
+    fn backend_get<'a>(
         pool: &'a Pool<Self>,
         statements: &'a Self::Statements,
         id: Uuid,
     ) -> impl Future<Output = Result<Option<EventRecord>>> + Send + 'a;
 
     #[doc(hidden)]
-    fn mark_consumed<'a>(
+    fn backend_mark_consumed<'a>(
         pool: &'a Pool<Self>,
         statements: &'a Self::Statements,
         ids: &'a [Uuid],
     ) -> impl Future<Output = Result<u64>> + Send + 'a;
 
     #[doc(hidden)]
-    fn explain_claim<'a>(
+    fn backend_explain_claim<'a>(
         pool: &'a Pool<Self>,
         statements: &'a Self::Statements,
         limit: usize,
     ) -> impl Future<Output = Result<String>> + Send + 'a;
 
     #[doc(hidden)]
-    fn requeue<'a>(
+    fn backend_requeue<'a>(
         pool: &'a Pool<Self>,
         statements: &'a Self::Statements,
         id: Uuid,
@@ -105,16 +110,16 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
 
     /// Runs SQL without parameters (DDL).
     #[doc(hidden)]
-    fn execute<'a>(
+    fn backend_execute<'a>(
         pool: &'a Pool<Self>,
         sql: &'a str,
     ) -> impl Future<Output = Result<()>> + Send + 'a;
 
     #[doc(hidden)]
-    fn inbox_sql(table: &TableName) -> (String, String);
+    fn backend_inbox_sql(table: &TableName) -> (String, String);
 
     #[doc(hidden)]
-    fn inbox_insert<'a>(
+    fn backend_inbox_insert<'a>(
         conn: &'a mut Self::Connection,
         insert: &'a str,
         consumer: &'a str,
@@ -124,7 +129,7 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     /// Bumps `wake` whenever an enqueueing transaction commits, until `cancel`. Backends without
     /// notifications return at once and the relay polls.
     #[doc(hidden)]
-    fn listen(
+    fn backend_listen(
         pool: Pool<Self>,
         table: TableName,
         wake: watch::Sender<u64>,
@@ -265,7 +270,7 @@ impl<DB: Backend> OutboxBuilder<DB> {
     /// Validates the configuration.
     pub fn build(self) -> Result<Outbox<DB>> {
         let table = TableName::new(self.table)?;
-        let statements = DB::statements(&table, self.notify);
+        let statements = DB::backend_statements(&table, self.notify);
         Ok(Outbox {
             inner: Arc::new(Inner {
                 pool: self.pool,
@@ -310,14 +315,14 @@ impl<DB: Backend> Outbox<DB> {
     /// never collides with your application's migrations. To run the SQL from your own migration
     /// tool instead, take it from [`migration_sql`](Self::migration_sql).
     pub async fn migrate(&self) -> Result<()> {
-        DB::migrate(&self.inner.pool, &self.inner.table)
+        DB::backend_migrate(&self.inner.pool, &self.inner.table)
             .instrument(tracing::info_span!("outbox.migrate", table = %self.inner.table))
             .await
     }
 
     /// The schema, as `(version, description, SQL)` steps.
     pub fn migration_sql(&self) -> Vec<(i64, &'static str, String)> {
-        DB::migration_sql(&self.inner.table)
+        DB::backend_migration_sql(&self.inner.table)
     }
 
     /// Writes `event` to the outbox inside the caller's transaction (`&mut *tx`).
@@ -391,27 +396,27 @@ impl<DB: Backend> Outbox<DB> {
             ),
             many => tracing::debug_span!("outbox.enqueue", count = many.len()),
         };
-        DB::insert(conn, &self.inner.statements, messages)
+        DB::backend_insert(conn, &self.inner.statements, messages)
             .instrument(span)
             .await
     }
 
     /// One row, by id.
     pub async fn get(&self, id: Uuid) -> Result<Option<EventRecord>> {
-        DB::get(&self.inner.pool, &self.inner.statements, id).await
+        DB::backend_get(&self.inner.pool, &self.inner.statements, id).await
     }
 
     /// The query plan of the relay's claim statement (`EXPLAIN`), to check that it stays an
     /// index scan on your data. See the "Indexes" section of the README.
     pub async fn explain_claim(&self, batch_size: usize) -> Result<String> {
-        DB::explain_claim(&self.inner.pool, &self.inner.statements, batch_size).await
+        DB::backend_explain_claim(&self.inner.pool, &self.inner.statements, batch_size).await
     }
 
     /// Records that consumers have consumed these events (`consumed_at`, first report wins);
     /// returns how many rows changed. [`RegistryBuilder::record_receipts`](crate::RegistryBuilder::record_receipts)
     /// calls it for every [`Receipt`](crate::Receipt) it receives.
     pub async fn mark_consumed(&self, ids: &[Uuid]) -> Result<u64> {
-        DB::mark_consumed(&self.inner.pool, &self.inner.statements, ids).await
+        DB::backend_mark_consumed(&self.inner.pool, &self.inner.statements, ids).await
     }
 
     /// Puts a dead event back to pending with its attempts reset; returns whether it was dead.
@@ -419,7 +424,7 @@ impl<DB: Backend> Outbox<DB> {
     /// Later events of its aggregate may have been delivered meanwhile: a requeued event is
     /// delivered after them.
     pub async fn requeue(&self, id: Uuid) -> Result<bool> {
-        DB::requeue(&self.inner.pool, &self.inner.statements, id).await
+        DB::backend_requeue(&self.inner.pool, &self.inner.statements, id).await
     }
 
     /// Applies `retention` now: deletes (or archives) delivered rows older than its age, in
@@ -430,7 +435,8 @@ impl<DB: Backend> Outbox<DB> {
             let mut total = 0;
             loop {
                 let n =
-                    DB::purge_batch(&self.inner.pool, &self.inner.statements, retention).await?;
+                    DB::backend_purge_batch(&self.inner.pool, &self.inner.statements, retention)
+                        .await?;
                 total += n;
                 if n < retention.batch_size as u64 {
                     return Ok(total);
@@ -453,7 +459,7 @@ impl<DB: Backend> Outbox<DB> {
         lease: Duration,
         token: Uuid,
     ) -> Result<Vec<Envelope>> {
-        DB::claim(&self.inner.pool, self.statements(), limit, lease, token).await
+        DB::backend_claim(&self.inner.pool, self.statements(), limit, lease, token).await
     }
 
     pub(crate) async fn record(
@@ -462,7 +468,7 @@ impl<DB: Backend> Outbox<DB> {
         delivered: &[Uuid],
         failures: &[Failure],
     ) -> Result<()> {
-        DB::record(
+        DB::backend_record(
             &self.inner.pool,
             self.statements(),
             token,

@@ -41,7 +41,7 @@ fn channel(table: &TableName) -> String {
 impl Backend for Postgres {
     type Statements = PgStatements;
 
-    fn statements(table: &TableName, notify: bool) -> PgStatements {
+    fn backend_statements(table: &TableName, notify: bool) -> PgStatements {
         let t = table.as_str();
         let notify = if notify {
             format!(
@@ -194,7 +194,7 @@ WHERE o.id = $1 AND o.status = 'dead' AND EXISTS (SELECT 1 FROM counter)"#
         }
     }
 
-    fn migration_sql(table: &TableName) -> Vec<(i64, &'static str, String)> {
+    fn backend_migration_sql(table: &TableName) -> Vec<(i64, &'static str, String)> {
         let t = table.as_str();
         vec![(
             1,
@@ -242,7 +242,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" (LIKE "{t}");"#
         )]
     }
 
-    async fn migrate(pool: &PgPool, table: &TableName) -> Result<()> {
+    async fn backend_migrate(pool: &PgPool, table: &TableName) -> Result<()> {
         let mut tx = pool.begin().await?;
         // Serialise concurrent migrators of this table; DDL is transactional in PostgreSQL.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
@@ -260,7 +260,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" (LIKE "{t}");"#
             sqlx::query_scalar(&format!(r#"SELECT max(version) FROM "{m}""#))
                 .fetch_one(&mut *tx)
                 .await?;
-        for (version, description, sql) in Self::migration_sql(table) {
+        for (version, description, sql) in Self::backend_migration_sql(table) {
             if applied.is_some_and(|a| a >= version) {
                 continue;
             }
@@ -278,7 +278,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" (LIKE "{t}");"#
         Ok(())
     }
 
-    async fn insert<'a>(
+    async fn backend_insert<'a>(
         conn: &'a mut sqlx::PgConnection,
         statements: &'a PgStatements,
         messages: &'a [Message],
@@ -328,7 +328,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" (LIKE "{t}");"#
         Ok(())
     }
 
-    async fn claim<'a>(
+    async fn backend_claim<'a>(
         pool: &'a PgPool,
         statements: &'a PgStatements,
         limit: usize,
@@ -344,7 +344,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" (LIKE "{t}");"#
         rows.iter().map(envelope).collect()
     }
 
-    async fn record<'a>(
+    async fn backend_record<'a>(
         pool: &'a PgPool,
         statements: &'a PgStatements,
         token: Uuid,
@@ -416,7 +416,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" (LIKE "{t}");"#
         Ok(())
     }
 
-    async fn purge_batch<'a>(
+    async fn backend_purge_batch<'a>(
         pool: &'a PgPool,
         statements: &'a PgStatements,
         retention: &'a Retention,
@@ -434,7 +434,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" (LIKE "{t}");"#
         Ok(done.rows_affected())
     }
 
-    async fn get<'a>(
+    async fn backend_get<'a>(
         pool: &'a PgPool,
         statements: &'a PgStatements,
         id: Uuid,
@@ -469,7 +469,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" (LIKE "{t}");"#
         }))
     }
 
-    async fn mark_consumed<'a>(
+    async fn backend_mark_consumed<'a>(
         pool: &'a PgPool,
         statements: &'a PgStatements,
         ids: &'a [Uuid],
@@ -481,7 +481,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" (LIKE "{t}");"#
         Ok(done.rows_affected())
     }
 
-    async fn explain_claim<'a>(
+    async fn backend_explain_claim<'a>(
         pool: &'a PgPool,
         statements: &'a PgStatements,
         limit: usize,
@@ -495,7 +495,11 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" (LIKE "{t}");"#
         Ok(lines.join("\n"))
     }
 
-    async fn requeue<'a>(pool: &'a PgPool, statements: &'a PgStatements, id: Uuid) -> Result<bool> {
+    async fn backend_requeue<'a>(
+        pool: &'a PgPool,
+        statements: &'a PgStatements,
+        id: Uuid,
+    ) -> Result<bool> {
         let done = sqlx::query(&statements.requeue)
             .bind(id)
             .execute(pool)
@@ -503,12 +507,12 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" (LIKE "{t}");"#
         Ok(done.rows_affected() == 1)
     }
 
-    async fn execute<'a>(pool: &'a PgPool, sql: &'a str) -> Result<()> {
+    async fn backend_execute<'a>(pool: &'a PgPool, sql: &'a str) -> Result<()> {
         sqlx::Executor::execute(pool, sql).await?;
         Ok(())
     }
 
-    fn inbox_sql(table: &TableName) -> (String, String) {
+    fn backend_inbox_sql(table: &TableName) -> (String, String) {
         let t = table.as_str();
         (
             format!(
@@ -525,7 +529,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" (LIKE "{t}");"#
         )
     }
 
-    async fn inbox_insert<'a>(
+    async fn backend_inbox_insert<'a>(
         conn: &'a mut sqlx::PgConnection,
         insert: &'a str,
         consumer: &'a str,
@@ -539,7 +543,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" (LIKE "{t}");"#
         Ok(done.rows_affected() == 1)
     }
 
-    async fn listen(
+    async fn backend_listen(
         pool: PgPool,
         table: TableName,
         wake: watch::Sender<u64>,

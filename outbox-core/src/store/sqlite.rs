@@ -42,7 +42,7 @@ const COLUMNS: &str = "id, created_at, aggregate_type, aggregate_id, seq, event_
 impl Backend for Sqlite {
     type Statements = SqliteStatements;
 
-    fn statements(table: &TableName, _notify: bool) -> SqliteStatements {
+    fn backend_statements(table: &TableName, _notify: bool) -> SqliteStatements {
         let t = table.as_str();
         SqliteStatements {
             // The counter row is written first: SQLite holds the database write lock until
@@ -135,7 +135,7 @@ WHERE consumed_at IS NULL AND id IN (SELECT value FROM json_each(?2))"#
         }
     }
 
-    fn migration_sql(table: &TableName) -> Vec<(i64, &'static str, String)> {
+    fn backend_migration_sql(table: &TableName) -> Vec<(i64, &'static str, String)> {
         let t = table.as_str();
         vec![(
             1,
@@ -179,7 +179,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
         )]
     }
 
-    async fn migrate(pool: &SqlitePool, table: &TableName) -> Result<()> {
+    async fn backend_migrate(pool: &SqlitePool, table: &TableName) -> Result<()> {
         let mut tx = pool.begin().await?;
         let m = table.derived("migrations");
         // The first write takes SQLite's database lock, serialising concurrent migrators.
@@ -193,7 +193,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
             sqlx::query_scalar(&format!(r#"SELECT max(version) FROM "{m}""#))
                 .fetch_one(&mut *tx)
                 .await?;
-        for (version, description, sql) in Self::migration_sql(table) {
+        for (version, description, sql) in Self::backend_migration_sql(table) {
             if applied.is_some_and(|a| a >= version) {
                 continue;
             }
@@ -212,7 +212,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
         Ok(())
     }
 
-    async fn insert<'a>(
+    async fn backend_insert<'a>(
         conn: &'a mut sqlx::SqliteConnection,
         statements: &'a SqliteStatements,
         messages: &'a [Message],
@@ -248,7 +248,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
         Ok(())
     }
 
-    async fn claim<'a>(
+    async fn backend_claim<'a>(
         pool: &'a SqlitePool,
         statements: &'a SqliteStatements,
         limit: usize,
@@ -265,7 +265,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
         rows.iter().map(envelope).collect()
     }
 
-    async fn record<'a>(
+    async fn backend_record<'a>(
         pool: &'a SqlitePool,
         statements: &'a SqliteStatements,
         token: Uuid,
@@ -330,7 +330,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
         Ok(())
     }
 
-    async fn purge_batch<'a>(
+    async fn backend_purge_batch<'a>(
         pool: &'a SqlitePool,
         statements: &'a SqliteStatements,
         retention: &'a Retention,
@@ -359,7 +359,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
         Ok(done.rows_affected())
     }
 
-    async fn get<'a>(
+    async fn backend_get<'a>(
         pool: &'a SqlitePool,
         statements: &'a SqliteStatements,
         id: Uuid,
@@ -399,7 +399,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
         }))
     }
 
-    async fn mark_consumed<'a>(
+    async fn backend_mark_consumed<'a>(
         pool: &'a SqlitePool,
         statements: &'a SqliteStatements,
         ids: &'a [Uuid],
@@ -412,7 +412,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
         Ok(done.rows_affected())
     }
 
-    async fn explain_claim<'a>(
+    async fn backend_explain_claim<'a>(
         pool: &'a SqlitePool,
         statements: &'a SqliteStatements,
         limit: usize,
@@ -430,7 +430,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
             .map(|lines| lines.join("\n"))
     }
 
-    async fn requeue<'a>(
+    async fn backend_requeue<'a>(
         pool: &'a SqlitePool,
         statements: &'a SqliteStatements,
         id: Uuid,
@@ -459,12 +459,12 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
         Ok(done.rows_affected() == 1)
     }
 
-    async fn execute<'a>(pool: &'a SqlitePool, sql: &'a str) -> Result<()> {
+    async fn backend_execute<'a>(pool: &'a SqlitePool, sql: &'a str) -> Result<()> {
         sqlx::Executor::execute(pool, sql).await?;
         Ok(())
     }
 
-    fn inbox_sql(table: &TableName) -> (String, String) {
+    fn backend_inbox_sql(table: &TableName) -> (String, String) {
         let t = table.as_str();
         (
             format!(
@@ -482,7 +482,7 @@ ON CONFLICT DO NOTHING"#
         )
     }
 
-    async fn inbox_insert<'a>(
+    async fn backend_inbox_insert<'a>(
         conn: &'a mut sqlx::SqliteConnection,
         insert: &'a str,
         consumer: &'a str,
@@ -497,7 +497,7 @@ ON CONFLICT DO NOTHING"#
         Ok(done.rows_affected() == 1)
     }
 
-    async fn listen(
+    async fn backend_listen(
         _pool: SqlitePool,
         _table: TableName,
         _wake: watch::Sender<u64>,
