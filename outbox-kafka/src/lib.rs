@@ -41,6 +41,32 @@ use tracing::Instrument;
 
 pub use rdkafka;
 
+/// Creates `topic` with `partitions` partitions (replication 1) unless it exists, and its
+/// dead-letter topic `<topic>.dlq` likewise. For development and tests; production topics are
+/// usually managed elsewhere.
+pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result<(), KafkaError> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let dlq = KafkaConsumer::dead_letter_topic(topic);
+    let topics = [
+        NewTopic::new(topic, partitions, TopicReplication::Fixed(1)),
+        NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)),
+    ];
+    for result in admin.create_topics(&topics, &AdminOptions::new()).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(
+                    |_| tracing::error!(topic = %name, ?code, "cannot create Kafka topic"),
+                )
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The header holding the reason a message went to the dead-letter topic.
 pub const DEAD_REASON: &str = "outbox-dead-reason";
 
