@@ -259,6 +259,8 @@ impl KafkaConsumer {
             .set("bootstrap.servers", brokers)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
+            // Only offsets of handled messages are ever committed, never ones merely fetched.
+            .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .create()?;
         consumer.subscribe(topics)?;
@@ -295,6 +297,12 @@ impl KafkaConsumer {
             };
             match next {
                 Some(Ok(message)) => {
+                    tracing::debug!(
+                        topic = message.topic(),
+                        partition = message.partition(),
+                        offset = message.offset(),
+                        "received"
+                    );
                     if self.handle(&message, &shutdown).await {
                         if let Err(error) =
                             self.consumer.commit_message(&message, CommitMode::Async)

@@ -50,7 +50,11 @@ async fn main() -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let shutdown = outbox::CancellationToken::new();
-    let kafka = outbox::kafka::KafkaTransport::new(&brokers).map_err(|e| e.to_string())?;
+    // One record per batch: tansu 0.6.0 (memory storage) skips the rest of a record batch
+    // when a consumer resumes from a committed offset inside it. Drop this against real Kafka.
+    let mut producer = outbox::kafka::producer_config(&brokers);
+    producer.set("batch.num.messages", "1");
+    let kafka = outbox::kafka::KafkaTransport::from_config(producer).map_err(|e| e.to_string())?;
     let relay = shop.relay(kafka).map_err(|e| e.to_string())?;
     let consumer = inventory
         .consumer(&brokers, "inventory", "stock")

@@ -45,9 +45,14 @@ async fn inventory_agrees_with_the_shop_across_a_consumer_restart() {
         .unwrap();
 
     let shutdown = outbox::CancellationToken::new();
+    // One record per batch: tansu 0.6.0 (memory storage) answers a fetch that starts inside a
+    // record batch from the next batch, skipping the rest of that one, which a consumer that
+    // resumes from a committed offset mid-batch would lose. Real Kafka does not.
+    let mut producer = outbox::kafka::producer_config(&brokers());
+    producer.set("batch.num.messages", "1");
     let relay = shop
         .relay(
-            outbox::kafka::KafkaTransport::new(&brokers())
+            outbox::kafka::KafkaTransport::from_config(producer)
                 .unwrap()
                 .topic_prefix(format!("t{id}")),
         )
