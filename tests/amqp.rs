@@ -6,15 +6,14 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties};
 use outbox::amqp::{AmqpConsumer, AmqpTransport, Topology};
-use outbox::{EventStatus, Inbox, Relay, RetryPolicy};
+use outbox::{EventStatus, Relay};
+use outbox_tests::scenarios::enqueue_backlog;
 use outbox_tests::{
-    eventually, init_tracing, Huge, ItemChanged, MalformedItemChanged, RunningRelay, TcpProxy,
-    TestDb, Unrouted,
+    broker_retry, eventually, init_tracing, AfterCommit, Applier, Huge, ItemChanged,
+    MalformedItemChanged, RunningRelay, TcpProxy, TestDb, Unrouted,
 };
 use sqlx::Postgres;
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -36,12 +35,6 @@ async fn open_channel(url: &str) -> (Connection, Channel) {
 fn names() -> (String, String) {
     let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
     (format!("x-{id}"), format!("q-{id}"))
-}
-
-fn quick_retry() -> RetryPolicy {
-    RetryPolicy::exponential(Duration::from_millis(50))
-        .max_delay(Duration::from_millis(500))
-        .max_attempts(1000)
 }
 
 fn header(delivery: &lapin::message::Delivery, name: &str) -> String {
@@ -85,20 +78,6 @@ async fn read_queue(
     out
 }
 
-async fn enqueue_items(outbox: &outbox::Outbox<Postgres>, aggregates: usize, per_aggregate: u64) {
-    for n in 1..=per_aggregate {
-        let events: Vec<_> = (0..aggregates)
-            .map(|a| ItemChanged {
-                item: format!("item-{a}"),
-                n,
-            })
-            .collect();
-        let mut tx = outbox.pool().begin().await.unwrap();
-        outbox.enqueue_batch(&mut *tx, &events).await.unwrap();
-        tx.commit().await.unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_publishes_10k_events_with_confirms_in_aggregate_order() {
     init_tracing();
@@ -110,7 +89,7 @@ async fn relay_publishes_10k_events_with_confirms_in_aggregate_order() {
         .await
         .unwrap();
     let outbox = Postgres::fresh().await;
-    enqueue_items(&outbox, 100, 100).await;
+    enqueue_backlog(&outbox, 100, 100).await;
     let relay = RunningRelay::start(
         Relay::builder(
             outbox.clone(),
@@ -196,13 +175,13 @@ async fn unroutable_and_oversize_events_go_dead_with_the_broker_reason() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    enqueue_items(&outbox, 10, 2).await;
+    enqueue_backlog(&outbox, 10, 2).await;
     let relay = RunningRelay::start(
         Relay::builder(
             outbox.clone(),
             AmqpTransport::new(amqp_url()).exchange(&exchange),
         )
-        .retry(quick_retry())
+        .retry(broker_retry())
         .poll_interval(Duration::from_millis(50)),
     );
     eventually("both bad events dead, the rest delivered", WAIT, || async {
@@ -277,17 +256,17 @@ async fn broker_outage_loses_nothing_and_needs_no_restart() {
             AmqpTransport::new(format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port))
                 .exchange(&exchange),
         )
-        .retry(quick_retry())
+        .retry(broker_retry())
         .poll_interval(Duration::from_millis(50)),
     );
     // Connected once, then the broker goes away.
-    enqueue_items(&outbox, 1, 1).await;
+    enqueue_backlog(&outbox, 1, 1).await;
     eventually("the first event is delivered", WAIT, || async {
         Postgres::count_status(&outbox, "delivered").await == 1
     })
     .await;
     proxy.cut().await;
-    enqueue_items(&outbox, 100, 10).await;
+    enqueue_backlog(&outbox, 100, 10).await;
     eventually(
         "a failure is recorded while the broker is unreachable",
         WAIT,
@@ -341,50 +320,8 @@ async fn consumer_applies_once_across_a_crash_and_dead_letters_poison() {
         .await
         .unwrap();
     let outbox = Postgres::fresh().await;
-    let t = outbox.table().to_string();
-    sqlx::query(&format!(
-        "CREATE TABLE {t}_applied (item text, n bigint, PRIMARY KEY (item, n))"
-    ))
-    .execute(outbox.pool())
-    .await
-    .unwrap();
-    let inbox =
-        Inbox::<Postgres>::new(outbox.pool().clone(), &format!("{t}_inbox"), "stock").unwrap();
-    inbox.migrate().await.unwrap();
-
-    // Handlers: apply through the inbox; the first consumer "crashes" after its first commit.
-    let calls = Arc::new(AtomicU32::new(0));
-    let make_registry = |crash_after_commit: bool| {
-        let (calls, t) = (calls.clone(), t.clone());
-        outbox::Registry::builder()
-            .handler::<ItemChanged, _, _>(
-                "apply",
-                move |event: ItemChanged, ctx: outbox::HandlerContext| {
-                    let (calls, t) = (calls.clone(), t.clone());
-                    async move {
-                        calls.fetch_add(1, Ordering::SeqCst);
-                        let inbox = ctx.state::<Inbox<Postgres>>()?;
-                        let Some(mut tx) = inbox.begin(&ctx).await? else {
-                            return Ok(());
-                        };
-                        sqlx::query(&format!(
-                            "INSERT INTO {t}_applied (item, n) VALUES ($1, $2)"
-                        ))
-                        .bind(&event.item)
-                        .bind(event.n as i64)
-                        .execute(&mut *tx)
-                        .await?;
-                        tx.commit().await?;
-                        if crash_after_commit {
-                            std::future::pending::<()>().await;
-                        }
-                        Ok(())
-                    }
-                },
-            )
-            .unwrap()
-            .build()
-    };
+    // The consuming service; its first consumer "crashes" after its first commit.
+    let applier = Applier::new(&outbox, "stock").await;
 
     let mut tx = outbox.pool().begin().await.unwrap();
     outbox
@@ -398,7 +335,7 @@ async fn consumer_applies_once_across_a_crash_and_dead_letters_poison() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    enqueue_items(&outbox, 5, 4).await;
+    enqueue_backlog(&outbox, 5, 4).await;
     let relay = RunningRelay::start(
         Relay::builder(
             outbox.clone(),
@@ -414,22 +351,12 @@ async fn consumer_applies_once_across_a_crash_and_dead_letters_poison() {
 
     // First consumer: handles the poison message, commits one event, then hangs before its ack.
     let (crash_connection, crash_channel) = open_channel(&amqp_url()).await;
-    let crashing = AmqpConsumer::new(
-        crash_channel,
-        &queue,
-        outbox::Dispatcher::new(make_registry(true)).state(inbox.clone()),
-    );
+    let crashing = AmqpConsumer::new(crash_channel, &queue, applier.dispatcher(AfterCommit::Hang));
     let task = tokio::spawn(async move { crashing.run(outbox::CancellationToken::new()).await });
     eventually(
         "one event committed by the first consumer",
         WAIT,
-        || async {
-            let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {t}_applied"))
-                .fetch_one(outbox.pool())
-                .await
-                .unwrap();
-            n == 1
-        },
+        || async { applier.applied().await == 1 },
     )
     .await;
     // The crash: the task dies and its connection drops; RabbitMQ requeues what it held.
@@ -441,7 +368,7 @@ async fn consumer_applies_once_across_a_crash_and_dead_letters_poison() {
     let survivor = AmqpConsumer::new(
         consumer_channel,
         &queue,
-        outbox::Dispatcher::new(make_registry(false)).state(inbox.clone()),
+        applier.dispatcher(AfterCommit::Ack),
     );
     let shutdown = outbox::CancellationToken::new();
     let consuming = tokio::spawn({
@@ -449,11 +376,7 @@ async fn consumer_applies_once_across_a_crash_and_dead_letters_poison() {
         async move { survivor.run(shutdown).await.unwrap() }
     });
     eventually("every event applied", WAIT, || async {
-        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {t}_applied"))
-            .fetch_one(outbox.pool())
-            .await
-            .unwrap();
-        n == 20
+        applier.applied().await == 20
     })
     .await;
     eventually("the queue is drained", WAIT, || async {
@@ -474,13 +397,10 @@ async fn consumer_applies_once_across_a_crash_and_dead_letters_poison() {
     shutdown.cancel();
     consuming.await.unwrap();
     // 20 events, one of them redelivered after the crash: 21 calls, 20 state changes.
-    assert_eq!(calls.load(Ordering::SeqCst), 21);
+    assert_eq!(applier.calls(), 21);
     // The poison message went to the dead-letter queue.
     let dead = read_queue(&channel, &Topology::dead_letter_queue(&queue), 1).await;
     assert_eq!(header(&dead[0], "outbox-aggregate-id"), "poison");
-    sqlx::raw_sql(&format!("DROP TABLE {t}_applied, {t}_inbox"))
-        .execute(outbox.pool())
-        .await
-        .unwrap();
+    applier.drop_tables().await;
     Postgres::drop_tables(&outbox).await;
 }

@@ -3,10 +3,11 @@
 //! (`OUTBOX_TEST_TANSU`, default `/opt/outbox-tools/tansu-0.6.0/bin/tansu`).
 
 use outbox::kafka::{producer_config, KafkaConsumer, KafkaTransport, DEAD_REASON};
-use outbox::{EventStatus, Inbox, Relay, RetryPolicy};
+use outbox::{EventStatus, Relay, RetryPolicy};
+use outbox_tests::scenarios::enqueue_backlog;
 use outbox_tests::{
-    eventually, free_port, init_tracing, Huge, ItemChanged, MalformedItemChanged, RunningRelay,
-    TestDb,
+    broker_retry, eventually, free_port, init_tracing, AfterCommit, Applier, Huge, ItemChanged,
+    MalformedItemChanged, RunningRelay, TestDb,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -17,8 +18,6 @@ use rdkafka::Message;
 use sqlx::Postgres;
 use std::collections::{BTreeMap, HashSet};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -103,26 +102,6 @@ async fn read(consumer: &StreamConsumer, expected: usize) -> Vec<Received> {
     out
 }
 
-async fn enqueue_items(outbox: &outbox::Outbox<Postgres>, aggregates: usize, per_aggregate: u64) {
-    for n in 1..=per_aggregate {
-        let events: Vec<_> = (0..aggregates)
-            .map(|a| ItemChanged {
-                item: format!("item-{a}"),
-                n,
-            })
-            .collect();
-        let mut tx = outbox.pool().begin().await.unwrap();
-        outbox.enqueue_batch(&mut *tx, &events).await.unwrap();
-        tx.commit().await.unwrap();
-    }
-}
-
-fn quick_retry() -> RetryPolicy {
-    RetryPolicy::exponential(Duration::from_millis(50))
-        .max_delay(Duration::from_millis(500))
-        .max_attempts(1000)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_publishes_10k_events_keyed_by_aggregate_in_order() {
     init_tracing();
@@ -130,7 +109,7 @@ async fn relay_publishes_10k_events_keyed_by_aggregate_in_order() {
     let topic = format!("{prefix}.items");
     create_topics(&brokers(), &[&topic]).await;
     let outbox = Postgres::fresh().await;
-    enqueue_items(&outbox, 100, 100).await;
+    enqueue_backlog(&outbox, 100, 100).await;
     let relay = RunningRelay::start(
         Relay::builder(
             outbox.clone(),
@@ -191,7 +170,7 @@ async fn oversize_event_goes_dead_with_the_reason() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    enqueue_items(&outbox, 10, 2).await;
+    enqueue_backlog(&outbox, 10, 2).await;
     let relay = RunningRelay::start(
         Relay::builder(
             outbox.clone(),
@@ -199,7 +178,7 @@ async fn oversize_event_goes_dead_with_the_reason() {
                 .unwrap()
                 .topic_prefix(&prefix),
         )
-        .retry(quick_retry())
+        .retry(broker_retry())
         .poll_interval(Duration::from_millis(50)),
     );
     eventually(
@@ -305,17 +284,17 @@ async fn broker_outage_loses_nothing_and_needs_no_restart() {
                 .unwrap()
                 .topic_prefix("outage"),
         )
-        .retry(quick_retry())
+        .retry(broker_retry())
         .poll_interval(Duration::from_millis(50)),
     );
-    enqueue_items(&outbox, 1, 1).await;
+    enqueue_backlog(&outbox, 1, 1).await;
     eventually("the first event is delivered", WAIT, || async {
         Postgres::count_status(&outbox, "delivered").await == 1
     })
     .await;
 
     tansu.stop();
-    enqueue_items(&outbox, 100, 10).await;
+    enqueue_backlog(&outbox, 100, 10).await;
     eventually(
         "a failure is recorded while the broker is down",
         WAIT,
@@ -358,16 +337,8 @@ async fn consumer_applies_once_with_the_inbox_and_dead_letters_poison() {
     let dlq = KafkaConsumer::dead_letter_topic(&topic);
     create_topics(&brokers(), &[&topic, &dlq]).await;
     let outbox = Postgres::fresh().await;
-    let t = outbox.table().to_string();
-    sqlx::query(&format!(
-        "CREATE TABLE {t}_applied (item text, n bigint, PRIMARY KEY (item, n))"
-    ))
-    .execute(outbox.pool())
-    .await
-    .unwrap();
-    let inbox =
-        Inbox::<Postgres>::new(outbox.pool().clone(), &format!("{t}_inbox"), "stock").unwrap();
-    inbox.migrate().await.unwrap();
+    // The consuming service: the first delivery of each aggregate's first event loses its ack.
+    let applier = Applier::new(&outbox, "stock").await;
 
     let mut tx = outbox.pool().begin().await.unwrap();
     outbox
@@ -381,7 +352,7 @@ async fn consumer_applies_once_with_the_inbox_and_dead_letters_poison() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    enqueue_items(&outbox, 5, 4).await;
+    enqueue_backlog(&outbox, 5, 4).await;
     let relay = RunningRelay::start(
         Relay::builder(
             outbox.clone(),
@@ -397,44 +368,13 @@ async fn consumer_applies_once_with_the_inbox_and_dead_letters_poison() {
     .await;
     relay.stop().await;
 
-    let calls = Arc::new(AtomicU32::new(0));
-    let registry = {
-        let (calls, t) = (calls.clone(), t.clone());
-        outbox::Registry::builder()
-            .handler::<ItemChanged, _, _>(
-                "apply",
-                move |event: ItemChanged, ctx: outbox::HandlerContext| {
-                    let (calls, t) = (calls.clone(), t.clone());
-                    async move {
-                        calls.fetch_add(1, Ordering::SeqCst);
-                        let inbox = ctx.state::<Inbox<Postgres>>()?;
-                        let Some(mut tx) = inbox.begin(&ctx).await? else {
-                            return Ok(());
-                        };
-                        sqlx::query(&format!(
-                            "INSERT INTO {t}_applied (item, n) VALUES ($1, $2)"
-                        ))
-                        .bind(&event.item)
-                        .bind(event.n as i64)
-                        .execute(&mut *tx)
-                        .await?;
-                        tx.commit().await?;
-                        if ctx.attempt() == 1 && event.n == 1 {
-                            // Committed but not acknowledged: the message comes again.
-                            return Err(outbox::HandlerError::retry("lost the ack"));
-                        }
-                        Ok(())
-                    }
-                },
-            )
-            .unwrap()
-            .build()
-    };
     let consumer = KafkaConsumer::new(
         &brokers(),
         &unique("group"),
         &[&topic],
-        outbox::Dispatcher::new(registry).state(inbox),
+        applier.dispatcher(AfterCommit::LoseFirstAck {
+            first_events_only: true,
+        }),
     )
     .unwrap()
     .retry(RetryPolicy::exponential(Duration::from_millis(20)).max_attempts(3));
@@ -444,11 +384,7 @@ async fn consumer_applies_once_with_the_inbox_and_dead_letters_poison() {
         async move { consumer.run(shutdown).await.unwrap() }
     });
     eventually("every event applied", WAIT, || async {
-        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {t}_applied"))
-            .fetch_one(outbox.pool())
-            .await
-            .unwrap();
-        n == 20
+        applier.applied().await == 20
     })
     .await;
     let dead = read(&raw_consumer(&brokers(), &dlq), 1).await;
@@ -461,10 +397,7 @@ async fn consumer_applies_once_with_the_inbox_and_dead_letters_poison() {
     shutdown.cancel();
     consuming.await.unwrap();
     // 20 events; the 5 first events of each aggregate came twice; state changed 20 times.
-    assert_eq!(calls.load(Ordering::SeqCst), 25);
-    sqlx::raw_sql(&format!("DROP TABLE {t}_applied, {t}_inbox"))
-        .execute(outbox.pool())
-        .await
-        .unwrap();
+    assert_eq!(applier.calls(), 25);
+    applier.drop_tables().await;
     Postgres::drop_tables(&outbox).await;
 }

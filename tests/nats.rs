@@ -6,8 +6,8 @@ use futures_util::StreamExt;
 use outbox::nats::{ensure_stream, NatsConsumer, NatsTransport};
 use outbox::{EventStatus, Inbox, Relay, RetryPolicy};
 use outbox_tests::{
-    eventually, free_port, init_tracing, temp_dir, Huge, ItemChanged, MalformedItemChanged,
-    RunningRelay, TestDb, Unrouted,
+    broker_retry, eventually, free_port, init_tracing, temp_dir, AfterCommit, Applier, Huge,
+    ItemChanged, MalformedItemChanged, RunningRelay, TestDb, Unrouted,
 };
 use sqlx::Postgres;
 use std::collections::{BTreeMap, HashSet};
@@ -38,12 +38,6 @@ fn names() -> (String, String) {
         format!("t{}", &id[..10]),
         format!("T{}", &id[..10]).to_uppercase(),
     )
-}
-
-fn quick_retry() -> RetryPolicy {
-    RetryPolicy::exponential(Duration::from_millis(50))
-        .max_delay(Duration::from_millis(500))
-        .max_attempts(1000)
 }
 
 /// Every message in `stream`, in stream order, read with a plain async-nats consumer.
@@ -205,7 +199,7 @@ async fn oversize_and_unroutable_events_go_dead_with_the_broker_reason() {
             outbox.clone(),
             NatsTransport::new(js.clone()).subject_prefix(&prefix),
         )
-        .retry(quick_retry())
+        .retry(broker_retry())
         .poll_interval(Duration::from_millis(50)),
     );
     eventually("both bad events dead, the rest delivered", WAIT, || async {
@@ -325,7 +319,7 @@ async fn broker_outage_loses_nothing_and_needs_no_restart() {
             outbox.clone(),
             NatsTransport::new(js.clone()).subject_prefix(&prefix),
         )
-        .retry(quick_retry())
+        .retry(broker_retry())
         .poll_interval(Duration::from_millis(50)),
     );
 
@@ -397,51 +391,8 @@ async fn consumer_runs_typed_handlers_once_with_the_inbox() {
     );
 
     // Consumer side: its own state table and inbox (here in the same server, other tables).
-    let t = outbox.table().to_string();
-    sqlx::query(&format!(
-        "CREATE TABLE {t}_applied (item text, n bigint, PRIMARY KEY (item, n))"
-    ))
-    .execute(outbox.pool())
-    .await
-    .unwrap();
-    let inbox =
-        Inbox::<Postgres>::new(outbox.pool().clone(), &format!("{t}_inbox"), "inventory").unwrap();
-    inbox.migrate().await.unwrap();
-    let handled = Arc::new(AtomicU32::new(0));
-    let registry = {
-        let (handled, t) = (handled.clone(), t.clone());
-        outbox::Registry::builder()
-            .handler::<ItemChanged, _, _>(
-                "apply",
-                move |event: ItemChanged, ctx: outbox::HandlerContext| {
-                    let (handled, t) = (handled.clone(), t.clone());
-                    async move {
-                        handled.fetch_add(1, Ordering::SeqCst);
-                        let inbox = ctx.state::<Inbox<Postgres>>()?;
-                        let Some(mut tx) = inbox.begin(&ctx).await? else {
-                            return Ok(());
-                        };
-                        // A duplicate application would violate the primary key.
-                        sqlx::query(&format!(
-                            "INSERT INTO {t}_applied (item, n) VALUES ($1, $2)"
-                        ))
-                        .bind(&event.item)
-                        .bind(event.n as i64)
-                        .execute(&mut *tx)
-                        .await?;
-                        tx.commit().await?;
-                        if ctx.attempt() == 1 {
-                            // The state is committed but the message is not acked: as if the
-                            // consumer crashed here. The broker redelivers it.
-                            return Err(outbox::HandlerError::retry("crashed before ack"));
-                        }
-                        Ok(())
-                    }
-                },
-            )
-            .unwrap()
-            .build()
-    };
+    // The first delivery of each event commits its effect but loses the ack: redelivered.
+    let applier = Applier::new(&outbox, "inventory").await;
     let pull = stream
         .create_consumer(consumer::pull::Config {
             durable_name: Some("inventory".into()),
@@ -450,7 +401,13 @@ async fn consumer_runs_typed_handlers_once_with_the_inbox() {
         })
         .await
         .unwrap();
-    let consumer = NatsConsumer::new(pull, outbox::Dispatcher::new(registry).state(inbox)).retry(
+    let consumer = NatsConsumer::new(
+        pull,
+        applier.dispatcher(AfterCommit::LoseFirstAck {
+            first_events_only: false,
+        }),
+    )
+    .retry(
         RetryPolicy::exponential(Duration::from_millis(20)).max_delay(Duration::from_millis(50)),
     );
     let shutdown = outbox::CancellationToken::new();
@@ -488,7 +445,7 @@ async fn consumer_runs_typed_handlers_once_with_the_inbox() {
     tx.commit().await.unwrap();
 
     eventually("every event applied and redelivered once", WAIT, || async {
-        handled.load(Ordering::SeqCst) >= 60
+        applier.calls() >= 60
     })
     .await;
     eventually("every message acked or terminated", WAIT, || async {
@@ -504,23 +461,20 @@ async fn consumer_runs_typed_handlers_once_with_the_inbox() {
     })
     .await;
     assert_eq!(
-        handled.load(Ordering::SeqCst),
+        applier.calls(),
         60,
         "the poison message never reached the handler"
     );
-    let applied: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {t}_applied"))
-        .fetch_one(outbox.pool())
-        .await
-        .unwrap();
-    assert_eq!(applied, 30, "each event changed the state exactly once");
+    assert_eq!(
+        applier.applied().await,
+        30,
+        "each event changed the state exactly once"
+    );
     shutdown.cancel();
     consuming.await.unwrap();
     relay.stop().await;
     js.delete_stream(&stream_name).await.unwrap();
-    sqlx::raw_sql(&format!("DROP TABLE {t}_applied, {t}_inbox"))
-        .execute(outbox.pool())
-        .await
-        .unwrap();
+    applier.drop_tables().await;
     Postgres::drop_tables(&outbox).await;
 }
 

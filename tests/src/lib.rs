@@ -486,3 +486,111 @@ impl TcpProxy {
         }
     }
 }
+
+/// Retries quickly and for long: for tests where a broker is away for a while.
+pub fn broker_retry() -> outbox::RetryPolicy {
+    outbox::RetryPolicy::exponential(Duration::from_millis(50))
+        .max_delay(Duration::from_millis(500))
+        .max_attempts(1000)
+}
+
+/// What the consuming service's handler does once it committed an event's effect.
+#[derive(Debug, Clone, Copy)]
+pub enum AfterCommit {
+    /// Succeed: the message is acknowledged.
+    Ack,
+    /// Fail with a retryable error on the first attempt of an event with `n == 1` (any `n`
+    /// when `first_events_only` is false): as if the acknowledgement were lost.
+    LoseFirstAck { first_events_only: bool },
+    /// Never return: a consumer that crashes before acknowledging.
+    Hang,
+}
+
+/// The consuming service of the broker tests: its own table `<table>_applied`, primary-keyed on
+/// `(item, n)` so that applying an event twice would fail, and an inbox.
+#[derive(Debug, Clone)]
+pub struct Applier {
+    pub table: String,
+    pub inbox: outbox::Inbox<Postgres>,
+    pub calls: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl Applier {
+    pub async fn new(outbox: &Outbox<Postgres>, consumer: &str) -> Self {
+        let table = outbox.table().to_string();
+        sqlx::query(&format!(
+            "CREATE TABLE {table}_applied (item text, n bigint, PRIMARY KEY (item, n))"
+        ))
+        .execute(outbox.pool())
+        .await
+        .unwrap();
+        let inbox =
+            outbox::Inbox::new(outbox.pool().clone(), &format!("{table}_inbox"), consumer).unwrap();
+        inbox.migrate().await.unwrap();
+        Self {
+            table,
+            inbox,
+            calls: Arc::default(),
+        }
+    }
+
+    /// A dispatcher whose `ItemChanged` handler applies each event through the inbox.
+    pub fn dispatcher(&self, after_commit: AfterCommit) -> outbox::Dispatcher {
+        let (calls, table) = (self.calls.clone(), self.table.clone());
+        let registry = outbox::Registry::builder()
+            .handler::<ItemChanged, _, _>(
+                "apply",
+                move |event: ItemChanged, ctx: HandlerContext| {
+                    let (calls, table) = (calls.clone(), table.clone());
+                    async move {
+                        calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let inbox = ctx.state::<outbox::Inbox<Postgres>>()?;
+                        let Some(mut tx) = inbox.begin(&ctx).await? else {
+                            return Ok(());
+                        };
+                        sqlx::query(&format!(
+                            "INSERT INTO {table}_applied (item, n) VALUES ($1, $2)"
+                        ))
+                        .bind(&event.item)
+                        .bind(event.n as i64)
+                        .execute(&mut *tx)
+                        .await?;
+                        tx.commit().await?;
+                        match after_commit {
+                            AfterCommit::Ack => Ok(()),
+                            AfterCommit::LoseFirstAck { first_events_only }
+                                if ctx.attempt() == 1 && (event.n == 1 || !first_events_only) =>
+                            {
+                                Err(HandlerError::retry("the acknowledgement was lost"))
+                            }
+                            AfterCommit::LoseFirstAck { .. } => Ok(()),
+                            AfterCommit::Hang => std::future::pending().await,
+                        }
+                    }
+                },
+            )
+            .unwrap()
+            .build();
+        outbox::Dispatcher::new(registry).state(self.inbox.clone())
+    }
+
+    /// Rows applied so far.
+    pub async fn applied(&self) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {}_applied", self.table))
+            .fetch_one(self.inbox.pool())
+            .await
+            .unwrap()
+    }
+
+    /// Handler invocations so far.
+    pub fn calls(&self) -> u32 {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub async fn drop_tables(&self) {
+        sqlx::raw_sql(&format!("DROP TABLE {0}_applied, {0}_inbox", self.table))
+            .execute(self.inbox.pool())
+            .await
+            .unwrap();
+    }
+}

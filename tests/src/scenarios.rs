@@ -64,8 +64,13 @@ pub async fn commit_and_rollback<DB: TestDb>() {
     DB::drop_tables(&outbox).await;
 }
 
-/// Enqueues `per_aggregate` events for each of `aggregates` aggregates, in batches.
-async fn enqueue_backlog<DB: TestDb>(outbox: &Outbox<DB>, aggregates: usize, per_aggregate: u64) {
+/// Enqueues `per_aggregate` events for each of `aggregates` aggregates (`item-0`, `item-1`, …,
+/// with `n` = 1, 2, …), one batch per round.
+pub async fn enqueue_backlog<DB: TestDb>(
+    outbox: &Outbox<DB>,
+    aggregates: usize,
+    per_aggregate: u64,
+) {
     for n in 1..=per_aggregate {
         let events: Vec<ItemChanged> = (0..aggregates).map(|a| item(a, n)).collect();
         let mut tx = outbox.pool().begin().await.unwrap();
