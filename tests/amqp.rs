@@ -9,9 +9,10 @@ use outbox::amqp::{AmqpConsumer, AmqpTransport, Topology};
 use outbox::{EventStatus, Relay};
 use outbox_tests::scenarios::enqueue_backlog;
 use outbox_tests::{
-    broker_retry, eventually, init_tracing, AfterCommit, Applier, Huge, ItemChanged,
-    MalformedItemChanged, RunningRelay, TcpProxy, TestDb, Unrouted,
+    broker_retry, eventually, init_tracing, AfterCommit, Applier, Huge, ItemChanged, RunningRelay,
+    TcpProxy, TestDb, Unrouted,
 };
+use outbox_tests::{enqueue_poison, wait_for_recorded_failure};
 use sqlx::Postgres;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -267,21 +268,7 @@ async fn broker_outage_loses_nothing_and_needs_no_restart() {
     .await;
     proxy.cut().await;
     enqueue_backlog(&outbox, 100, 10).await;
-    eventually(
-        "a failure is recorded while the broker is unreachable",
-        WAIT,
-        || async {
-            let failed: i64 = sqlx::query_scalar(&format!(
-                "SELECT count(*) FROM {} WHERE last_error IS NOT NULL",
-                outbox.table()
-            ))
-            .fetch_one(outbox.pool())
-            .await
-            .unwrap();
-            failed > 0
-        },
-    )
-    .await;
+    wait_for_recorded_failure(&outbox).await;
     proxy.restore().await;
     eventually("all delivered once the broker is back", WAIT, || async {
         Postgres::count_status(&outbox, "delivered").await == 1001
@@ -323,18 +310,7 @@ async fn consumer_applies_once_across_a_crash_and_dead_letters_poison() {
     // The consuming service; its first consumer "crashes" after its first commit.
     let applier = Applier::new(&outbox, "stock").await;
 
-    let mut tx = outbox.pool().begin().await.unwrap();
-    outbox
-        .enqueue(
-            &mut *tx,
-            &MalformedItemChanged {
-                item: "poison".into(),
-                wrong: true,
-            },
-        )
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    enqueue_poison(&outbox).await;
     enqueue_backlog(&outbox, 5, 4).await;
     let relay = RunningRelay::start(
         Relay::builder(

@@ -6,9 +6,10 @@ use outbox::kafka::{producer_config, KafkaConsumer, KafkaTransport, DEAD_REASON}
 use outbox::{EventStatus, Relay, RetryPolicy};
 use outbox_tests::scenarios::enqueue_backlog;
 use outbox_tests::{
-    broker_retry, eventually, free_port, init_tracing, AfterCommit, Applier, Huge, ItemChanged,
-    MalformedItemChanged, RunningRelay, TestDb,
+    broker_retry, eventually, init_tracing, AfterCommit, Applier, Huge, ItemChanged, RunningRelay,
+    TestDb,
 };
+use outbox_tests::{enqueue_poison, wait_for_recorded_failure, PrivateServer};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -17,7 +18,6 @@ use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::Message;
 use sqlx::Postgres;
 use std::collections::{BTreeMap, HashSet};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -202,80 +202,27 @@ async fn oversize_event_goes_dead_with_the_reason() {
     Postgres::drop_tables(&outbox).await;
 }
 
-/// A tansu of the test's own, which it can stop and start (memory storage: a restart empties it).
-struct PrivateTansu {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl PrivateTansu {
-    async fn start() -> Self {
-        let mut tansu = Self {
-            port: free_port(),
-            child: None,
-        };
-        tansu.restart().await;
-        tansu
-    }
-
-    fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    async fn restart(&mut self) {
-        let binary = std::env::var("OUTBOX_TEST_TANSU")
-            .unwrap_or_else(|_| "/opt/outbox-tools/tansu-0.6.0/bin/tansu".to_owned());
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        self.child = Some(
-            Command::new(binary)
-                .args([
-                    "broker",
-                    "--listener-url",
-                    &url,
-                    "--advertised-listener-url",
-                    &url,
-                ])
-                .args(["--storage-engine", "memory://tansu/"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("tansu (run scripts/services.sh kafka, or set OUTBOX_TEST_TANSU)"),
-        );
-        let port = self.port;
-        eventually(
-            "the private tansu accepts connections",
-            Duration::from_secs(30),
-            || async move {
-                tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .is_ok()
-            },
-        )
-        .await;
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for PrivateTansu {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_loses_nothing_and_needs_no_restart() {
     init_tracing();
-    let mut tansu = PrivateTansu::start().await;
+    let mut tansu = PrivateServer::start(
+        std::env::var("OUTBOX_TEST_TANSU")
+            .unwrap_or_else(|_| "/opt/outbox-tools/tansu-0.6.0/bin/tansu".to_owned()),
+        &[
+            "broker",
+            "--listener-url",
+            "tcp://127.0.0.1:{port}",
+            "--advertised-listener-url",
+            "tcp://127.0.0.1:{port}",
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+    )
+    .await;
     let topic = "outage.items";
-    create_topics(&tansu.brokers(), &[topic]).await;
+    create_topics(&tansu.address(), &[topic]).await;
     let outbox = Postgres::fresh().await;
-    let mut config = producer_config(&tansu.brokers());
+    let mut config = producer_config(&tansu.address());
     config.set("message.timeout.ms", "3000");
     let relay = RunningRelay::start(
         Relay::builder(
@@ -295,23 +242,9 @@ async fn broker_outage_loses_nothing_and_needs_no_restart() {
 
     tansu.stop();
     enqueue_backlog(&outbox, 100, 10).await;
-    eventually(
-        "a failure is recorded while the broker is down",
-        WAIT,
-        || async {
-            let failed: i64 = sqlx::query_scalar(&format!(
-                "SELECT count(*) FROM {} WHERE last_error IS NOT NULL",
-                outbox.table()
-            ))
-            .fetch_one(outbox.pool())
-            .await
-            .unwrap();
-            failed > 0
-        },
-    )
-    .await;
+    wait_for_recorded_failure(&outbox).await;
     tansu.restart().await;
-    create_topics(&tansu.brokers(), &[topic]).await;
+    create_topics(&tansu.address(), &[topic]).await;
     eventually("all delivered once the broker is back", WAIT, || async {
         Postgres::count_status(&outbox, "delivered").await == 1001
     })
@@ -319,7 +252,7 @@ async fn broker_outage_loses_nothing_and_needs_no_restart() {
     relay.stop().await;
     assert_eq!(Postgres::count_status(&outbox, "dead").await, 0);
     // The restarted broker (memory storage) holds everything enqueued during the outage.
-    let consumer = raw_consumer(&tansu.brokers(), topic);
+    let consumer = raw_consumer(&tansu.address(), topic);
     let mut ids = HashSet::new();
     while ids.len() < 1000 {
         for m in read(&consumer, 1).await {
@@ -340,18 +273,7 @@ async fn consumer_applies_once_with_the_inbox_and_dead_letters_poison() {
     // The consuming service: the first delivery of each aggregate's first event loses its ack.
     let applier = Applier::new(&outbox, "stock").await;
 
-    let mut tx = outbox.pool().begin().await.unwrap();
-    outbox
-        .enqueue(
-            &mut *tx,
-            &MalformedItemChanged {
-                item: "poison".into(),
-                wrong: true,
-            },
-        )
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    enqueue_poison(&outbox).await;
     enqueue_backlog(&outbox, 5, 4).await;
     let relay = RunningRelay::start(
         Relay::builder(

@@ -6,12 +6,12 @@ use futures_util::StreamExt;
 use outbox::nats::{ensure_stream, NatsConsumer, NatsTransport};
 use outbox::{EventStatus, Inbox, Relay, RetryPolicy};
 use outbox_tests::{
-    broker_retry, eventually, free_port, init_tracing, temp_dir, AfterCommit, Applier, Huge,
-    ItemChanged, MalformedItemChanged, RunningRelay, TestDb, Unrouted,
+    broker_retry, eventually, init_tracing, AfterCommit, Applier, Huge, ItemChanged,
+    MalformedItemChanged, RunningRelay, TestDb, Unrouted,
 };
+use outbox_tests::{wait_for_recorded_failure, PrivateServer};
 use sqlx::Postgres;
 use std::collections::{BTreeMap, HashSet};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -236,78 +236,15 @@ async fn oversize_and_unroutable_events_go_dead_with_the_broker_reason() {
     Postgres::drop_tables(&outbox).await;
 }
 
-/// A `nats-server` of the test's own, which it can stop and start.
-struct PrivateNats {
-    port: u16,
-    dir: std::path::PathBuf,
-    child: Option<Child>,
-}
-
-impl PrivateNats {
-    fn binary() -> String {
-        std::env::var("OUTBOX_TEST_NATS_SERVER").unwrap_or_else(|_| "nats-server".to_owned())
-    }
-
-    async fn start(port: u16, dir: std::path::PathBuf) -> Self {
-        let mut server = Self {
-            port,
-            dir,
-            child: None,
-        };
-        server.restart().await;
-        server
-    }
-
-    async fn restart(&mut self) {
-        let child = Command::new(Self::binary())
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server (set OUTBOX_TEST_NATS_SERVER)");
-        self.child = Some(child);
-        let port = self.port;
-        eventually(
-            "the private nats-server accepts connections",
-            Duration::from_secs(20),
-            || async move {
-                tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .is_ok()
-            },
-        )
-        .await;
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for PrivateNats {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_loses_nothing_and_needs_no_restart() {
     init_tracing();
-    let port = free_port();
-    let mut server = PrivateNats::start(port, temp_dir("nats")).await;
-    let url = format!("127.0.0.1:{port}");
+    let mut server = PrivateServer::start(
+        std::env::var("OUTBOX_TEST_NATS_SERVER").unwrap_or_else(|_| "nats-server".to_owned()),
+        &["-a", "127.0.0.1", "-p", "{port}", "-js", "-sd", "{dir}"],
+    )
+    .await;
+    let url = server.address();
     let js = jetstream(&url).await;
     let (prefix, stream) = names();
     ensure_stream(&js, &stream, vec![format!("{prefix}.>")])
@@ -336,21 +273,7 @@ async fn broker_outage_loses_nothing_and_needs_no_restart() {
         tx.commit().await.unwrap();
     }
     // The relay tries, fails, and records why.
-    eventually(
-        "a failure is recorded while the broker is down",
-        WAIT,
-        || async {
-            let failed: i64 = sqlx::query_scalar(&format!(
-                "SELECT count(*) FROM {} WHERE last_error IS NOT NULL",
-                outbox.table()
-            ))
-            .fetch_one(outbox.pool())
-            .await
-            .unwrap();
-            failed > 0
-        },
-    )
-    .await;
+    wait_for_recorded_failure(&outbox).await;
     assert_eq!(Postgres::count_status(&outbox, "dead").await, 0);
 
     server.restart().await;

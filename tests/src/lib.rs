@@ -594,3 +594,124 @@ impl Applier {
             .unwrap();
     }
 }
+
+/// A broker process of the test's own on a free port, which it can stop and start again to
+/// simulate an outage without touching the servers other tests share.
+#[derive(Debug)]
+pub struct PrivateServer {
+    pub port: u16,
+    program: String,
+    args: Vec<String>,
+    data_dir: Option<std::path::PathBuf>,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateServer {
+    /// Starts `program` with `args`, where `{port}` and `{dir}` are replaced by the port and a
+    /// fresh data directory (removed on drop).
+    pub async fn start(program: String, args: &[&str]) -> Self {
+        let port = free_port();
+        let data_dir = args
+            .iter()
+            .any(|a| a.contains("{dir}"))
+            .then(|| temp_dir("server"));
+        let args = args
+            .iter()
+            .map(|a| {
+                let a = a.replace("{port}", &port.to_string());
+                match &data_dir {
+                    Some(dir) => a.replace("{dir}", &dir.display().to_string()),
+                    None => a,
+                }
+            })
+            .collect();
+        let mut server = Self {
+            port,
+            program,
+            args,
+            data_dir,
+            child: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the process again (after [`stop`](Self::stop)), on the same port and data.
+    pub async fn restart(&mut self) {
+        let child = std::process::Command::new(&self.program)
+            .args(&self.args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.program));
+        self.child = Some(child);
+        let port = self.port;
+        eventually(
+            &format!("{} accepts connections", self.program),
+            Duration::from_secs(30),
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
+    }
+
+    /// Kills the process.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(dir) = &self.data_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Waits until the relay has recorded a delivery failure (while a broker is away).
+pub async fn wait_for_recorded_failure(outbox: &Outbox<Postgres>) {
+    eventually(
+        "a delivery failure is recorded",
+        Duration::from_secs(120),
+        || async {
+            let failed: i64 = sqlx::query_scalar(&format!(
+                "SELECT count(*) FROM {} WHERE last_error IS NOT NULL",
+                outbox.table()
+            ))
+            .fetch_one(outbox.pool())
+            .await
+            .unwrap();
+            failed > 0
+        },
+    )
+    .await;
+}
+
+/// Enqueues an `ItemChanged` whose payload no handler can read.
+pub async fn enqueue_poison(outbox: &Outbox<Postgres>) {
+    let mut tx = outbox.pool().begin().await.unwrap();
+    outbox
+        .enqueue(
+            &mut *tx,
+            &MalformedItemChanged {
+                item: "poison".into(),
+                wrong: true,
+            },
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+}
