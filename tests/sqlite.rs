@@ -1,6 +1,7 @@
 //! The shared scenarios on SQLite (a temporary file per test).
 
 use outbox_tests::scenarios;
+use outbox_tests::TestDb;
 use sqlx::Sqlite;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,7 +71,7 @@ async fn relay_runs_retention() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claim_uses_the_pending_indexes() {
-    let outbox = <Sqlite as outbox_tests::TestDb>::fresh().await;
+    let outbox = Sqlite::fresh().await;
     let plan = outbox.explain_claim(100).await.unwrap();
     assert!(plan.contains("_heads"), "{plan}");
     assert!(
@@ -78,4 +79,5 @@ async fn claim_uses_the_pending_indexes() {
             && !plan.ends_with(&format!("SCAN {}", outbox.table())),
         "{plan}"
     );
+    Sqlite::drop_tables(&outbox).await;
 }

@@ -190,85 +190,6 @@ pub async fn pg_pool() -> PgPool {
         .unwrap_or_else(|e| panic!("cannot reach PostgreSQL (set OUTBOX_TEST_DATABASE_URL): {e}"))
 }
 
-impl TestDb for Postgres {
-    async fn fresh() -> Outbox<Self> {
-        let outbox = Outbox::builder(pg_pool().await)
-            .table(unique_table())
-            .build()
-            .unwrap();
-        outbox.migrate().await.unwrap();
-        sqlx::query(&format!(
-            "CREATE TABLE {}_business (id text PRIMARY KEY)",
-            outbox.table()
-        ))
-        .execute(outbox.pool())
-        .await
-        .unwrap();
-        outbox
-    }
-
-    async fn insert_business_row<'a>(
-        outbox: &'a Outbox<Self>,
-        conn: &'a mut sqlx::PgConnection,
-        id: &'a str,
-    ) {
-        sqlx::query(&format!(
-            "INSERT INTO {}_business (id) VALUES ($1)",
-            outbox.table()
-        ))
-        .bind(id)
-        .execute(conn)
-        .await
-        .unwrap();
-    }
-
-    async fn count_business_rows<'a>(outbox: &'a Outbox<Self>, id: &'a str) -> i64 {
-        sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM {}_business WHERE id = $1",
-            outbox.table()
-        ))
-        .bind(id)
-        .fetch_one(outbox.pool())
-        .await
-        .unwrap()
-    }
-
-    async fn count_outbox_rows(outbox: &Outbox<Self>) -> i64 {
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {}", outbox.table()))
-            .fetch_one(outbox.pool())
-            .await
-            .unwrap()
-    }
-
-    async fn count_status<'a>(outbox: &'a Outbox<Self>, status: &'a str) -> i64 {
-        sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM {} WHERE status = $1",
-            outbox.table()
-        ))
-        .bind(status)
-        .fetch_one(outbox.pool())
-        .await
-        .unwrap()
-    }
-
-    async fn count_archived(outbox: &Outbox<Self>) -> i64 {
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {}_archive", outbox.table()))
-            .fetch_one(outbox.pool())
-            .await
-            .unwrap()
-    }
-
-    async fn drop_tables(outbox: &Outbox<Self>) {
-        let t = outbox.table();
-        sqlx::raw_sql(&format!(
-            "DROP TABLE IF EXISTS {t}, {t}_aggregates, {t}_archive, {t}_migrations, {t}_business, {t}_inbox"
-        ))
-        .execute(outbox.pool())
-        .await
-        .unwrap();
-    }
-}
-
 pub async fn sqlite_pool() -> SqlitePool {
     let path = std::env::temp_dir().join(format!("outbox-test-{}.db", uuid::Uuid::new_v4()));
     SqlitePoolOptions::new()
@@ -284,79 +205,101 @@ pub async fn sqlite_pool() -> SqlitePool {
         .unwrap()
 }
 
-impl TestDb for Sqlite {
-    async fn fresh() -> Outbox<Self> {
-        let outbox = Outbox::builder(sqlite_pool().await)
-            .table(unique_table())
-            .build()
-            .unwrap();
-        outbox.migrate().await.unwrap();
-        sqlx::query(&format!(
-            "CREATE TABLE {}_business (id TEXT PRIMARY KEY)",
-            outbox.table()
-        ))
-        .execute(outbox.pool())
-        .await
-        .unwrap();
-        outbox
-    }
+// The same SQL serves both databases: SQLite reads `$1` parameters too.
+macro_rules! test_db {
+    ($db:ty, $pool:expr, |$outbox:ident| $drop:block) => {
+        impl TestDb for $db {
+            async fn fresh() -> Outbox<Self> {
+                let outbox = Outbox::builder($pool.await)
+                    .table(unique_table())
+                    .build()
+                    .unwrap();
+                outbox.migrate().await.unwrap();
+                sqlx::query(&format!(
+                    "CREATE TABLE {}_business (id TEXT PRIMARY KEY)",
+                    outbox.table()
+                ))
+                .execute(outbox.pool())
+                .await
+                .unwrap();
+                outbox
+            }
 
-    async fn insert_business_row<'a>(
-        outbox: &'a Outbox<Self>,
-        conn: &'a mut sqlx::SqliteConnection,
-        id: &'a str,
-    ) {
-        sqlx::query(&format!(
-            "INSERT INTO {}_business (id) VALUES (?1)",
-            outbox.table()
-        ))
-        .bind(id)
-        .execute(conn)
-        .await
-        .unwrap();
-    }
+            async fn insert_business_row<'a>(
+                outbox: &'a Outbox<Self>,
+                conn: &'a mut Self::Connection,
+                id: &'a str,
+            ) {
+                sqlx::query(&format!("INSERT INTO {}_business (id) VALUES ($1)", outbox.table()))
+                    .bind(id)
+                    .execute(conn)
+                    .await
+                    .unwrap();
+            }
 
-    async fn count_business_rows<'a>(outbox: &'a Outbox<Self>, id: &'a str) -> i64 {
-        sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM {}_business WHERE id = ?1",
-            outbox.table()
-        ))
-        .bind(id)
-        .fetch_one(outbox.pool())
-        .await
-        .unwrap()
-    }
+            async fn count_business_rows<'a>(outbox: &'a Outbox<Self>, id: &'a str) -> i64 {
+                sqlx::query_scalar(&format!(
+                    "SELECT count(*) FROM {}_business WHERE id = $1",
+                    outbox.table()
+                ))
+                .bind(id)
+                .fetch_one(outbox.pool())
+                .await
+                .unwrap()
+            }
 
-    async fn count_outbox_rows(outbox: &Outbox<Self>) -> i64 {
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {}", outbox.table()))
-            .fetch_one(outbox.pool())
-            .await
-            .unwrap()
-    }
+            async fn count_outbox_rows(outbox: &Outbox<Self>) -> i64 {
+                sqlx::query_scalar(&format!("SELECT count(*) FROM {}", outbox.table()))
+                    .fetch_one(outbox.pool())
+                    .await
+                    .unwrap()
+            }
 
-    async fn count_status<'a>(outbox: &'a Outbox<Self>, status: &'a str) -> i64 {
-        sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM {} WHERE status = ?1",
-            outbox.table()
-        ))
-        .bind(status)
-        .fetch_one(outbox.pool())
-        .await
-        .unwrap()
-    }
+            async fn count_status<'a>(outbox: &'a Outbox<Self>, status: &'a str) -> i64 {
+                sqlx::query_scalar(&format!(
+                    "SELECT count(*) FROM {} WHERE status = $1",
+                    outbox.table()
+                ))
+                .bind(status)
+                .fetch_one(outbox.pool())
+                .await
+                .unwrap()
+            }
 
-    async fn count_archived(outbox: &Outbox<Self>) -> i64 {
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {}_archive", outbox.table()))
-            .fetch_one(outbox.pool())
-            .await
-            .unwrap()
-    }
+            async fn count_archived(outbox: &Outbox<Self>) -> i64 {
+                sqlx::query_scalar(&format!("SELECT count(*) FROM {}_archive", outbox.table()))
+                    .fetch_one(outbox.pool())
+                    .await
+                    .unwrap()
+            }
 
-    async fn drop_tables(outbox: &Outbox<Self>) {
-        // The database is a temporary file of its own.
-        outbox.pool().close().await;
-    }
+            async fn drop_tables($outbox: &Outbox<Self>) $drop
+        }
+    };
 }
+
+test_db!(Postgres, pg_pool(), |outbox| {
+    let t = outbox.table();
+    sqlx::raw_sql(&format!(
+        "DROP TABLE IF EXISTS {t}, {t}_aggregates, {t}_archive, {t}_migrations, {t}_business, {t}_inbox"
+    ))
+    .execute(outbox.pool())
+    .await
+    .unwrap();
+});
+
+test_db!(Sqlite, sqlite_pool(), |outbox| {
+    // The database is a temporary file of its own: remove it.
+    let file: String =
+        sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+            .fetch_one(outbox.pool())
+            .await
+            .unwrap();
+    outbox.pool().close().await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{file}{suffix}"));
+    }
+});
 
 /// Runs a relay in the background until [`RunningRelay::stop`].
 #[derive(Debug)]
