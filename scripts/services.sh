@@ -4,6 +4,7 @@
 #
 #   scripts/services.sh            # everything the tests need
 #   scripts/services.sh postgres   # just one
+#   scripts/services.sh kafka-restart  # tansu again, empty (before a long benchmark)
 set -euo pipefail
 
 log() { printf '[services] %s\n' "$*" >&2; }
@@ -116,6 +117,16 @@ kafka() {
   log "Kafka protocol (tansu) ready on 127.0.0.1:9092"
 }
 
+# Tansu keeps every message in memory: the benchmark restarts it empty before a long run.
+kafka_restart() {
+  if pkill -f "$TANSU broker" 2>/dev/null; then
+    log "stopped tansu"
+    local i
+    for i in $(seq 50); do port_open 9092 || break; sleep 0.2; done
+  fi
+  kafka
+}
+
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(postgres rabbitmq nats kafka)
 for target in "${targets[@]}"; do
@@ -124,6 +135,7 @@ for target in "${targets[@]}"; do
     rabbitmq) rabbitmq ;;
     nats) nats ;;
     kafka) kafka ;;
+    kafka-restart) kafka_restart ;;
     *) log "unknown service $target"; exit 2 ;;
   esac
 done

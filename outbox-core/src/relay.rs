@@ -22,6 +22,11 @@ use uuid::Uuid;
 /// aggregate are delivered one at a time, in sequence order; a failing event holds back only the
 /// later events of its own aggregate.
 ///
+/// On PostgreSQL the relay's own writes (claims and outcomes) commit with
+/// `synchronous_commit = off`: they skip the disk sync, so a server crash can forget the last
+/// fraction of a second of them, and those events are then delivered again (at least once,
+/// never lost). The events themselves are exactly as durable as your transaction.
+///
 /// ```no_run
 /// # #[cfg(feature = "postgres")]
 /// # async fn demo(outbox: outbox_core::Outbox<sqlx::Postgres>) -> Result<(), outbox_core::Error> {

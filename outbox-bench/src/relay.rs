@@ -1,0 +1,391 @@
+//! The relay runs: throughput and memory while draining a backlog, and commit-to-confirmation
+//! latency under an open-loop load.
+
+use crate::pg::{percentile_ms, Servers, Usage};
+use crate::report::{LatencyFigure, RelayFigure, Report};
+use crate::{brokers, sys, BoxError, Config, OrderPlaced, Target};
+use outbox::{DeliveryResult, Destination, Dispatcher, Envelope, Registry, Relay};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Wraps the real destination and counts what it confirmed, and when.
+struct Probe<D> {
+    inner: D,
+    state: Arc<ProbeState>,
+}
+
+#[derive(Default)]
+struct ProbeState {
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    /// `(event id, confirmation instant)`, recorded only in latency runs.
+    confirmations: Option<Mutex<Vec<(Uuid, Instant)>>>,
+}
+
+impl<D: Destination> Destination for Probe<D> {
+    async fn deliver(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
+        let results = self.inner.deliver(batch).await;
+        let confirmed_at = Instant::now();
+        let ok = results.iter().filter(|r| r.is_ok()).count();
+        self.state.delivered.fetch_add(ok as u64, Ordering::Relaxed);
+        self.state
+            .failed
+            .fetch_add((results.len() - ok) as u64, Ordering::Relaxed);
+        if let Some(confirmations) = &self.state.confirmations {
+            let mut confirmations = confirmations.lock().expect("probe lock");
+            for (envelope, result) in batch.iter().zip(&results) {
+                if result.is_ok() {
+                    confirmations.push((envelope.id, confirmed_at));
+                }
+            }
+        }
+        results
+    }
+}
+
+/// Sequence numbers seen per aggregate by the handler: the proof that handlers saw each
+/// aggregate's events in order and once.
+struct OrderCheck {
+    last: Vec<AtomicI64>,
+    violations: AtomicU64,
+}
+
+impl OrderCheck {
+    fn new(aggregates: usize) -> Arc<Self> {
+        Arc::new(Self {
+            last: (0..aggregates).map(|_| AtomicI64::new(0)).collect(),
+            violations: AtomicU64::new(0),
+        })
+    }
+}
+
+/// Typed handlers that deserialise each event and check its sequence.
+fn dispatcher(check: Arc<OrderCheck>) -> Result<Dispatcher, BoxError> {
+    let registry = Registry::builder()
+        .handler::<OrderPlaced, _, _>("bench", move |event, ctx| {
+            let check = check.clone();
+            async move {
+                let i: usize = event.account["acct-".len()..].parse().unwrap_or(0);
+                if let Some(last) = check.last.get(i) {
+                    if last.swap(ctx.sequence(), Ordering::SeqCst) >= ctx.sequence() {
+                        check.violations.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                Ok(())
+            }
+        })?
+        .build();
+    Ok(Dispatcher::new(registry))
+}
+
+/// Every backlog, target and relay count of `config`.
+pub async fn throughput(
+    servers: &Servers,
+    config: &Config,
+    report: &Report,
+) -> Result<Vec<RelayFigure>, BoxError> {
+    let mut figures = Vec::new();
+    for &backlog in &config.backlogs {
+        for &target in &config.targets {
+            for &relays in &config.relays {
+                let run = Drain {
+                    servers,
+                    config,
+                    backlog,
+                    relays,
+                };
+                let mut figure = match target {
+                    Target::Handlers => {
+                        let check = OrderCheck::new(config.aggregates);
+                        let dispatcher = dispatcher(check.clone())?;
+                        let mut figure = run.measure(|| Ok(dispatcher.clone())).await?;
+                        figure.order_violations = Some(check.violations.load(Ordering::SeqCst));
+                        figure
+                    }
+                    Target::Nats => {
+                        let transport = brokers::nats_destination(servers, config).await?;
+                        run.measure(|| Ok(transport.clone())).await?
+                    }
+                    Target::Amqp => {
+                        let make = brokers::amqp_destination(servers, config).await?;
+                        run.measure(|| Ok(make())).await?
+                    }
+                    Target::Kafka => {
+                        let make = brokers::kafka_destination(config).await?;
+                        run.measure(make).await?
+                    }
+                };
+                figure.target = target;
+                report.rate_relay(&mut figure);
+                eprintln!(
+                    "[bench]   {} backlog {backlog}, {relays} relay(s): {:.0} events/s \
+                     ({:.0} % of the raw limit), PostgreSQL {:.0} µs CPU and {:.0} B WAL per \
+                     event, peak RSS {:.1} MB",
+                    target.name(),
+                    figure.events_per_s,
+                    figure.ratio * 100.0,
+                    figure.pg_cpu_us_per_event,
+                    figure.wal_bytes_per_event,
+                    figure.peak_rss_mb
+                );
+                figures.push(figure);
+            }
+        }
+    }
+    servers.reset_outbox().await?;
+    Ok(figures)
+}
+
+struct Drain<'a> {
+    servers: &'a Servers,
+    config: &'a Config,
+    backlog: usize,
+    relays: usize,
+}
+
+impl Drain<'_> {
+    /// Fills the backlog, then drains it with `relays` relays, each with its own pool and
+    /// destination (as separate processes would), until the outbox has nothing pending.
+    async fn measure<D: Destination>(
+        &self,
+        make: impl Fn() -> Result<D, BoxError>,
+    ) -> Result<RelayFigure, BoxError> {
+        let (servers, config, backlog) = (self.servers, self.config, self.backlog);
+        servers.reset_outbox().await?;
+        servers.fill_backlog(config, backlog).await?;
+        let state = Arc::new(ProbeState::default());
+        let workers = config.workers_for(self.relays);
+        let batch = config.batch_for(self.relays);
+        let mut built = Vec::new();
+        for _ in 0..self.relays {
+            let pool = servers.pool(workers as u32 + 2).await?;
+            let probe = Probe {
+                inner: make()?,
+                state: state.clone(),
+            };
+            let relay = Relay::builder(servers.outbox_on(pool, true)?, probe)
+                .batch_size(batch)
+                .workers(workers)
+                .build()?;
+            built.push(relay);
+        }
+
+        sys::reset_peak_rss();
+        let before = servers.readings().await?;
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        for relay in built {
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move { relay.run(shutdown).await });
+        }
+        let deadline = Instant::now() + Duration::from_secs(60 + backlog as u64 / 500);
+        let drained = async {
+            loop {
+                let delivered = state.delivered.load(Ordering::Relaxed);
+                // The probe counts before the relay records; the outbox counter says done.
+                if delivered >= backlog as u64 && servers.pending().await? == 0 {
+                    return Ok::<_, BoxError>(());
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "the relays did not drain the backlog in time: {delivered} of {backlog} \
+                         delivered, {} failed deliveries",
+                        state.failed.load(Ordering::Relaxed)
+                    )
+                    .into());
+                }
+                if let Some(ended) = tasks.try_join_next() {
+                    return Err(format!("a relay stopped early: {:?}", ended?).into());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        .await;
+        let usage = servers.since(&before).await;
+        let peak_rss = sys::peak_rss();
+        shutdown.cancel();
+        while let Some(ended) = tasks.join_next().await {
+            ended??;
+        }
+        drained?;
+        let usage: Usage = usage?;
+        let delivered = state.delivered.load(Ordering::Relaxed) as usize;
+        Ok(RelayFigure {
+            target: Target::Handlers,
+            backlog,
+            relays: self.relays,
+            workers,
+            batch,
+            seconds: usage.elapsed.as_secs_f64(),
+            events_per_s: backlog as f64 / usage.elapsed.as_secs_f64(),
+            raw_limit: 0.0,
+            limited_by: String::new(),
+            ratio: 0.0,
+            pg_cpu_us_per_event: Usage::per_event_us(usage.pg_cpu, backlog),
+            pg_cores: usage.pg_cpu.as_secs_f64() / usage.elapsed.as_secs_f64(),
+            wal_bytes_per_event: usage.wal_bytes / backlog as f64,
+            relay_cpu_us_per_event: Usage::per_event_us(usage.own_cpu, backlog),
+            peak_rss_mb: peak_rss as f64 / 1e6,
+            duplicates: delivered.saturating_sub(backlog),
+            order_violations: None,
+        })
+    }
+}
+
+/// Commit-to-confirmation latency for every target and offered rate.
+pub async fn latency(servers: &Servers, config: &Config) -> Result<Vec<LatencyFigure>, BoxError> {
+    let mut figures = Vec::new();
+    for &target in &config.targets {
+        for &rate in &config.latency_rates {
+            let mut figure = match target {
+                Target::Handlers => {
+                    let dispatcher = dispatcher(OrderCheck::new(config.aggregates))?;
+                    open_loop(servers, config, rate, dispatcher).await?
+                }
+                Target::Nats => {
+                    let transport = brokers::nats_destination(servers, config).await?;
+                    open_loop(servers, config, rate, transport).await?
+                }
+                Target::Amqp => {
+                    let make = brokers::amqp_destination(servers, config).await?;
+                    open_loop(servers, config, rate, make()).await?
+                }
+                Target::Kafka => {
+                    let make = brokers::kafka_destination(config).await?;
+                    open_loop(servers, config, rate, make()?).await?
+                }
+            };
+            figure.target = target;
+            eprintln!(
+                "[bench]   {} at {rate}/s: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
+                target.name(),
+                figure.p50_ms,
+                figure.p99_ms,
+                figure.max_ms,
+                figure.samples
+            );
+            figures.push(figure);
+        }
+    }
+    servers.reset_outbox().await?;
+    Ok(figures)
+}
+
+/// Commits one event per transaction at `rate` per second on a fixed schedule (open loop: a
+/// slow commit does not delay the next), with one relay delivering to `destination`.
+async fn open_loop<D: Destination>(
+    servers: &Servers,
+    config: &Config,
+    rate: u32,
+    destination: D,
+) -> Result<LatencyFigure, BoxError> {
+    servers.reset_outbox().await?;
+    servers.settle().await?;
+    let state = Arc::new(ProbeState {
+        confirmations: Some(Mutex::new(Vec::new())),
+        ..Default::default()
+    });
+    let relay_pool = servers.pool(config.workers_for(1) as u32 + 2).await?;
+    let relay = Relay::builder(
+        servers.outbox_on(relay_pool, true)?,
+        Probe {
+            inner: destination,
+            state: state.clone(),
+        },
+    )
+    .batch_size(config.batch_for(1))
+    .workers(config.workers_for(1))
+    .build()?;
+    let shutdown = CancellationToken::new();
+    let relay_task = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { relay.run(shutdown).await }
+    });
+
+    let writer_pool = servers.pool(32).await?;
+    let outbox = servers.outbox_on(writer_pool, true)?;
+    let commits = Arc::new(Mutex::new(Vec::new()));
+    let total = (f64::from(rate) * config.latency_duration.as_secs_f64()) as u64;
+    let mut writers = JoinSet::new();
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while sent < total {
+        let due = ((started.elapsed().as_secs_f64() * f64::from(rate)) as u64).min(total);
+        while sent < due {
+            let (outbox, commits) = (outbox.clone(), commits.clone());
+            let event = OrderPlaced::new(sent, config.aggregates, config.payload_bytes);
+            writers.spawn(async move {
+                let mut tx = outbox.pool().begin().await?;
+                let id = outbox.enqueue(&mut *tx, &event).await?;
+                tx.commit().await?;
+                let committed_at = Instant::now();
+                commits.lock().expect("commits").push((id, committed_at));
+                Ok::<_, BoxError>(())
+            });
+            sent += 1;
+        }
+        while let Some(done) = writers.try_join_next() {
+            done??;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    while let Some(done) = writers.join_next().await {
+        done??;
+    }
+    let offered_for = started.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while state.delivered.load(Ordering::Relaxed) < total {
+        if Instant::now() > deadline || relay_task.is_finished() {
+            shutdown.cancel();
+            return Err(format!(
+                "latency run: {} of {total} events confirmed",
+                state.delivered.load(Ordering::Relaxed)
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shutdown.cancel();
+    relay_task.await??;
+
+    // The first second (or fifth of the run) warms connections and caches: left out.
+    let warm = started + (config.latency_duration / 5).min(Duration::from_secs(1));
+    let commits: HashMap<Uuid, Instant> = std::mem::take(&mut *commits.lock().expect("commits"))
+        .into_iter()
+        .collect();
+    let confirmations = state
+        .confirmations
+        .as_ref()
+        .map(|c| std::mem::take(&mut *c.lock().expect("probe lock")))
+        .unwrap_or_default();
+    let mut latencies: Vec<Duration> = confirmations
+        .iter()
+        .filter_map(|(id, confirmed)| {
+            let committed = commits.get(id)?;
+            // The relay can be woken by the commit's NOTIFY and confirm before the committing
+            // task runs again: that latency is (at most) zero.
+            (*committed >= warm).then(|| confirmed.saturating_duration_since(*committed))
+        })
+        .collect();
+    latencies.sort();
+    let distribution = (0..=200)
+        .map(|i| percentile_ms(&latencies, f64::from(i) / 200.0))
+        .collect();
+    Ok(LatencyFigure {
+        target: Target::Handlers,
+        offered_per_s: rate,
+        achieved_per_s: total as f64 / offered_for.as_secs_f64(),
+        samples: latencies.len(),
+        p50_ms: percentile_ms(&latencies, 0.50),
+        p90_ms: percentile_ms(&latencies, 0.90),
+        p99_ms: percentile_ms(&latencies, 0.99),
+        max_ms: percentile_ms(&latencies, 1.0),
+        duplicates: confirmations.len().saturating_sub(total as usize),
+        distribution_ms: distribution,
+    })
+}

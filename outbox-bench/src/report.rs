@@ -1,0 +1,405 @@
+//! The figures of a run, as Markdown tables, JSON and SVG plots.
+
+use crate::{sys, BoxError, Config, Target};
+use plotters::prelude::*;
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// One raw PostgreSQL claim-and-mark measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct RawPg {
+    pub statement: String,
+    pub clients: usize,
+    pub rows: usize,
+    pub rows_per_s: f64,
+    pub pg_cpu_us_per_row: f64,
+    pub wal_bytes_per_row: f64,
+}
+
+/// One raw broker publish measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct RawBroker {
+    pub target: Target,
+    pub messages: usize,
+    pub in_flight: usize,
+    pub msgs_per_s: f64,
+}
+
+/// One enqueue-overhead measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct EnqueueFigure {
+    pub writers: usize,
+    pub mode: String,
+    pub transactions: usize,
+    pub tx_per_s: f64,
+    pub mean_ms: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Mean latency minus the plain transaction's mean latency.
+    pub overhead_ms: f64,
+}
+
+/// One backlog drained by some relays.
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayFigure {
+    pub target: Target,
+    pub backlog: usize,
+    pub relays: usize,
+    pub workers: usize,
+    pub batch: usize,
+    pub seconds: f64,
+    pub events_per_s: f64,
+    /// min(raw PostgreSQL claim-and-mark with as many clients as relays, raw broker rate).
+    pub raw_limit: f64,
+    pub limited_by: String,
+    pub ratio: f64,
+    pub pg_cpu_us_per_event: f64,
+    /// PostgreSQL CPU time per second of the run: how many cores it kept busy.
+    pub pg_cores: f64,
+    pub wal_bytes_per_event: f64,
+    /// CPU of the whole benchmark process (relays, destinations' clients, handlers).
+    pub relay_cpu_us_per_event: f64,
+    pub peak_rss_mb: f64,
+    pub duplicates: usize,
+    /// Handler runs only: events seen out of sequence or twice.
+    pub order_violations: Option<u64>,
+}
+
+/// Commit-to-confirmation latency at one offered rate.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyFigure {
+    pub target: Target,
+    pub offered_per_s: u32,
+    pub achieved_per_s: f64,
+    pub samples: usize,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub duplicates: usize,
+    /// The 0th, 0.5th, …, 100th percentiles, for the plot.
+    pub distribution_ms: Vec<f64>,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub machine: String,
+    pub versions: Vec<(String, String)>,
+    pub aggregates: usize,
+    pub payload_bytes: usize,
+    pub raw_pg: Vec<RawPg>,
+    pub raw_brokers: Vec<RawBroker>,
+    pub enqueue: Vec<EnqueueFigure>,
+    pub relay: Vec<RelayFigure>,
+    pub latency: Vec<LatencyFigure>,
+}
+
+impl Report {
+    pub(crate) fn new(config: &Config) -> Self {
+        Self {
+            machine: sys::machine(),
+            versions: Vec::new(),
+            aggregates: config.aggregates,
+            payload_bytes: config.payload_bytes,
+            raw_pg: Vec::new(),
+            raw_brokers: Vec::new(),
+            enqueue: Vec::new(),
+            relay: Vec::new(),
+            latency: Vec::new(),
+        }
+    }
+
+    /// The best raw claim-and-mark rate with `clients` clients.
+    pub fn raw_pg_rate(&self, clients: usize) -> Option<&RawPg> {
+        self.raw_pg
+            .iter()
+            .filter(|r| r.clients == clients)
+            .max_by(|a, b| a.rows_per_s.total_cmp(&b.rows_per_s))
+    }
+
+    /// The raw publish rate of a broker.
+    pub fn raw_broker_rate(&self, target: Target) -> Option<f64> {
+        self.raw_brokers
+            .iter()
+            .find(|r| r.target == target)
+            .map(|r| r.msgs_per_s)
+    }
+
+    /// Sets the raw limit and ratio of a relay figure.
+    pub(crate) fn rate_relay(&self, figure: &mut RelayFigure) {
+        let mut limits = Vec::new();
+        if let Some(pg) = self.raw_pg_rate(figure.relays) {
+            limits.push((pg.rows_per_s, format!("PostgreSQL ({})", pg.statement)));
+        }
+        if let Some(broker) = self.raw_broker_rate(figure.target) {
+            limits.push((broker, format!("{} publish", figure.target.name())));
+        }
+        if let Some((limit, by)) = limits.into_iter().min_by(|a, b| a.0.total_cmp(&b.0)) {
+            figure.raw_limit = limit;
+            figure.limited_by = by;
+            figure.ratio = figure.events_per_s / limit;
+        }
+    }
+
+    /// The tables of the report, in Markdown.
+    pub fn to_markdown(&self) -> String {
+        let mut md = String::new();
+        let _ = writeln!(md, "Machine: {}  ", self.machine);
+        let versions: Vec<String> = self
+            .versions
+            .iter()
+            .map(|(name, v)| format!("{name} {v}"))
+            .collect();
+        let _ = writeln!(md, "Servers: {}  ", versions.join(", "));
+        let _ = writeln!(
+            md,
+            "Events: {} bytes of JSON, {} aggregates\n",
+            self.payload_bytes, self.aggregates
+        );
+
+        md.push_str("### Raw limits\n\n");
+        md.push_str(
+            "| what | clients / in flight | rate | PostgreSQL CPU per row | WAL per row |\n",
+        );
+        md.push_str("|---|---:|---:|---:|---:|\n");
+        for r in &self.raw_pg {
+            let _ = writeln!(
+                md,
+                "| PostgreSQL claim-and-mark, {} (500 rows) | {} | {:.0} rows/s | {:.1} µs | {:.0} B |",
+                r.statement, r.clients, r.rows_per_s, r.pg_cpu_us_per_row, r.wal_bytes_per_row
+            );
+        }
+        for r in &self.raw_brokers {
+            let _ = writeln!(
+                md,
+                "| {} publish with confirmation | {} | {:.0} msgs/s | | |",
+                r.target.name(),
+                r.in_flight,
+                r.msgs_per_s
+            );
+        }
+
+        md.push_str("\n### Enqueue overhead\n\n");
+        md.push_str("| writers | transaction | tx/s | mean | p50 | p99 | added by enqueue |\n");
+        md.push_str("|---:|---|---:|---:|---:|---:|---:|\n");
+        for e in &self.enqueue {
+            let added = if e.mode.contains("enqueue") {
+                format!("{:+.3} ms", e.overhead_ms)
+            } else {
+                "—".to_owned()
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {:.3} ms | {:.3} ms | {:.3} ms | {added} |",
+                e.writers, e.mode, e.tx_per_s, e.mean_ms, e.p50_ms, e.p99_ms
+            );
+        }
+
+        md.push_str("\n### Relay throughput\n\n");
+        md.push_str(
+            "| destination | backlog | relays × workers × batch | events/s | raw limit | ratio | \
+             PostgreSQL CPU per event | PostgreSQL cores busy | WAL per event | bench CPU per event | peak RSS | duplicates | order violations |\n",
+        );
+        md.push_str("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        for r in &self.relay {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} × {} × {} | **{:.0}** | {:.0} ({}) | **{:.0} %** | {:.0} µs | {:.2} | {:.0} B | {:.0} µs | {:.1} MB | {} | {} |",
+                r.target.name(),
+                r.backlog,
+                r.relays,
+                r.workers,
+                r.batch,
+                r.events_per_s,
+                r.raw_limit,
+                r.limited_by,
+                r.ratio * 100.0,
+                r.pg_cpu_us_per_event,
+                r.pg_cores,
+                r.wal_bytes_per_event,
+                r.relay_cpu_us_per_event,
+                r.peak_rss_mb,
+                r.duplicates,
+                r.order_violations.map_or("—".to_owned(), |v| v.to_string())
+            );
+        }
+
+        md.push_str("\n### Latency, commit → confirmation (one relay, open loop)\n\n");
+        md.push_str("| destination | offered | achieved | samples | p50 | p90 | p99 | max |\n");
+        md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+        for l in &self.latency {
+            let _ = writeln!(
+                md,
+                "| {} | {}/s | {:.0}/s | {} | **{:.2} ms** | {:.2} ms | **{:.2} ms** | {:.2} ms |",
+                l.target.name(),
+                l.offered_per_s,
+                l.achieved_per_s,
+                l.samples,
+                l.p50_ms,
+                l.p90_ms,
+                l.p99_ms,
+                l.max_ms
+            );
+        }
+        md
+    }
+
+    /// Writes `results.json`, `results.md`, `throughput.svg` and `latency.svg` into `dir`.
+    pub fn write(&self, dir: &Path) -> Result<(), BoxError> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(
+            dir.join("results.json"),
+            serde_json::to_string_pretty(self)?,
+        )?;
+        std::fs::write(dir.join("results.md"), self.to_markdown())?;
+        self.plot_throughput(&dir.join("throughput.svg"))?;
+        self.plot_latency(&dir.join("latency.svg"))?;
+        Ok(())
+    }
+
+    /// Events per second against relay count, one line per destination and backlog, with the
+    /// raw PostgreSQL limit for reference.
+    fn plot_throughput(&self, path: &Path) -> Result<(), BoxError> {
+        let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let max_relays = self
+            .relay
+            .iter()
+            .map(|r| r.relays)
+            .max()
+            .unwrap_or(1)
+            .max(2);
+        let top = self
+            .relay
+            .iter()
+            .map(|r| r.events_per_s)
+            .chain(self.raw_pg.iter().map(|r| r.rows_per_s))
+            .fold(1.0, f64::max)
+            * 1.15;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("Relay throughput vs relays (events/s)", ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.5f64..(max_relays as f64 + 0.5), 0f64..top)?;
+        chart
+            .configure_mesh()
+            .x_desc("relays")
+            .y_desc("events per second")
+            .x_labels(max_relays + 1)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{:.0}k", y / 1000.0))
+            .draw()?;
+        let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+        let mut backlogs: Vec<usize> = self.relay.iter().map(|r| r.backlog).collect();
+        backlogs.sort_unstable();
+        backlogs.dedup();
+        for (t, target) in Target::ALL.into_iter().enumerate() {
+            for (b, &backlog) in backlogs.iter().enumerate() {
+                let mut points: Vec<(f64, f64)> = self
+                    .relay
+                    .iter()
+                    .filter(|r| r.target == target && r.backlog == backlog)
+                    .map(|r| (r.relays as f64, r.events_per_s))
+                    .collect();
+                if points.is_empty() {
+                    continue;
+                }
+                points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                let color = colors[t % colors.len()];
+                let style = if b == 0 {
+                    color.stroke_width(2)
+                } else {
+                    color.mix(0.5).stroke_width(2)
+                };
+                chart
+                    .draw_series(LineSeries::new(points.clone(), style))?
+                    .label(format!("{} ({backlog} backlog)", target.name()))
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+                chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+            }
+        }
+        let mut raw: Vec<(f64, f64)> = self
+            .relay
+            .iter()
+            .map(|r| r.relays)
+            .filter_map(|n| self.raw_pg_rate(n).map(|p| (n as f64, p.rows_per_s)))
+            .collect();
+        raw.sort_by(|a, b| a.0.total_cmp(&b.0));
+        raw.dedup();
+        if !raw.is_empty() {
+            let style = BLACK.mix(0.6).stroke_width(1);
+            chart
+                .draw_series(LineSeries::new(raw, style))?
+                .label("raw PostgreSQL claim-and-mark (rows/s)")
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    }
+
+    /// The latency distribution (percentile against milliseconds) of each destination at each
+    /// offered rate.
+    fn plot_latency(&self, path: &Path) -> Result<(), BoxError> {
+        let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let right = self
+            .latency
+            .iter()
+            .map(|l| l.p99_ms * 1.5)
+            .fold(1.0, f64::max);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "Commit → broker confirmation latency (share of events at or below)",
+                ("sans-serif", 22),
+            )
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..right, 0f64..100f64)?;
+        chart
+            .configure_mesh()
+            .x_desc("milliseconds")
+            .y_desc("percentile")
+            .draw()?;
+        let colors = [BLUE, RED, GREEN, MAGENTA];
+        let mut rates: Vec<u32> = self.latency.iter().map(|l| l.offered_per_s).collect();
+        rates.sort_unstable();
+        rates.dedup();
+        for l in &self.latency {
+            let t = Target::ALL.iter().position(|&t| t == l.target).unwrap_or(0);
+            let color = colors[t % colors.len()];
+            let style = if rates.first() == Some(&l.offered_per_s) {
+                color.stroke_width(2)
+            } else {
+                color.mix(0.45).stroke_width(2)
+            };
+            let n = l.distribution_ms.len().max(2) - 1;
+            let points = l
+                .distribution_ms
+                .iter()
+                .enumerate()
+                .map(|(i, &ms)| (ms.min(right), i as f64 * 100.0 / n as f64));
+            chart
+                .draw_series(LineSeries::new(points, style))?
+                .label(format!("{} at {}/s", l.target.name(), l.offered_per_s))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,78 @@
+//! The harness at tiny sizes against the real servers: every section produces figures. It
+//! measures nothing worth reading and asserts no timing.
+
+use outbox_bench::{run, Config, Target};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_harness_measures_every_section() {
+    let mut config = Config::smoke();
+    if let Ok(url) = std::env::var("OUTBOX_TEST_DATABASE_URL") {
+        config.database_url = url;
+    }
+    if let Ok(url) = std::env::var("OUTBOX_TEST_AMQP_URL") {
+        config.amqp_url = url;
+    }
+    if let Ok(url) = std::env::var("OUTBOX_TEST_NATS_URL") {
+        config.nats_url = url;
+    }
+    if let Ok(brokers) = std::env::var("OUTBOX_TEST_KAFKA_BROKERS") {
+        config.kafka_brokers = brokers;
+    }
+    let out = std::env::temp_dir().join(format!("outbox-bench-smoke-{}", std::process::id()));
+    config.out_dir = Some(out.clone());
+    let report = run(&config).await.expect("the smoke run completes");
+
+    // Raw limits: both statements for each relay count, one figure per broker.
+    assert_eq!(report.raw_pg.len(), 2 * config.relays.len());
+    assert!(report
+        .raw_pg
+        .iter()
+        .all(|r| r.rows == config.raw_events && r.rows_per_s > 0.0));
+    assert_eq!(report.raw_brokers.len(), 3);
+    assert!(report.raw_brokers.iter().all(|r| r.msgs_per_s > 0.0));
+
+    // Enqueue: three modes per writer count.
+    assert_eq!(report.enqueue.len(), 3 * config.writers.len());
+    assert!(report.enqueue.iter().all(|e| e.transactions > 0));
+
+    // Relay: every target, backlog and relay count drained completely, in order, each rated
+    // against a raw limit.
+    assert_eq!(
+        report.relay.len(),
+        Target::ALL.len() * config.backlogs.len() * config.relays.len()
+    );
+    for r in &report.relay {
+        assert!(
+            r.events_per_s > 0.0 && r.raw_limit > 0.0 && r.ratio > 0.0,
+            "{r:?}"
+        );
+        assert!(r.peak_rss_mb > 0.0, "{r:?}");
+        if r.target == Target::Handlers {
+            assert_eq!(r.order_violations, Some(0), "{r:?}");
+        }
+    }
+
+    // Latency: every target and rate has samples and ordered percentiles.
+    assert_eq!(
+        report.latency.len(),
+        Target::ALL.len() * config.latency_rates.len()
+    );
+    for l in &report.latency {
+        assert!(l.samples > 0, "{l:?}");
+        assert!(l.p50_ms <= l.p99_ms && l.p99_ms <= l.max_ms, "{l:?}");
+    }
+
+    // The files a report is made of.
+    for file in [
+        "results.json",
+        "results.md",
+        "throughput.svg",
+        "latency.svg",
+    ] {
+        let len = std::fs::metadata(out.join(file)).map_or(0, |m| m.len());
+        assert!(len > 100, "{file} was not written");
+    }
+    let svg = std::fs::read_to_string(out.join("throughput.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("handlers"));
+    let _ = std::fs::remove_dir_all(out);
+}

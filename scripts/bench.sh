@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The full benchmark of BENCHMARKS.md: starts the servers, restarts tansu empty (it keeps every
+# message in memory), and writes the figures and plots into benchmarks/. About 25 minutes on a
+# 2-core machine. Extra arguments go to the harness (see --help), for instance
+#   scripts/bench.sh --targets nats --backlogs 100000
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+scripts/services.sh
+scripts/services.sh kafka-restart
+cargo run --release -p outbox-bench -- --out benchmarks "$@"
