@@ -4,8 +4,10 @@
 //!   `mandatory` set (an unroutable message is an error, not silently dropped), `message_id` =
 //!   outbox id, `type` = event type, `content_type`, `timestamp`, and the outbox metadata as
 //!   headers. The exchange is the event's route (topic), the routing key its event type. A batch
-//!   is published with all its confirms outstanding at once. After a connection failure the
-//!   transport reconnects on the next batch.
+//!   is published with all its confirms outstanding at once, on a channel of its own, so the
+//!   batches of several relay workers publish side by side (up to [`AmqpTransport::channels`],
+//!   connected as needed). After a connection failure the transport reconnects on the next
+//!   batch.
 //! - [`AmqpConsumer`] consumes a queue into the same typed handlers as the relay, acking after
 //!   success; a retryable failure is retried in place with backoff (keeping the queue's order),
 //!   and a permanent one, or the last attempt, is rejected without requeue, which sends it to the
@@ -29,6 +31,7 @@ use outbox_core::{
     wire, DeliveryError, DeliveryResult, Dispatcher, Envelope, RetryPolicy, Transport,
 };
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -38,12 +41,18 @@ pub use lapin;
 /// AMQP delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
 
+/// Batches that publish at once by default: more than a relay's usual worker count.
+const DEFAULT_CHANNELS: usize = 4;
+
 /// Publishes outbox events to RabbitMQ with publisher confirms.
 pub struct AmqpTransport {
     uri: String,
     name: String,
     exchange: Option<String>,
-    channel: Mutex<Option<(Connection, Channel)>>,
+    /// One connection and confirm-mode channel per slot: a batch holds a slot while it
+    /// publishes, so batches of several relay workers publish side by side.
+    slots: Vec<Mutex<Option<(Connection, Channel)>>>,
+    next_slot: AtomicUsize,
 }
 
 impl fmt::Debug for AmqpTransport {
@@ -64,8 +73,17 @@ impl AmqpTransport {
             uri: uri.into(),
             name: "amqp".to_owned(),
             exchange: None,
-            channel: Mutex::new(None),
+            slots: (0..DEFAULT_CHANNELS).map(|_| Mutex::new(None)).collect(),
+            next_slot: AtomicUsize::new(0),
         }
+    }
+
+    /// How many batches may publish at once, each on its own connection and channel (default
+    /// 4). A channel confirms in order, so one batch at a time uses a channel; give at least
+    /// as many as the relay has workers.
+    pub fn channels(mut self, n: usize) -> Self {
+        self.slots = (0..n.max(1)).map(|_| Mutex::new(None)).collect();
+        self
     }
 
     /// Names the transport for a [`Router`](outbox_core::Router) (default `"amqp"`).
@@ -174,8 +192,15 @@ impl Transport for AmqpTransport {
     }
 
     async fn publish(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
-        // One batch at a time on the channel: confirms are matched to their messages in order.
-        let mut slot = self.channel.lock().await;
+        // One batch at a time per channel: confirms are matched to their messages in order.
+        // Take a free slot if there is one, else wait for the next in turn.
+        let mut slot = match self.slots.iter().find_map(|slot| slot.try_lock().ok()) {
+            Some(free) => free,
+            None => {
+                let i = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+                self.slots[i].lock().await
+            }
+        };
         if slot
             .as_ref()
             .is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected())
