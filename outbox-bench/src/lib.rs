@@ -225,17 +225,27 @@ pub async fn run(config: &Config) -> Result<Report, BoxError> {
     report.versions = servers.versions().await;
     eprintln!("[bench] servers: {:?}", report.versions);
 
+    // The report is written after each section: a failure late in a long run keeps the
+    // figures measured before it.
+    let save = |report: &Report| match &config.out_dir {
+        Some(dir) => report.write(dir),
+        None => Ok(()),
+    };
     let result = async {
         eprintln!("[bench] raw PostgreSQL claim-and-mark");
         report.raw_pg = pg::raw_claim(&servers, config).await?;
         eprintln!("[bench] raw broker publish rates");
         report.raw_brokers = brokers::raw_limits(&servers, config).await?;
+        save(&report)?;
         eprintln!("[bench] enqueue overhead");
         report.enqueue = pg::enqueue_overhead(&servers, config).await?;
+        save(&report)?;
         eprintln!("[bench] relay throughput");
         report.relay = relay::throughput(&servers, config, &report).await?;
+        save(&report)?;
         eprintln!("[bench] latency");
         report.latency = relay::latency(&servers, config).await?;
+        save(&report)?;
         Ok::<_, BoxError>(())
     }
     .await;
@@ -244,7 +254,6 @@ pub async fn run(config: &Config) -> Result<Report, BoxError> {
     }
     result?;
     if let Some(dir) = &config.out_dir {
-        report.write(dir)?;
         eprintln!("[bench] wrote {}", dir.display());
     }
     Ok(report)

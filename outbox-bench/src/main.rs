@@ -1,6 +1,6 @@
 //! `cargo run --release -p outbox-bench -- [options]`: see `--help` and BENCHMARKS.md.
 
-use outbox_bench::{run, Config, Target};
+use outbox_bench::{run, Config, Report, Target};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -23,6 +23,7 @@ OPTIONS:
   --rates LIST             latency runs' offered events/s (default: 1000,5000)
   --latency-seconds S      length of each latency run (default: 15)
   --enqueue-seconds S      length of each enqueue-overhead run (default: 10)
+  --replot DIR             redraw DIR's results.md and plots from its results.json; no run
   --cleanup                drop the run's tables, streams, queues and topics at the end
 
 SERVERS (environment):
@@ -87,6 +88,18 @@ async fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--replot") {
+        let dir = PathBuf::from(args.get(i + 1).map_or(".", String::as_str));
+        match Report::read(&dir).and_then(|report| report.render(&dir)) {
+            Ok(()) => eprintln!("outbox-bench: redrew {}", dir.display()),
+            Err(error) => {
+                eprintln!("outbox-bench: {error}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     let config = match parse_args() {
         Ok(config) => config,
         Err(error) => {

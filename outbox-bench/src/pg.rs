@@ -424,7 +424,7 @@ pub async fn enqueue_overhead(
                     tasks.spawn(async move {
                         let mut latencies = Vec::new();
                         while Instant::now() < deadline {
-                            let n = fastrand_u64();
+                            let n = random_u64();
                             let event = OrderPlaced::new(n, aggregates, bytes);
                             let t0 = Instant::now();
                             let mut tx = pool.begin().await?;
@@ -479,7 +479,7 @@ pub async fn enqueue_overhead(
     Ok(figures)
 }
 
-fn fastrand_u64() -> u64 {
+fn random_u64() -> u64 {
     // Random enough to spread writers over the aggregates; no dependency needed.
     Uuid::new_v4().as_u64_pair().0 >> 1
 }

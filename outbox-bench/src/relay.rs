@@ -307,43 +307,47 @@ async fn open_loop<D: Destination>(
         async move { relay.run(shutdown).await }
     });
 
-    let writer_pool = servers.pool(32).await?;
-    let outbox = servers.outbox_on(writer_pool, true)?;
+    // A fixed set of writers takes the scheduled slots in turn and commits each at its time
+    // (at once when behind): the offered rate does not depend on how fast commits return, and
+    // an overloaded server lowers the achieved rate instead of queueing writers without bound.
+    const WRITERS: usize = 32;
+    let outbox = servers.outbox_on(servers.pool(WRITERS as u32).await?, true)?;
     let commits = Arc::new(Mutex::new(Vec::new()));
     let total = (f64::from(rate) * config.latency_duration.as_secs_f64()) as u64;
-    let mut writers = JoinSet::new();
+    let next_slot = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let mut sent = 0u64;
-    while sent < total {
-        let due = ((started.elapsed().as_secs_f64() * f64::from(rate)) as u64).min(total);
-        while sent < due {
-            let (outbox, commits) = (outbox.clone(), commits.clone());
-            let event = OrderPlaced::new(sent, config.aggregates, config.payload_bytes);
-            writers.spawn(async move {
+    let stop_at = started + config.latency_duration;
+    let mut writers = JoinSet::new();
+    for _ in 0..WRITERS {
+        let (outbox, commits, next_slot) = (outbox.clone(), commits.clone(), next_slot.clone());
+        let (aggregates, bytes) = (config.aggregates, config.payload_bytes);
+        writers.spawn(async move {
+            loop {
+                let slot = next_slot.fetch_add(1, Ordering::Relaxed);
+                let due = started + Duration::from_secs_f64(slot as f64 / f64::from(rate));
+                if slot >= total || Instant::now() >= stop_at {
+                    return Ok::<_, BoxError>(());
+                }
+                tokio::time::sleep_until(due.into()).await;
+                let event = OrderPlaced::new(slot, aggregates, bytes);
                 let mut tx = outbox.pool().begin().await?;
                 let id = outbox.enqueue(&mut *tx, &event).await?;
                 tx.commit().await?;
-                let committed_at = Instant::now();
-                commits.lock().expect("commits").push((id, committed_at));
-                Ok::<_, BoxError>(())
-            });
-            sent += 1;
-        }
-        while let Some(done) = writers.try_join_next() {
-            done??;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+                commits.lock().expect("commits").push((id, Instant::now()));
+            }
+        });
     }
     while let Some(done) = writers.join_next().await {
         done??;
     }
     let offered_for = started.elapsed();
+    let committed = commits.lock().expect("commits").len() as u64;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while state.delivered.load(Ordering::Relaxed) < total {
+    while state.delivered.load(Ordering::Relaxed) < committed {
         if Instant::now() > deadline || relay_task.is_finished() {
             shutdown.cancel();
             return Err(format!(
-                "latency run: {} of {total} events confirmed",
+                "latency run: {} of {committed} events confirmed",
                 state.delivered.load(Ordering::Relaxed)
             )
             .into());
@@ -379,13 +383,13 @@ async fn open_loop<D: Destination>(
     Ok(LatencyFigure {
         target: Target::Handlers,
         offered_per_s: rate,
-        achieved_per_s: total as f64 / offered_for.as_secs_f64(),
+        achieved_per_s: committed as f64 / offered_for.as_secs_f64(),
         samples: latencies.len(),
         p50_ms: percentile_ms(&latencies, 0.50),
         p90_ms: percentile_ms(&latencies, 0.90),
         p99_ms: percentile_ms(&latencies, 0.99),
         max_ms: percentile_ms(&latencies, 1.0),
-        duplicates: confirmations.len().saturating_sub(total as usize),
+        duplicates: confirmations.len().saturating_sub(committed as usize),
         distribution_ms: distribution,
     })
 }

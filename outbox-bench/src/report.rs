@@ -2,12 +2,12 @@
 
 use crate::{sys, BoxError, Config, Target};
 use plotters::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::Path;
 
 /// One raw PostgreSQL claim-and-mark measurement.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RawPg {
     pub statement: String,
     pub clients: usize,
@@ -18,7 +18,7 @@ pub struct RawPg {
 }
 
 /// One raw broker publish measurement.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RawBroker {
     pub target: Target,
     pub messages: usize,
@@ -27,7 +27,7 @@ pub struct RawBroker {
 }
 
 /// One enqueue-overhead measurement.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EnqueueFigure {
     pub writers: usize,
     pub mode: String,
@@ -41,7 +41,7 @@ pub struct EnqueueFigure {
 }
 
 /// One backlog drained by some relays.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RelayFigure {
     pub target: Target,
     pub backlog: usize,
@@ -67,7 +67,7 @@ pub struct RelayFigure {
 }
 
 /// Commit-to-confirmation latency at one offered rate.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LatencyFigure {
     pub target: Target,
     pub offered_per_s: u32,
@@ -83,7 +83,7 @@ pub struct LatencyFigure {
 }
 
 /// Everything one run measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub machine: String,
     pub versions: Vec<(String, String)>,
@@ -253,6 +253,18 @@ impl Report {
             dir.join("results.json"),
             serde_json::to_string_pretty(self)?,
         )?;
+        self.render(dir)
+    }
+
+    /// Reads the `results.json` of an earlier run.
+    pub fn read(dir: &Path) -> Result<Self, BoxError> {
+        Ok(serde_json::from_str(&std::fs::read_to_string(
+            dir.join("results.json"),
+        )?)?)
+    }
+
+    /// Writes `results.md` and the plots into `dir`.
+    pub fn render(&self, dir: &Path) -> Result<(), BoxError> {
         std::fs::write(dir.join("results.md"), self.to_markdown())?;
         self.plot_throughput(&dir.join("throughput.svg"))?;
         self.plot_latency(&dir.join("latency.svg"))?;
@@ -271,23 +283,26 @@ impl Report {
             .max()
             .unwrap_or(1)
             .max(2);
-        let top = self
-            .relay
-            .iter()
-            .map(|r| r.events_per_s)
-            .chain(self.raw_pg.iter().map(|r| r.rows_per_s))
-            .fold(1.0, f64::max)
-            * 1.15;
+        let rates = || {
+            self.relay
+                .iter()
+                .map(|r| r.events_per_s)
+                .chain(self.raw_pg.iter().map(|r| r.rows_per_s))
+                .chain(self.raw_brokers.iter().map(|r| r.msgs_per_s))
+        };
+        // A log scale: the raw limits and the relay's rates differ by up to an order of magnitude.
+        let top = rates().fold(1.0, f64::max) * 1.5;
+        let bottom = rates().fold(f64::MAX, f64::min).min(top / 10.0) / 1.5;
         let mut chart = ChartBuilder::on(&root)
             .caption("Relay throughput vs relays (events/s)", ("sans-serif", 22))
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(70)
-            .build_cartesian_2d(0.5f64..(max_relays as f64 + 0.5), 0f64..top)?;
+            .build_cartesian_2d(0.5f64..(max_relays as f64 + 0.5), (bottom..top).log_scale())?;
         chart
             .configure_mesh()
             .x_desc("relays")
-            .y_desc("events per second")
+            .y_desc("events per second (log scale)")
             .x_labels(max_relays + 1)
             .x_label_formatter(&|x| format!("{x:.0}"))
             .y_label_formatter(&|y| format!("{:.0}k", y / 1000.0))
@@ -333,7 +348,23 @@ impl Report {
             let style = BLACK.mix(0.6).stroke_width(1);
             chart
                 .draw_series(LineSeries::new(raw, style))?
-                .label("raw PostgreSQL claim-and-mark (rows/s)")
+                .label("raw PostgreSQL claim-and-mark (best statement)")
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+        }
+        // Each broker's raw publish rate, as a thin line in its colour.
+        for broker in &self.raw_brokers {
+            let t = Target::ALL
+                .iter()
+                .position(|&t| t == broker.target)
+                .unwrap_or(0);
+            let style = colors[t % colors.len()].mix(0.35).stroke_width(1);
+            let line = vec![
+                (0.5, broker.msgs_per_s),
+                (max_relays as f64 + 0.5, broker.msgs_per_s),
+            ];
+            chart
+                .draw_series(LineSeries::new(line, style))?
+                .label(format!("raw {} publish", broker.target.name()))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
         }
         chart
@@ -351,11 +382,9 @@ impl Report {
     fn plot_latency(&self, path: &Path) -> Result<(), BoxError> {
         let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
         root.fill(&WHITE)?;
-        let right = self
-            .latency
-            .iter()
-            .map(|l| l.p99_ms * 1.5)
-            .fold(1.0, f64::max);
+        // A log scale: medians of a millisecond and tails of hundreds.
+        let right = self.latency.iter().map(|l| l.max_ms).fold(1.0, f64::max) * 1.2;
+        let left = 0.1;
         let mut chart = ChartBuilder::on(&root)
             .caption(
                 "Commit → broker confirmation latency (share of events at or below)",
@@ -364,10 +393,10 @@ impl Report {
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d(0f64..right, 0f64..100f64)?;
+            .build_cartesian_2d((left..right).log_scale(), 0f64..100f64)?;
         chart
             .configure_mesh()
-            .x_desc("milliseconds")
+            .x_desc("milliseconds (log scale)")
             .y_desc("percentile")
             .draw()?;
         let colors = [BLUE, RED, GREEN, MAGENTA];
@@ -387,7 +416,7 @@ impl Report {
                 .distribution_ms
                 .iter()
                 .enumerate()
-                .map(|(i, &ms)| (ms.min(right), i as f64 * 100.0 / n as f64));
+                .map(|(i, &ms)| (ms.clamp(left, right), i as f64 * 100.0 / n as f64));
             chart
                 .draw_series(LineSeries::new(points, style))?
                 .label(format!("{} at {}/s", l.target.name(), l.offered_per_s))
