@@ -75,14 +75,7 @@ async fn raw_nats(
     payload: &[u8],
     window: usize,
 ) -> Result<Duration, BoxError> {
-    let js = async_nats::jetstream::new(servers.nats.clone());
-    let stream = outbox::nats::ensure_stream(
-        &js,
-        &stream_name(config, "RAW"),
-        vec![format!("{}.raw.>", config.prefix)],
-    )
-    .await?;
-    stream.purge().await?;
+    let (js, stream) = empty_stream(servers, config, "RAW", "raw").await?;
     let subject = format!("{}.raw.order_placed", config.prefix);
     let payload = bytes::Bytes::copy_from_slice(payload);
     let mut acks = FuturesUnordered::new();
@@ -206,15 +199,32 @@ pub async fn nats_destination(
     servers: &Servers,
     config: &Config,
 ) -> Result<NatsTransport, BoxError> {
+    let (js, _) = empty_stream(servers, config, "OUTBOX", "bench").await?;
+    Ok(NatsTransport::new(js).subject_prefix(&config.prefix))
+}
+
+/// The stream `<PREFIX>_<suffix>` capturing `<prefix>.<token>.>`, created or emptied.
+async fn empty_stream(
+    servers: &Servers,
+    config: &Config,
+    suffix: &str,
+    token: &str,
+) -> Result<
+    (
+        async_nats::jetstream::Context,
+        async_nats::jetstream::stream::Stream,
+    ),
+    BoxError,
+> {
     let js = async_nats::jetstream::new(servers.nats.clone());
     let stream = outbox::nats::ensure_stream(
         &js,
-        &stream_name(config, "OUTBOX"),
-        vec![format!("{}.bench.>", config.prefix)],
+        &stream_name(config, suffix),
+        vec![format!("{}.{token}.>", config.prefix)],
     )
     .await?;
     stream.purge().await?;
-    Ok(NatsTransport::new(js).subject_prefix(&config.prefix))
+    Ok((js, stream))
 }
 
 /// Declares (or empties) the RabbitMQ exchange and queue of the relay runs; returns a factory of
