@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The full benchmark of BENCHMARKS.md: starts the servers, restarts tansu empty (it keeps every
-# message in memory), and writes the figures and plots into benchmarks/. About 25 minutes on a
+# message in memory), and writes the figures and plots into benchmarks/. About 30 minutes on a
 # 2-core machine. Extra arguments go to the harness (see --help), for instance
 #   scripts/bench.sh --targets nats --backlogs 100000
 set -euo pipefail

@@ -112,7 +112,7 @@ pub struct Config {
 }
 
 impl Config {
-    /// The full run of `BENCHMARKS.md`: takes about half an hour on a 2-core machine.
+    /// The full run of `BENCHMARKS.md`: about half an hour on a 2-core machine.
     pub fn full() -> Self {
         Self {
             database_url: env_or(
