@@ -6,13 +6,13 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties};
 use outbox::amqp::{AmqpConsumer, AmqpTransport, Topology};
-use outbox::{EventStatus, Relay};
+use outbox::Relay;
 use outbox_tests::scenarios::enqueue_backlog;
+use outbox_tests::{assert_dead_at_once, enqueue_poison, wait_for_recorded_failure};
 use outbox_tests::{
     broker_retry, eventually, init_tracing, AfterCommit, Applier, Huge, ItemChanged, RunningRelay,
     TcpProxy, TestDb, Unrouted,
 };
-use outbox_tests::{enqueue_poison, wait_for_recorded_failure};
 use sqlx::Postgres;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -191,20 +191,8 @@ async fn unroutable_and_oversize_events_go_dead_with_the_broker_reason() {
     })
     .await;
     relay.stop().await;
-    let row = outbox.get(unrouted).await.unwrap().unwrap();
-    assert_eq!(row.attempts, 1);
-    assert!(
-        row.last_error.as_deref().unwrap().contains("NO_ROUTE"),
-        "{:?}",
-        row.last_error
-    );
-    let row = outbox.get(huge).await.unwrap().unwrap();
-    assert_eq!(row.status, EventStatus::Dead);
-    assert!(
-        row.last_error.as_deref().unwrap().contains("max size"),
-        "{:?}",
-        row.last_error
-    );
+    assert_dead_at_once(&outbox, unrouted, "NO_ROUTE").await;
+    assert_dead_at_once(&outbox, huge, "max size").await;
     assert_eq!(read_queue(&channel, &queue, 20).await.len(), 20);
     Postgres::drop_tables(&outbox).await;
 }

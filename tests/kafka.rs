@@ -3,13 +3,13 @@
 //! (`OUTBOX_TEST_TANSU`, default `/opt/outbox-tools/tansu-0.6.0/bin/tansu`).
 
 use outbox::kafka::{producer_config, KafkaConsumer, KafkaTransport, DEAD_REASON};
-use outbox::{EventStatus, Relay, RetryPolicy};
+use outbox::{Relay, RetryPolicy};
 use outbox_tests::scenarios::enqueue_backlog;
+use outbox_tests::{assert_dead_at_once, enqueue_poison, wait_for_recorded_failure, PrivateServer};
 use outbox_tests::{
     broker_retry, eventually, init_tracing, AfterCommit, Applier, Huge, ItemChanged, RunningRelay,
     TestDb,
 };
-use outbox_tests::{enqueue_poison, wait_for_recorded_failure, PrivateServer};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -191,14 +191,7 @@ async fn oversize_event_goes_dead_with_the_reason() {
     )
     .await;
     relay.stop().await;
-    let row = outbox.get(huge).await.unwrap().unwrap();
-    assert_eq!(row.status, EventStatus::Dead);
-    assert_eq!(row.attempts, 1);
-    assert!(
-        row.last_error.as_deref().unwrap().contains("too large"),
-        "{:?}",
-        row.last_error
-    );
+    assert_dead_at_once(&outbox, huge, "too large").await;
     Postgres::drop_tables(&outbox).await;
 }
 

@@ -5,11 +5,11 @@ use async_nats::jetstream::{self, consumer};
 use futures_util::StreamExt;
 use outbox::nats::{ensure_stream, NatsConsumer, NatsTransport};
 use outbox::{EventStatus, Inbox, Relay, RetryPolicy};
+use outbox_tests::{assert_dead_at_once, wait_for_recorded_failure, PrivateServer};
 use outbox_tests::{
     broker_retry, eventually, init_tracing, AfterCommit, Applier, Huge, ItemChanged,
     MalformedItemChanged, RunningRelay, TestDb, Unrouted,
 };
-use outbox_tests::{wait_for_recorded_failure, PrivateServer};
 use sqlx::Postgres;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -208,24 +208,8 @@ async fn oversize_and_unroutable_events_go_dead_with_the_broker_reason() {
     })
     .await;
     relay.stop().await;
-    let huge = outbox.get(huge).await.unwrap().unwrap();
-    assert_eq!(huge.attempts, 1);
-    assert!(
-        huge.last_error.as_deref().unwrap().contains("max payload"),
-        "{:?}",
-        huge.last_error
-    );
-    let unrouted = outbox.get(unrouted).await.unwrap().unwrap();
-    assert_eq!(unrouted.status, EventStatus::Dead);
-    assert!(
-        unrouted
-            .last_error
-            .as_deref()
-            .unwrap()
-            .contains("no stream"),
-        "{:?}",
-        unrouted.last_error
-    );
+    assert_dead_at_once(&outbox, huge, "max payload").await;
+    assert_dead_at_once(&outbox, unrouted, "no stream").await;
     for id in fine {
         assert_eq!(
             outbox.get(id).await.unwrap().unwrap().status,

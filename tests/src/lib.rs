@@ -643,6 +643,21 @@ pub async fn wait_for_recorded_failure(outbox: &Outbox<Postgres>) {
     .await;
 }
 
+/// Asserts that event `id` went dead at its first attempt, with a reason containing `reason`.
+pub async fn assert_dead_at_once(outbox: &Outbox<Postgres>, id: uuid::Uuid, reason: &str) {
+    let row = outbox.get(id).await.unwrap().unwrap();
+    assert_eq!(row.status, outbox::EventStatus::Dead, "{row:?}");
+    assert_eq!(row.attempts, 1, "{row:?}");
+    assert!(
+        row.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains(reason),
+        "expected a reason containing {reason:?}: {:?}",
+        row.last_error
+    );
+}
+
 /// Enqueues an `ItemChanged` whose payload no handler can read.
 pub async fn enqueue_poison(outbox: &Outbox<Postgres>) {
     let mut tx = outbox.pool().begin().await.unwrap();
