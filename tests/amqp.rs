@@ -197,6 +197,59 @@ async fn unroutable_and_oversize_events_go_dead_with_the_broker_reason() {
     Postgres::drop_tables(&outbox).await;
 }
 
+/// A message to an exchange that does not exist makes RabbitMQ close the channel: that event is
+/// dead at once, and every other event of the batch is confirmed once, at its first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_exchange_fails_that_event_only() {
+    init_tracing();
+    // Without `.exchange(..)` the topic is the exchange: `items` exists, `nowhere` does not.
+    let (_, queue) = names();
+    let (_connection, channel) = open_channel(&amqp_url()).await;
+    Topology::new("items")
+        .queue(&queue, ["test.item_changed"])
+        .declare(&channel)
+        .await
+        .unwrap();
+    let outbox = Postgres::fresh().await;
+    let mut tx = outbox.pool().begin().await.unwrap();
+    // Its aggregate sorts first, so it is published first and the channel closes under the rest.
+    let unrouted = outbox
+        .enqueue(
+            &mut *tx,
+            &Unrouted {
+                item: "a-first".into(),
+            },
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    enqueue_backlog(&outbox, 10, 2).await;
+    let relay = RunningRelay::start(
+        Relay::builder(outbox.clone(), AmqpTransport::new(amqp_url()))
+            .retry(broker_retry())
+            .poll_interval(Duration::from_millis(50)),
+    );
+    eventually("the bad event dead, the rest delivered", WAIT, || async {
+        Postgres::count_status(&outbox, "dead").await == 1
+            && Postgres::count_status(&outbox, "delivered").await == 20
+    })
+    .await;
+    relay.stop().await;
+    assert_dead_at_once(&outbox, unrouted, "no exchange 'nowhere'").await;
+    let first_attempt: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {} WHERE status = 'delivered' AND attempts = 1",
+        outbox.table()
+    ))
+    .fetch_one(outbox.pool())
+    .await
+    .unwrap();
+    assert_eq!(first_attempt, 20, "healthy events burnt attempts");
+    let delivered = read_queue(&channel, &queue, 20).await;
+    let ids: HashSet<String> = delivered.iter().map(|d| header(d, "outbox-id")).collect();
+    assert_eq!(ids.len(), 20, "duplicates");
+    Postgres::drop_tables(&outbox).await;
+}
+
 /// Lowers the local broker's `max_message_size` until dropped.
 struct MaxMessageSize;
 

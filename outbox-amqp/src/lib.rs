@@ -159,6 +159,7 @@ fn confirmation_result(confirmation: Result<Confirmation, lapin::Error>) -> Deli
 }
 
 fn classify(error: &lapin::Error) -> DeliveryError {
+    // The connection or channel failed: the message may or may not have reached the broker.
     DeliveryError::retry(format!("RabbitMQ: {error}"))
 }
 
@@ -171,50 +172,68 @@ fn max_message_size(reason: &str) -> Option<usize> {
         .ok()
 }
 
-/// A message over the broker's `max_message_size` makes RabbitMQ close the channel, and every
-/// confirm outstanding on it fails with that same error: only the messages actually over the
-/// limit are dead (no retry can shrink them); the others are retried on a new channel.
-fn blame_oversize(batch: &[Envelope], results: &mut [DeliveryResult]) {
-    for (envelope, result) in batch.iter().zip(results.iter_mut()) {
-        if let Err(error) = result {
-            if let Some(limit) = max_message_size(&error.reason) {
-                if envelope.payload.len() > limit {
-                    *error = DeliveryError::permanent(error.reason.clone());
+/// The exchange named in RabbitMQ's "NOT_FOUND - no exchange 'X' in vhost 'V'" channel error.
+fn missing_exchange(reason: &str) -> Option<&str> {
+    let (_, rest) = reason.split_once("no exchange '")?;
+    Some(rest.split_once('\'')?.0)
+}
+
+/// What a channel-level error says about one message: RabbitMQ closes the channel when one
+/// message is over `max_message_size` or names an exchange that does not exist, and every
+/// confirm outstanding on that channel then fails with the same error. Only the culprits are
+/// refused for good (retrying cannot shrink a message or create an exchange).
+fn is_culprit(envelope: &Envelope, exchange: &str, reason: &str) -> bool {
+    if let Some(limit) = max_message_size(reason) {
+        return envelope.payload.len() > limit;
+    }
+    missing_exchange(reason).is_some_and(|missing| missing == exchange)
+}
+
+/// How a publish ended, before the culprits of a closed channel are told from the others.
+enum Sent {
+    Confirmed(DeliveryResult),
+    /// The channel failed under the message: the error is the channel's, not necessarily its.
+    ChannelFailed(lapin::Error),
+}
+
+impl AmqpTransport {
+    /// Opens a slot's connection and channel if it has none or they are closed.
+    async fn ready<'s>(
+        &self,
+        slot: &'s mut Option<(Connection, Channel)>,
+    ) -> Result<&'s Channel, DeliveryError> {
+        if let Some((connection, channel)) = slot.as_ref() {
+            if connection.status().connected() && !channel.status().connected() {
+                // Only the channel was closed (by a message the broker refused): a new one on
+                // the same connection is enough.
+                if let Ok(channel) = self.open_channel(connection).await {
+                    let connection = slot.take().expect("checked above").0;
+                    *slot = Some((connection, channel));
                 }
             }
         }
-    }
-}
-
-impl Transport for AmqpTransport {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    async fn publish(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
-        // One batch at a time per channel: confirms are matched to their messages in order.
-        // Take a free slot if there is one, else wait for the next in turn.
-        let mut slot = match self.slots.iter().find_map(|slot| slot.try_lock().ok()) {
-            Some(free) => free,
-            None => {
-                let i = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-                self.slots[i].lock().await
-            }
-        };
         if slot
             .as_ref()
             .is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected())
         {
-            match self.connect().await {
-                Ok(connected) => *slot = Some(connected),
-                Err(error) => {
-                    let failure =
-                        DeliveryError::retry(format!("cannot connect to RabbitMQ: {error}"));
-                    return vec![Err(failure); batch.len()];
-                }
-            }
+            let connected = self.connect().await.map_err(|error| {
+                DeliveryError::retry(format!("cannot connect to RabbitMQ: {error}"))
+            })?;
+            *slot = Some(connected);
         }
-        let (_, channel) = slot.as_ref().expect("connected above");
+        Ok(&slot.as_ref().expect("connected above").1)
+    }
+
+    async fn open_channel(&self, connection: &Connection) -> Result<Channel, lapin::Error> {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(channel)
+    }
+
+    /// Publishes `batch` on `channel`, all first, then awaits the confirms.
+    async fn publish_on(&self, channel: &Channel, batch: &[&Envelope]) -> Vec<Sent> {
         let mut pending = Vec::with_capacity(batch.len());
         for envelope in batch {
             let (exchange, routing_key) = self.destination(envelope);
@@ -242,20 +261,102 @@ impl Transport for AmqpTransport {
                 .await;
             pending.push(sent);
         }
-        let mut results: Vec<DeliveryResult> =
-            join_all(pending.into_iter().map(|sent| async move {
-                match sent {
-                    Ok(confirm) => confirmation_result(confirm.await),
-                    Err(error) => Err(classify(&error)),
+        join_all(pending.into_iter().map(|sent| async move {
+            match sent {
+                Ok(confirm) => match confirm.await {
+                    Err(error) => Sent::ChannelFailed(error),
+                    confirmed => Sent::Confirmed(confirmation_result(confirmed)),
+                },
+                Err(error) => Sent::ChannelFailed(error),
+            }
+        }))
+        .await
+    }
+}
+
+impl Transport for AmqpTransport {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs are published in order on one channel, whose confirms arrive in publish order. If
+    /// the broker closes the channel because of one message (too large, or to an exchange that
+    /// does not exist), that message fails for good and the others caught in the close are
+    /// published again once on a new channel, up to the first failure of their aggregate: one
+    /// bad message costs the rest of the batch neither an attempt nor a duplicate.
+    async fn publish(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
+        // One batch at a time per channel: confirms are matched to their messages in order.
+        // Take a free slot if there is one, else wait for the next in turn.
+        let mut slot = match self.slots.iter().find_map(|slot| slot.try_lock().ok()) {
+            Some(free) => free,
+            None => {
+                let i = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+                self.slots[i].lock().await
+            }
+        };
+        let mut results: Vec<Option<DeliveryResult>> = vec![None; batch.len()];
+        let mut todo: Vec<usize> = (0..batch.len()).collect();
+        for round in 0..2 {
+            let channel = match self.ready(&mut slot).await {
+                Ok(channel) => channel,
+                Err(failure) => {
+                    for i in todo {
+                        results[i] = Some(Err(failure.clone()));
+                    }
+                    break;
                 }
-            }))
-            .await;
-        blame_oversize(batch, &mut results);
-        if !channel.status().connected() {
-            // Reconnect on the next batch.
-            *slot = None;
+            };
+            let envelopes: Vec<&Envelope> = todo.iter().map(|&i| &batch[i]).collect();
+            let sent = self.publish_on(channel, &envelopes).await;
+            let mut again = Vec::new();
+            // Aggregates with a failure so far in this batch: their later messages wait.
+            let mut stopped: std::collections::HashSet<(&str, &str)> = Default::default();
+            for (&i, sent) in todo.iter().zip(sent) {
+                let envelope = &batch[i];
+                let key = (
+                    envelope.aggregate_type.as_str(),
+                    envelope.aggregate_id.as_str(),
+                );
+                let result = match sent {
+                    Sent::Confirmed(result) => result,
+                    Sent::ChannelFailed(error) => {
+                        let reason = format!("RabbitMQ: {error}");
+                        let (exchange, _) = self.destination(envelope);
+                        if is_culprit(envelope, &exchange, &reason) {
+                            Err(DeliveryError::permanent(reason))
+                        } else if round == 0 && !stopped.contains(&key) {
+                            again.push(i);
+                            continue;
+                        } else {
+                            Err(classify(&error))
+                        }
+                    }
+                };
+                if result.is_err() {
+                    stopped.insert(key);
+                }
+                results[i] = Some(result);
+            }
+            if again.is_empty() {
+                break;
+            }
+            tracing::debug!(
+                transport = %self.name,
+                again = again.len(),
+                "channel closed by another message; publishing the rest again on a new channel"
+            );
+            todo = again;
         }
         results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(DeliveryError::retry(
+                        "not published: an earlier message of its aggregate failed",
+                    ))
+                })
+            })
+            .collect()
     }
 }
 
@@ -545,5 +646,13 @@ mod tests {
             PRECONDITION_FAILED - message size 2097182 is larger than configured max size 1048576";
         assert_eq!(super::max_message_size(reason), Some(1_048_576));
         assert_eq!(super::max_message_size("RabbitMQ: connection reset"), None);
+    }
+
+    #[test]
+    fn reads_the_missing_exchange_from_the_channel_error() {
+        let reason = "RabbitMQ: protocol error: AMQP soft error: NOT-FOUND: \
+            NOT_FOUND - no exchange 'nowhere' in vhost '/'";
+        assert_eq!(super::missing_exchange(reason), Some("nowhere"));
+        assert_eq!(super::missing_exchange("RabbitMQ: connection reset"), None);
     }
 }

@@ -107,7 +107,7 @@ impl Servers {
     pub async fn reset_outbox(&self) -> Result<(), BoxError> {
         let t = &self.table;
         sqlx::query(&format!(
-            r#"TRUNCATE "{t}", "{t}_aggregates", "{t}_archive""#
+            r#"TRUNCATE "{t}", "{t}_aggregates", "{t}_cursors", "{t}_new", "{t}_archive""#
         ))
         .execute(&self.pool)
         .await?;
@@ -143,6 +143,8 @@ impl Servers {
         for sql in [
             format!(r#"VACUUM ANALYZE "{t}""#),
             format!(r#"VACUUM ANALYZE "{t}_aggregates""#),
+            format!(r#"VACUUM ANALYZE "{t}_cursors""#),
+            format!(r#"VACUUM ANALYZE "{t}_new""#),
             "CHECKPOINT".to_owned(),
         ] {
             sqlx::query(&sql).execute(&self.pool).await?;
@@ -150,11 +152,11 @@ impl Servers {
         Ok(())
     }
 
-    /// Events still pending, from the counter rows (cheap at any backlog).
+    /// Events still pending (the pending partial index only: cheap once drained).
     pub async fn pending(&self) -> Result<i64, BoxError> {
         let t = &self.table;
         Ok(sqlx::query_scalar(&format!(
-            r#"SELECT COALESCE(sum(pending), 0)::int8 FROM "{t}_aggregates""#
+            r#"SELECT count(*) FROM "{t}" WHERE status = 'pending'"#
         ))
         .fetch_one(&self.pool)
         .await?)
@@ -193,7 +195,7 @@ impl Servers {
         let p = &config.prefix;
         let t = &self.table;
         let drop = format!(
-            r#"DROP TABLE IF EXISTS "{t}", "{t}_aggregates", "{t}_archive", "{t}_migrations", "{p}_raw", "{p}_orders""#
+            r#"DROP TABLE IF EXISTS "{t}", "{t}_aggregates", "{t}_cursors", "{t}_new", "{t}_archive", "{t}_migrations", "{p}_raw", "{p}_orders""#
         );
         if let Err(error) = sqlx::query(&drop).execute(&self.pool).await {
             eprintln!("[bench] clean-up: {error}");

@@ -64,7 +64,13 @@ pub type DeliveryResult = Result<(), DeliveryError>;
 ///
 /// The relay hands over a whole batch so that a destination can pipeline it; the returned vector
 /// has one result per event, in the same order. An event is marked delivered only when its result
-/// is `Ok`. A batch never holds two events of one aggregate.
+/// is `Ok`.
+///
+/// A batch holds runs: the events of one aggregate are consecutive and in `seq` order. Deliver
+/// them in that order (a broker's ordered pipeline, or one after the other); the relay settles
+/// each run up to its first failure and ignores the results after it, and those events are
+/// delivered again after the failed one. Stop a run at its first failure where you can, so that
+/// no later event reaches the destination before an earlier one.
 pub trait Destination: Send + Sync + 'static {
     /// Delivers `batch`; returns one result per event, in order.
     fn deliver(&self, batch: &[Envelope]) -> impl Future<Output = Vec<DeliveryResult>> + Send;

@@ -53,6 +53,17 @@ pub enum Error {
     /// A relay or router was configured inconsistently.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The relay could not keep its workers alive.
+    #[error("relay stopped: {0}")]
+    Relay(String),
+    /// A header or aggregate id that brokers cannot carry.
+    #[error("invalid {field}: {reason}")]
+    InvalidField {
+        /// Which field, for instance `header "tenant"` or `aggregate id`.
+        field: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
     /// The database refused or failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),

@@ -133,11 +133,21 @@ impl Message {
             event_type: E::EVENT_TYPE.into(),
             source,
         })?;
+        let aggregate_id = event.aggregate_id();
+        check_field("aggregate id", &aggregate_id, MAX_AGGREGATE_ID_BYTES)?;
+        for (key, value) in &options.headers {
+            check_header_name(key)?;
+            check_field(
+                &format!("value of header {key:?}"),
+                value,
+                MAX_HEADER_VALUE_BYTES,
+            )?;
+        }
         Ok(Self {
             id: Uuid::now_v7(),
             event_type: E::EVENT_TYPE,
             aggregate_type: E::AGGREGATE_TYPE,
-            aggregate_id: event.aggregate_id(),
+            aggregate_id,
             schema_version: E::SCHEMA_VERSION,
             topic: E::TOPIC,
             payload,
@@ -154,6 +164,48 @@ impl Message {
         // A map of strings always serialises.
         serde_json::to_string(&self.options.headers).unwrap_or_else(|_| "{}".to_owned())
     }
+}
+
+/// The longest aggregate id accepted at enqueue.
+pub const MAX_AGGREGATE_ID_BYTES: usize = 1024;
+/// The longest header value accepted at enqueue.
+pub const MAX_HEADER_VALUE_BYTES: usize = 16 * 1024;
+
+/// Every broker must be able to carry what the outbox sends: NATS header values cannot hold a
+/// line break, and no broker takes a NUL byte in a header. Checked at enqueue so that a bad value
+/// is the caller's error, not a poison event.
+fn check_field(field: &str, value: &str, max: usize) -> Result<()> {
+    let reject = |reason| {
+        Err(Error::InvalidField {
+            field: field.to_owned(),
+            reason,
+        })
+    };
+    if value.len() > max {
+        return reject("it is too long");
+    }
+    if value.chars().any(|c| c.is_control() && c != '\t') {
+        return reject("it contains a control character (a line break, NUL, ...), which brokers cannot carry in a header");
+    }
+    Ok(())
+}
+
+/// Header names: printable ASCII without `:` or spaces (NATS), at most 255 bytes (AMQP).
+fn check_header_name(name: &str) -> Result<()> {
+    let field = || format!("header name {name:?}");
+    if name.is_empty() || name.len() > 255 {
+        return Err(Error::InvalidField {
+            field: field(),
+            reason: "it must be 1 to 255 bytes long",
+        });
+    }
+    if !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+        return Err(Error::InvalidField {
+            field: field(),
+            reason: "only printable ASCII without ':' or spaces is allowed",
+        });
+    }
+    Ok(())
 }
 
 /// An event read back from the outbox, as handed to a destination (handlers or a broker).
@@ -294,6 +346,39 @@ pub mod wire {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(serde::Serialize)]
+    struct Odd(String);
+
+    impl OutboxEvent for Odd {
+        const EVENT_TYPE: &'static str = "odd";
+        const AGGREGATE_TYPE: &'static str = "odd";
+        const SCHEMA_VERSION: u32 = 1;
+        const TOPIC: &'static str = "odd";
+        fn aggregate_id(&self) -> String {
+            self.0.clone()
+        }
+    }
+
+    #[test]
+    fn fields_brokers_cannot_carry_are_rejected_naming_the_field() {
+        let err = Message::new(&Odd("a\r\nb".into())).unwrap_err().to_string();
+        assert!(err.contains("aggregate id"), "{err}");
+        let opts = EnqueueOptions::new().header("tenant", "x\ny");
+        let err = Message::with_options(&Odd("a".into()), opts)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"tenant\""), "{err}");
+        let opts = EnqueueOptions::new().header("bad:name", "v");
+        let err = Message::with_options(&Odd("a".into()), opts)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad:name"), "{err}");
+        let opts = EnqueueOptions::new().header("nul", "a\0");
+        assert!(Message::with_options(&Odd("a".into()), opts).is_err());
+        let opts = EnqueueOptions::new().header("ok", "tab\tis fine, é too");
+        assert!(Message::with_options(&Odd("a-1".into()), opts).is_ok());
+    }
 
     #[test]
     fn wire_headers_round_trip() {

@@ -551,16 +551,53 @@ impl Transport for Dispatcher {
         "handlers"
     }
 
+    /// Aggregates run side by side (up to the concurrency); the events of one aggregate run
+    /// one after the other, in batch order, and stop at the first failure: a later event is
+    /// never handled before an earlier one that failed.
     async fn publish(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
+        let mut runs: Vec<Vec<usize>> = Vec::new();
+        let mut index: HashMap<(&str, &str), usize> = HashMap::new();
+        for (i, envelope) in batch.iter().enumerate() {
+            let key = (
+                envelope.aggregate_type.as_str(),
+                envelope.aggregate_id.as_str(),
+            );
+            let run = *index.entry(key).or_insert_with(|| {
+                runs.push(Vec::new());
+                runs.len() - 1
+            });
+            runs[run].push(i);
+        }
         // Collected first: a closure inside the stream trips the `Send` check of the future.
-        let calls: Vec<_> = batch
-            .iter()
-            .map(|envelope| self.dispatch(envelope))
+        let calls: Vec<_> = runs
+            .into_iter()
+            .map(|positions| async move {
+                let mut results = Vec::with_capacity(positions.len());
+                let mut failed = false;
+                for &i in &positions {
+                    let result = if failed {
+                        Err(DeliveryError::retry(
+                            "not handled: an earlier event of its aggregate failed",
+                        ))
+                    } else {
+                        self.dispatch(&batch[i]).await
+                    };
+                    failed |= result.is_err();
+                    results.push((i, result));
+                }
+                results
+            })
             .collect();
-        futures_util::stream::iter(calls)
-            .buffered(self.concurrency)
+        let mut out: Vec<Option<DeliveryResult>> = vec![None; batch.len()];
+        let mut done = futures_util::stream::iter(calls).buffer_unordered(self.concurrency);
+        while let Some(results) = done.next().await {
+            for (i, result) in results {
+                out[i] = Some(result);
+            }
+        }
+        out.into_iter()
+            .map(|r| r.expect("every position is handled once"))
             .collect()
-            .await
     }
 }
 
@@ -590,7 +627,8 @@ mod tests {
             created_at: Utc::now(),
             event_type: event_type.into(),
             aggregate_type: "pinger".into(),
-            aggregate_id: "p".into(),
+            // Each its own aggregate: these tests are about one event's outcome.
+            aggregate_id: Uuid::now_v7().to_string(),
             sequence: 1,
             schema_version: version,
             topic: "pings".into(),
@@ -613,6 +651,26 @@ mod tests {
             .unwrap()
             .build();
         Dispatcher::new(registry)
+    }
+
+    #[tokio::test]
+    async fn a_run_stops_at_its_first_failure_and_other_aggregates_flow() {
+        let d = dispatcher();
+        let mut batch = vec![
+            envelope("ping", 1, r#"{"n":0}"#),
+            envelope("ping", 1, r#"{"n":3}"#),
+            envelope("ping", 1, r#"{"n":0}"#),
+            envelope("ping", 1, r#"{"n":0}"#),
+        ];
+        for e in &mut batch[..3] {
+            e.aggregate_id = "cart-1".into();
+        }
+        let results = crate::Destination::deliver(&d, &batch).await;
+        assert_eq!(results[0], Ok(()));
+        assert_eq!(results[1], Err(DeliveryError::retry("later")));
+        let skipped = results[2].as_ref().unwrap_err();
+        assert!(skipped.reason.contains("earlier event"), "{skipped:?}");
+        assert_eq!(results[3], Ok(()), "another aggregate is not held back");
     }
 
     #[tokio::test]

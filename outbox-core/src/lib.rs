@@ -25,11 +25,11 @@ pub use handler::{
 };
 pub use inbox::Inbox;
 pub use receipt::Receipt;
-pub use relay::{Relay, RelayBuilder};
+pub use relay::{Relay, RelayBuilder, MAX_RESTARTS};
 pub use retention::Retention;
 pub use retry::RetryPolicy;
 pub use router::{Router, RouterBuilder};
-pub use store::{Backend, EventRecord, EventStatus, Outbox, OutboxBuilder};
+pub use store::{Backend, EventRecord, EventStatus, Inconsistency, Outbox, OutboxBuilder};
 pub use table::{TableName, MAX_TABLE_NAME_LEN};
 
 pub use tokio_util::sync::CancellationToken;

@@ -14,7 +14,7 @@ use std::time::Duration;
 pub struct RetryPolicy {
     pub(crate) max_attempts: u32,
     base: Duration,
-    max_delay: Duration,
+    pub(crate) max_delay: Duration,
     jitter: bool,
 }
 

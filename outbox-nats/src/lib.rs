@@ -23,12 +23,14 @@
 //! # Ok(()) }
 //! ```
 
+use async_nats::header::{HeaderName, HeaderValue};
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use async_nats::HeaderMap;
 use futures_util::future::join_all;
 use futures_util::StreamExt;
 use outbox_core::{DeliveryError, DeliveryResult, Dispatcher, Envelope, RetryPolicy, Transport};
+use std::str::FromStr;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -78,13 +80,24 @@ impl NatsTransport {
 }
 
 /// The NATS headers of an event: `Nats-Msg-Id` and the outbox metadata.
-pub fn headers(envelope: &Envelope) -> HeaderMap {
+///
+/// A name or value NATS cannot carry (a `\r` or `\n`, a `:` or a control character in a name)
+/// is an error naming the header: it fails that event only, never the relay.
+pub fn headers(envelope: &Envelope) -> Result<HeaderMap, DeliveryError> {
     let mut headers = HeaderMap::new();
     headers.insert(MSG_ID, envelope.id.to_string().as_str());
     for (key, value) in envelope.wire_headers() {
-        headers.insert(key.as_str(), value.as_str());
+        let name = HeaderName::from_str(&key).map_err(|e| {
+            DeliveryError::permanent(format!("NATS cannot carry header name {key:?}: {e}"))
+        })?;
+        let value = HeaderValue::from_str(&value).map_err(|e| {
+            DeliveryError::permanent(format!(
+                "NATS cannot carry the value of header {key:?}: {e}"
+            ))
+        })?;
+        headers.insert(name, value);
     }
-    headers
+    Ok(headers)
 }
 
 fn publish_failure(error: PublishError) -> DeliveryError {
@@ -117,21 +130,29 @@ impl Transport for NatsTransport {
                 aggregate_id = %envelope.aggregate_id,
                 attempt = envelope.attempt,
             );
+            let headers = match headers(envelope) {
+                Ok(headers) => headers,
+                Err(refused) => {
+                    pending.push(Err(refused));
+                    continue;
+                }
+            };
             let sent = self
                 .js
                 .publish_with_headers(
                     self.subject(envelope),
-                    headers(envelope),
+                    headers,
                     envelope.payload.clone().into(),
                 )
                 .instrument(span)
-                .await;
+                .await
+                .map_err(publish_failure);
             pending.push(sent);
         }
         join_all(pending.into_iter().map(|sent| async move {
             match sent {
                 Ok(ack) => ack.await.map(|_| ()).map_err(publish_failure),
-                Err(error) => Err(publish_failure(error)),
+                Err(refused) => Err(refused),
             }
         }))
         .await

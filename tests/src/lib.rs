@@ -175,6 +175,11 @@ pub trait TestDb: Backend + Sized {
         status: &'a str,
     ) -> impl Future<Output = i64> + Send + 'a;
 
+    /// The dead events, as `(aggregate id, event id)`.
+    fn dead_events(
+        outbox: &Outbox<Self>,
+    ) -> impl Future<Output = Vec<(String, uuid::Uuid)>> + Send + '_;
+
     /// Counts the rows in `<table>_archive`.
     fn count_archived(outbox: &Outbox<Self>) -> impl Future<Output = i64> + Send + '_;
 
@@ -266,6 +271,19 @@ macro_rules! test_db {
                 .unwrap()
             }
 
+            async fn dead_events(outbox: &Outbox<Self>) -> Vec<(String, uuid::Uuid)> {
+                let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+                    "SELECT aggregate_id, CAST(id AS TEXT) FROM {} WHERE status = 'dead'",
+                    outbox.table()
+                ))
+                .fetch_all(outbox.pool())
+                .await
+                .unwrap();
+                rows.into_iter()
+                    .map(|(aggregate, id)| (aggregate, id.parse().unwrap()))
+                    .collect()
+            }
+
             async fn count_archived(outbox: &Outbox<Self>) -> i64 {
                 sqlx::query_scalar(&format!("SELECT count(*) FROM {}_archive", outbox.table()))
                     .fetch_one(outbox.pool())
@@ -281,7 +299,7 @@ macro_rules! test_db {
 test_db!(Postgres, pg_pool(), |outbox| {
     let t = outbox.table();
     sqlx::raw_sql(&format!(
-        "DROP TABLE IF EXISTS {t}, {t}_aggregates, {t}_archive, {t}_migrations, {t}_business, {t}_inbox"
+        "DROP TABLE IF EXISTS {t}, {t}_aggregates, {t}_cursors, {t}_new, {t}_archive, {t}_migrations, {t}_business, {t}_inbox"
     ))
     .execute(outbox.pool())
     .await

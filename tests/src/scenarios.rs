@@ -626,3 +626,296 @@ pub async fn inbox_processes_each_message_once<DB: TestDb>() {
     assert!(outbox::Inbox::<DB>::new(outbox.pool().clone(), "bad name", "x").is_err());
     DB::drop_tables(&outbox).await;
 }
+
+/// One aggregate with a deep backlog is delivered in runs, in order, each event once.
+pub async fn hot_aggregate_is_delivered_in_order<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    enqueue_backlog(&outbox, 1, 2000).await;
+    let log = Log::default();
+    let relay = RunningRelay::start(
+        quick_relay(outbox.clone(), dispatcher(&log, always_ok())).run_length(300),
+    );
+    eventually("the hot aggregate is drained", WAIT, || async {
+        log.len() == 2000
+    })
+    .await;
+    relay.stop().await;
+    assert_ordered_exactly_once(&log, 1, 2000);
+    assert!(outbox.check().await.unwrap().is_empty());
+    DB::drop_tables(&outbox).await;
+}
+
+/// A failure in the middle of a run: the events before it are delivered, it is retried, the
+/// events after it follow it; nothing arrives before an earlier event of its aggregate.
+pub async fn a_run_cut_by_a_failure_is_retried_in_order<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    enqueue_backlog(&outbox, 3, 6).await;
+    let log = Log::default();
+    let behaviour: crate::Behaviour = Arc::new(|event, ctx| {
+        if event.item == "item-1" && event.n == 3 && ctx.attempt() < 3 {
+            Err(HandlerError::retry("flaky"))
+        } else {
+            Ok(())
+        }
+    });
+    let relay = RunningRelay::start(
+        quick_relay(outbox.clone(), dispatcher(&log, behaviour)).retry(fast_retry(5)),
+    );
+    eventually("everything is delivered", WAIT, || async {
+        log.len() == 18
+    })
+    .await;
+    relay.stop().await;
+    assert_ordered_exactly_once(&log, 3, 6);
+    let third = log
+        .snapshot()
+        .into_iter()
+        .find(|h| h.event.item == "item-1" && h.event.n == 3)
+        .unwrap();
+    assert_eq!(third.attempt, 3);
+    DB::drop_tables(&outbox).await;
+}
+
+/// A failure reason with a NUL byte (which PostgreSQL text cannot hold), a huge reason and an
+/// absurd retry delay fail their own event only: every other event of the batch is delivered
+/// once, and the bad events die after their attempts with a cleaned reason.
+pub async fn bad_failures_affect_only_their_own_event<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let nul = outbox.enqueue(&mut *tx, &item(1000, 1)).await.unwrap();
+    let forever = outbox.enqueue(&mut *tx, &item(1001, 1)).await.unwrap();
+    let chatty = outbox.enqueue(&mut *tx, &item(1002, 1)).await.unwrap();
+    tx.commit().await.unwrap();
+    enqueue_backlog(&outbox, 20, 3).await;
+    let log = Log::default();
+    let behaviour: crate::Behaviour = Arc::new(|event, _| match event.item.as_str() {
+        "item-1000" => Err(HandlerError::retry("bad\0byte")),
+        "item-1001" => Err(HandlerError::retry_after(Duration::MAX, "come back never")),
+        "item-1002" => Err(HandlerError::retry("x".repeat(1 << 20))),
+        _ => Ok(()),
+    });
+    let relay = RunningRelay::start(
+        quick_relay(outbox.clone(), dispatcher(&log, behaviour)).retry(fast_retry(3)),
+    );
+    eventually("the good events are delivered", WAIT, || async {
+        log.len() == 60
+    })
+    .await;
+    for id in [nul, forever, chatty] {
+        eventually("the bad event is dead", WAIT, || async {
+            outbox.get(id).await.unwrap().unwrap().status == EventStatus::Dead
+        })
+        .await;
+    }
+    relay.stop().await;
+    assert_ordered_exactly_once(&log, 20, 3);
+    let nul = outbox.get(nul).await.unwrap().unwrap();
+    assert_eq!(nul.last_error.as_deref(), Some("badbyte"));
+    assert_eq!(nul.attempts, 3);
+    assert_eq!(outbox.get(forever).await.unwrap().unwrap().attempts, 3);
+    let chatty = outbox.get(chatty).await.unwrap().unwrap();
+    assert!(chatty.last_error.unwrap().len() <= 4096);
+    DB::drop_tables(&outbox).await;
+}
+
+/// A destination that panics on one aggregate's event fails that run only; the relay keeps
+/// running and the event dies after its attempts.
+pub async fn a_panicking_destination_affects_only_its_run<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    enqueue_backlog(&outbox, 10, 2).await;
+    let log = Log::default();
+    let relay = RunningRelay::start(
+        quick_relay(
+            outbox.clone(),
+            PanicsOn {
+                aggregate: "item-3",
+                inner: dispatcher(&log, always_ok()),
+            },
+        )
+        .retry(fast_retry(3)),
+    );
+    eventually("the other aggregates are delivered", WAIT, || async {
+        log.len() == 18
+    })
+    .await;
+    eventually("the panicking event is dead", WAIT, || async {
+        DB::count_status(&outbox, "dead").await == 1
+    })
+    .await;
+    // Its aggregate's next event follows (dead letters do not block by default).
+    eventually("the event after it is delivered", WAIT, || async {
+        log.len() == 19
+    })
+    .await;
+    relay.stop().await;
+    DB::drop_tables(&outbox).await;
+}
+
+/// A destination that panics whenever a batch holds the first event of `aggregate`.
+struct PanicsOn {
+    aggregate: &'static str,
+    inner: outbox::Dispatcher,
+}
+
+impl outbox::Destination for PanicsOn {
+    async fn deliver(&self, batch: &[outbox::Envelope]) -> Vec<outbox::DeliveryResult> {
+        if batch
+            .iter()
+            .any(|e| e.aggregate_id == self.aggregate && e.sequence == 1)
+        {
+            panic!("the destination cannot take {}", self.aggregate);
+        }
+        outbox::Destination::deliver(&self.inner, batch).await
+    }
+}
+
+/// A delivery that outlives the lease is abandoned before the lease ends: the relay that
+/// takes the aggregate over is never overtaken by the stale delivery (no E1 after E2).
+pub async fn a_delivery_that_outlives_its_lease_is_abandoned<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    enqueue_backlog(&outbox, 1, 3).await;
+    let log = Log::default();
+    let stalls = Arc::new(AtomicU32::new(0));
+    // The first attempt at the first event stalls for longer than the lease, then "publishes".
+    let slow = {
+        let log = log.clone();
+        let stalls = stalls.clone();
+        let registry = outbox::Registry::builder()
+            .handler::<ItemChanged, _, _>("slow", move |event: ItemChanged, ctx| {
+                let (log, stalls) = (log.clone(), stalls.clone());
+                async move {
+                    if event.n == 1 && stalls.fetch_add(1, Ordering::SeqCst) == 0 {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                    }
+                    log.push(event, &ctx);
+                    Ok::<_, HandlerError>(())
+                }
+            })
+            .unwrap()
+            .build();
+        outbox::Dispatcher::new(registry)
+    };
+    let first = RunningRelay::start(
+        quick_relay(outbox.clone(), slow.clone()).lease(Duration::from_secs(1)),
+    );
+    let second =
+        RunningRelay::start(quick_relay(outbox.clone(), slow).lease(Duration::from_secs(1)));
+    eventually("all three events are delivered", WAIT, || async {
+        log.len() >= 3
+    })
+    .await;
+    // Longer than the stall: a stale delivery would have arrived by now.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    first.stop().await;
+    second.stop().await;
+    let seen: Vec<u64> = log.snapshot().iter().map(|h| h.event.n).collect();
+    assert_eq!(
+        seen,
+        [1, 2, 3],
+        "a stale delivery overtook the new lease holder"
+    );
+    DB::drop_tables(&outbox).await;
+}
+
+/// The payload reaches the destination byte for byte as serde wrote it.
+pub async fn payload_is_delivered_byte_for_byte<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    let event = item(7, 42);
+    let written = serde_json::to_string(&event).unwrap();
+    let mut tx = outbox.pool().begin().await.unwrap();
+    outbox.enqueue(&mut *tx, &event).await.unwrap();
+    tx.commit().await.unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let relay = RunningRelay::start(quick_relay(outbox.clone(), Recording(seen.clone())));
+    eventually("the event is delivered", WAIT, || async {
+        !seen.lock().unwrap().is_empty()
+    })
+    .await;
+    relay.stop().await;
+    assert_eq!(seen.lock().unwrap()[0], written);
+    DB::drop_tables(&outbox).await;
+}
+
+struct Recording(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl outbox::Destination for Recording {
+    async fn deliver(&self, batch: &[outbox::Envelope]) -> Vec<outbox::DeliveryResult> {
+        let mut seen = self.0.lock().unwrap();
+        batch
+            .iter()
+            .map(|e| {
+                seen.push(e.payload.clone());
+                Ok(())
+            })
+            .collect()
+    }
+}
+
+/// Concurrent requeues of dead events of one aggregate never strand it: its later events are
+/// still delivered, and the consistency check finds nothing.
+pub async fn concurrent_requeues_never_strand_an_aggregate<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    const AGGREGATES: usize = 40;
+    enqueue_backlog(&outbox, AGGREGATES, 2).await;
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let log = Log::default();
+    let behaviour: crate::Behaviour = {
+        let fail = fail.clone();
+        Arc::new(move |_, _| {
+            if fail.load(Ordering::SeqCst) {
+                Err(HandlerError::fatal("down"))
+            } else {
+                Ok(())
+            }
+        })
+    };
+    let relay = RunningRelay::start(quick_relay(outbox.clone(), dispatcher(&log, behaviour)));
+    eventually("every event is dead", WAIT, || async {
+        DB::count_status(&outbox, "dead").await == 2 * AGGREGATES as i64
+    })
+    .await;
+    relay.stop().await;
+    fail.store(false, Ordering::SeqCst);
+    let ids: Vec<(String, uuid::Uuid)> = dead_ids(&outbox).await;
+    // Both dead events of every aggregate requeued at the same time.
+    let requeues = ids.iter().map(|(_, id)| {
+        let outbox = outbox.clone();
+        let id = *id;
+        tokio::spawn(async move { outbox.requeue(id).await.unwrap() })
+    });
+    for requeued in futures_util::future::join_all(requeues).await {
+        assert!(requeued.unwrap());
+    }
+    enqueue_backlog_from(&outbox, AGGREGATES, 3).await;
+    assert!(outbox.check().await.unwrap().is_empty());
+    let relay = RunningRelay::start(quick_relay(outbox.clone(), dispatcher(&log, always_ok())));
+    eventually(
+        "every aggregate delivered all three events",
+        WAIT,
+        || async { log.len() == 3 * AGGREGATES },
+    )
+    .await;
+    relay.stop().await;
+    assert_ordered_exactly_once(&log, AGGREGATES, 3);
+    assert!(outbox.check().await.unwrap().is_empty());
+    DB::drop_tables(&outbox).await;
+}
+
+/// `ItemChanged { n }` for every aggregate, with `n` its third event.
+async fn enqueue_backlog_from<DB: TestDb>(outbox: &Outbox<DB>, aggregates: usize, n: u64) {
+    let events: Vec<ItemChanged> = (0..aggregates).map(|a| item(a, n)).collect();
+    let mut tx = outbox.pool().begin().await.unwrap();
+    outbox.enqueue_batch(&mut *tx, &events).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
+async fn dead_ids<DB: TestDb>(outbox: &Outbox<DB>) -> Vec<(String, uuid::Uuid)> {
+    DB::dead_events(outbox).await
+}

@@ -52,26 +52,40 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         messages: &'a [Message],
     ) -> impl Future<Output = Result<()>> + Send + 'a;
 
+    /// Moves what writers announced (PostgreSQL: the `<table>_new` rows their transactions
+    /// committed) into the relay's cursors; returns how many announcements were taken.
+    #[doc(hidden)]
+    fn backend_absorb<'a>(
+        pool: &'a Pool<Self>,
+        statements: &'a Self::Statements,
+        limit: usize,
+    ) -> impl Future<Output = Result<u64>> + Send + 'a;
+
+    /// Leases up to `aggregates` due aggregates for `lease` under `token`, and reads for each an
+    /// ordered run of up to `run_length` pending events.
     #[doc(hidden)]
     fn backend_claim<'a>(
         pool: &'a Pool<Self>,
         statements: &'a Self::Statements,
-        limit: usize,
-        lease: Duration,
-        token: Uuid,
-    ) -> impl Future<Output = Result<Vec<Envelope>>> + Send + 'a;
+        claim: &'a Claim,
+    ) -> impl Future<Output = Result<Vec<Run>>> + Send + 'a;
 
-    /// Records a batch's outcome in one transaction: failures to retry stay pending with a new
-    /// `available_at`; delivered and dead events leave the pending set, and the next event of
-    /// each of their aggregates becomes its head.
+    /// Writes the fate of the runs leased under `token`, in one transaction. Aggregates whose
+    /// lease another relay has taken since are left alone.
     #[doc(hidden)]
-    fn backend_record<'a>(
+    fn backend_settle<'a>(
         pool: &'a Pool<Self>,
         statements: &'a Self::Statements,
         token: Uuid,
-        delivered: &'a [Uuid],
-        failures: &'a [Failure],
+        settlements: &'a [Settlement],
     ) -> impl Future<Output = Result<()>> + Send + 'a;
+
+    /// Aggregates whose bookkeeping disagrees with their rows (see [`Outbox::check`]).
+    #[doc(hidden)]
+    fn backend_check<'a>(
+        pool: &'a Pool<Self>,
+        statements: &'a Self::Statements,
+    ) -> impl Future<Output = Result<Vec<Inconsistency>>> + Send + 'a;
 
     #[doc(hidden)]
     fn backend_purge_batch<'a>(
@@ -137,14 +151,87 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     ) -> impl Future<Output = ()> + Send + 'static;
 }
 
-/// A failed delivery, as recorded in the table.
+/// What a claim asks for.
 #[doc(hidden)]
 #[derive(Debug, Clone)]
-pub struct Failure {
+pub struct Claim {
+    pub token: Uuid,
+    pub aggregates: usize,
+    pub run_length: usize,
+    pub lease: Duration,
+}
+
+/// One leased aggregate and the pending events the relay may deliver now, in `seq` order.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    /// Every event up to this sequence was settled when the aggregate was leased.
+    pub done_seq: i64,
+    /// The highest committed sequence the relay knew of when it leased the aggregate.
+    pub known_seq: i64,
+    /// The attempt this claim is for the run's first event (1 the first time).
+    pub attempts: u32,
+    /// Whether the run holds every pending event up to `known_seq` (no limit cut it short).
+    pub complete: bool,
+    pub events: Vec<RunEvent>,
+}
+
+/// An event of a [`Run`].
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct RunEvent {
+    pub envelope: Envelope,
+    /// Due now (its `available_at` has passed, by the database's clock).
+    pub due: bool,
+    /// When it becomes due.
+    pub available_at: DateTime<Utc>,
+    /// The reason of its last failure.
+    pub last_error: Option<String>,
+}
+
+/// What becomes of one leased aggregate and the events of its run.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    /// `done_seq` when leased: if a `requeue` moved it since, the cursor keeps the requeue's.
+    pub from_seq: i64,
+    /// Every event up to here is settled now.
+    pub done_seq: i64,
+    /// Attempts already made at the event after `done_seq`.
+    pub attempts: u32,
+    /// The aggregate is due again after this delay ...
+    pub delay: Duration,
+    /// ... and no earlier than this (an event that is not due yet).
+    pub not_before: Option<DateTime<Utc>>,
+    pub events: Vec<Fate>,
+}
+
+/// The new state of one event row.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct Fate {
     pub id: Uuid,
-    pub dead: bool,
-    pub retry_in: Duration,
-    pub reason: String,
+    pub status: EventStatus,
+    pub attempts: u32,
+    /// Already cleaned (see `relay::settle::clean_reason`).
+    pub reason: Option<String>,
+}
+
+/// An aggregate whose relay bookkeeping disagrees with its event rows, found by
+/// [`Outbox::check`]. Any such aggregate is a bug: please report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Inconsistency {
+    /// The aggregate type.
+    pub aggregate_type: String,
+    /// The aggregate id.
+    pub aggregate_id: String,
+    /// What is wrong.
+    pub problem: String,
 }
 
 /// Where an event is in its life.
@@ -160,6 +247,14 @@ pub enum EventStatus {
 }
 
 impl EventStatus {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Delivered => "delivered",
+            Self::Dead => "dead",
+        }
+    }
+
     pub(crate) fn parse(s: &str) -> Option<Self> {
         match s {
             "pending" => Some(Self::Pending),
@@ -421,8 +516,9 @@ impl<DB: Backend> Outbox<DB> {
 
     /// Puts a dead event back to pending with its attempts reset; returns whether it was dead.
     ///
-    /// Later events of its aggregate may have been delivered meanwhile: a requeued event is
-    /// delivered after them.
+    /// The relay delivers it next among its aggregate's pending events (in `seq` order); later
+    /// events that were delivered meanwhile are not delivered again. Safe to call concurrently,
+    /// from several processes, for events of one aggregate.
     pub async fn requeue(&self, id: Uuid) -> Result<bool> {
         DB::backend_requeue(&self.inner.pool, &self.inner.statements, id).await
     }
@@ -447,35 +543,29 @@ impl<DB: Backend> Outbox<DB> {
         .await
     }
 
+    /// Checks the relay's bookkeeping against the event rows: returns every aggregate with a
+    /// pending event that no relay would ever claim. Empty on a healthy outbox; cheap enough to
+    /// run from a periodic health check on tables of a few million rows.
+    pub async fn check(&self) -> Result<Vec<Inconsistency>> {
+        DB::backend_check(&self.inner.pool, &self.inner.statements).await
+    }
+
     pub(crate) fn statements(&self) -> &DB::Statements {
         &self.inner.statements
     }
 }
 
 impl<DB: Backend> Outbox<DB> {
-    pub(crate) async fn claim(
-        &self,
-        limit: usize,
-        lease: Duration,
-        token: Uuid,
-    ) -> Result<Vec<Envelope>> {
-        DB::backend_claim(&self.inner.pool, self.statements(), limit, lease, token).await
+    pub(crate) async fn absorb(&self, limit: usize) -> Result<u64> {
+        DB::backend_absorb(&self.inner.pool, self.statements(), limit).await
     }
 
-    pub(crate) async fn record(
-        &self,
-        token: Uuid,
-        delivered: &[Uuid],
-        failures: &[Failure],
-    ) -> Result<()> {
-        DB::backend_record(
-            &self.inner.pool,
-            self.statements(),
-            token,
-            delivered,
-            failures,
-        )
-        .await
+    pub(crate) async fn claim(&self, claim: &Claim) -> Result<Vec<Run>> {
+        DB::backend_claim(&self.inner.pool, self.statements(), claim).await
+    }
+
+    pub(crate) async fn settle(&self, token: Uuid, settlements: &[Settlement]) -> Result<()> {
+        DB::backend_settle(&self.inner.pool, self.statements(), token, settlements).await
     }
 }
 
@@ -489,4 +579,18 @@ pub(crate) fn parse_headers(id: &Uuid, text: &str) -> crate::event::Headers {
 
 fn clamp_u32(n: i64) -> u32 {
     n.clamp(0, u32::MAX as i64) as u32
+}
+
+fn clamp_i32(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+fn stranded_problem(stranded: i64, first: i64, done: Option<i64>, known: Option<i64>) -> String {
+    match (done, known) {
+        (Some(done), Some(known)) => format!(
+            "{stranded} pending event(s) from seq {first} outside what its cursor will deliver \
+             (settled up to {done}, known up to {known})"
+        ),
+        _ => format!("{stranded} pending event(s) from seq {first} and no cursor"),
+    }
 }

@@ -1,4 +1,7 @@
-use super::{clamp_u32, parse_headers, Backend, EventRecord, EventStatus, Failure};
+use super::{
+    clamp_i32, clamp_u32, parse_headers, stranded_problem, Backend, Claim, EventRecord,
+    EventStatus, Inconsistency, Run, RunEvent, Settlement,
+};
 use crate::error::{Error, Result};
 use crate::event::{Deliver, Envelope, Message};
 use crate::retention::Retention;
@@ -21,19 +24,19 @@ impl super::sealed::Sealed for Sqlite {}
 pub struct SqliteStatements {
     next_seq: String,
     insert: String,
-    claim: String,
-    retry: String,
-    finish: String,
-    release_aggregate: String,
-    promote: String,
-    requeue_target: String,
-    requeue_counter: String,
+    announce: String,
+    lease: String,
+    run: String,
+    settle_cursor: String,
+    settle_event: String,
+    requeue_event: String,
+    requeue_cursor: String,
     purge_select: String,
     purge_archive: String,
     purge_delete: String,
     get: String,
-    requeue: String,
     consumed: String,
+    check: String,
 }
 
 const COLUMNS: &str = "id, created_at, aggregate_type, aggregate_id, seq, event_type, \
@@ -48,66 +51,68 @@ impl Backend for Sqlite {
             // The counter row is written first: SQLite holds the database write lock until
             // commit, so sequence order is commit order and a rollback leaves no gap.
             next_seq: format!(
-                r#"INSERT INTO "{t}_aggregates" (aggregate_type, aggregate_id, last_seq, pending)
-VALUES (?1, ?2, 1, 1)
-ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET last_seq = last_seq + 1, pending = pending + 1
-RETURNING last_seq, pending"#
+                r#"INSERT INTO "{t}_aggregates" (aggregate_type, aggregate_id, last_seq)
+VALUES (?1, ?2, 1)
+ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET last_seq = last_seq + 1
+RETURNING last_seq"#
             ),
             insert: format!(
                 r#"INSERT INTO "{t}" (id, created_at, aggregate_type, aggregate_id, seq, event_type,
-    schema_version, topic, payload, headers, available_at, head)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"#
+    schema_version, topic, payload, headers, available_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"#
             ),
-            // Heads only, as on PostgreSQL; one UPDATE statement is atomic under SQLite's
-            // database lock, so relays sharing the file never claim the same row.
-            claim: format!(
-                r#"UPDATE "{t}" SET locked_until = ?1 + ?2, locked_by = ?3, attempts = attempts + 1
-WHERE id IN (
-    SELECT o.id FROM "{t}" o
-    WHERE o.status = 'pending' AND o.head AND o.available_at <= ?1
-      AND (o.locked_until IS NULL OR o.locked_until <= ?1)
-    ORDER BY o.available_at
-    LIMIT ?4)
-RETURNING {COLUMNS}"#
+            // SQLite has one writer at a time: the enqueue can move the relay's cursor itself,
+            // where PostgreSQL writers announce through `<table>_new` to never share a row lock.
+            announce: format!(
+                r#"INSERT INTO "{t}_cursors" (aggregate_type, aggregate_id, known_seq, due_at)
+VALUES (?1, ?2, ?3, ?4)
+ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET known_seq = max(known_seq, excluded.known_seq)"#
             ),
-            retry: format!(
-                r#"UPDATE "{t}" AS o SET
-    available_at = ?1 + f.delay_ms, last_error = f.reason, locked_until = NULL, locked_by = NULL
-FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS delay_ms,
-             json_extract(value, '$[2]') AS reason
-      FROM json_each(?2)) AS f
-WHERE o.id = f.id AND o.locked_by = ?3"#
+            // One UPDATE statement is atomic under SQLite's write lock, so relays sharing the
+            // file never lease the same aggregate.
+            lease: format!(
+                r#"UPDATE "{t}_cursors" SET leased_by = ?3, due_at = ?1 + ?2, attempts = attempts + 1
+WHERE rowid IN (
+    SELECT rowid FROM "{t}_cursors" WHERE done_seq < known_seq AND due_at <= ?1
+    ORDER BY due_at LIMIT ?4)
+RETURNING aggregate_type, aggregate_id, done_seq, known_seq, attempts"#
             ),
-            finish: format!(
-                r#"UPDATE "{t}" AS o SET
-    status = f.status, head = 0, last_error = f.reason,
-    delivered_at = CASE WHEN f.status = 'delivered' THEN ?1 END,
-    dead_at = CASE WHEN f.status = 'dead' THEN ?1 END,
-    locked_until = NULL, locked_by = NULL
-FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS status,
-             json_extract(value, '$[2]') AS reason
-      FROM json_each(?2)) AS f
-WHERE o.id = f.id AND o.locked_by = ?3
-RETURNING aggregate_type, aggregate_id"#
+            run: format!(
+                r#"SELECT {COLUMNS}, available_at, available_at <= ?5 AS due, last_error FROM "{t}"
+WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND status = 'pending' AND seq > ?3 AND seq <= ?4
+ORDER BY seq LIMIT ?6"#
             ),
-            release_aggregate: format!(
-                r#"UPDATE "{t}_aggregates" SET pending = pending - ?3
-WHERE aggregate_type = ?1 AND aggregate_id = ?2
-RETURNING pending"#
+            // As on PostgreSQL: only a cursor still leased to this relay moves, and one that a
+            // requeue moved back keeps that position and is due at once.
+            settle_cursor: format!(
+                r#"UPDATE "{t}_cursors" SET
+    done_seq = CASE WHEN done_seq = ?3 THEN ?4 ELSE done_seq END,
+    attempts = CASE WHEN done_seq = ?3 THEN ?5 ELSE 0 END,
+    due_at = CASE WHEN done_seq = ?3 THEN max(?6 + ?7, coalesce(?8, 0)) ELSE ?6 END,
+    leased_by = NULL
+WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND leased_by = ?9"#
             ),
-            promote: format!(
-                r#"UPDATE "{t}" SET head = 1
-WHERE id = (SELECT id FROM "{t}"
-            WHERE status = 'pending' AND aggregate_type = ?1 AND aggregate_id = ?2
-            ORDER BY seq LIMIT 1)"#
+            settle_event: format!(
+                r#"UPDATE "{t}" SET status = ?2, attempts = ?3,
+    last_error = CASE WHEN ?2 = 'delivered' THEN NULL ELSE coalesce(?4, last_error) END,
+    delivered_at = CASE WHEN ?2 = 'delivered' THEN ?5 END,
+    dead_at = CASE WHEN ?2 = 'dead' THEN ?5 END
+WHERE id = ?1 AND status = 'pending'"#
             ),
-            requeue_target: format!(
-                r#"SELECT aggregate_type, aggregate_id FROM "{t}" WHERE id = ?1 AND status = 'dead'"#
+            requeue_event: format!(
+                r#"UPDATE "{t}" SET status = 'pending', attempts = 0, available_at = ?2, dead_at = NULL
+WHERE id = ?1 AND status = 'dead'
+RETURNING aggregate_type, aggregate_id, seq"#
             ),
-            requeue_counter: format!(
-                r#"UPDATE "{t}_aggregates" SET pending = pending + 1
-WHERE aggregate_type = ?1 AND aggregate_id = ?2
-RETURNING pending"#
+            requeue_cursor: format!(
+                r#"INSERT INTO "{t}_cursors" (aggregate_type, aggregate_id, known_seq, done_seq, due_at)
+VALUES (?1, ?2, ?3, ?3 - 1, ?4)
+ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET
+    known_seq = max(known_seq, excluded.known_seq),
+    done_seq = min(done_seq, excluded.done_seq),
+    attempts = CASE WHEN excluded.done_seq <= done_seq THEN 0 ELSE attempts END,
+    due_at = CASE WHEN excluded.done_seq <= done_seq AND leased_by IS NULL
+                  THEN min(due_at, excluded.due_at) ELSE due_at END"#
             ),
             purge_select: format!(
                 r#"SELECT id FROM "{t}" WHERE status = 'delivered' AND delivered_at < ?1
@@ -123,25 +128,31 @@ ORDER BY delivered_at LIMIT ?2"#
                 r#"SELECT {COLUMNS}, status, last_error, available_at, delivered_at, dead_at, consumed_at
 FROM "{t}" WHERE id = ?1"#
             ),
-            requeue: format!(
-                r#"UPDATE "{t}" SET status = 'pending', attempts = 0, available_at = ?2, dead_at = NULL,
-    head = ?3
-WHERE id = ?1 AND status = 'dead'"#
-            ),
             consumed: format!(
                 r#"UPDATE "{t}" SET consumed_at = ?1
 WHERE consumed_at IS NULL AND id IN (SELECT value FROM json_each(?2))"#
+            ),
+            check: format!(
+                r#"SELECT o.aggregate_type, o.aggregate_id,
+       count(*) AS stranded, min(o.seq) AS first_seq, c.done_seq, c.known_seq
+FROM "{t}" o
+LEFT JOIN "{t}_cursors" c ON c.aggregate_type = o.aggregate_type AND c.aggregate_id = o.aggregate_id
+WHERE o.status = 'pending'
+  AND (c.aggregate_id IS NULL OR o.seq <= c.done_seq OR o.seq > c.known_seq)
+GROUP BY o.aggregate_type, o.aggregate_id, c.done_seq, c.known_seq
+ORDER BY o.aggregate_type, o.aggregate_id"#
             ),
         }
     }
 
     fn backend_migration_sql(table: &TableName) -> Vec<(i64, &'static str, String)> {
         let t = table.as_str();
-        vec![(
-            1,
-            "outbox table, aggregate sequence counters, archive",
-            format!(
-                r#"CREATE TABLE IF NOT EXISTS "{t}" (
+        vec![
+            (
+                1,
+                "outbox table, aggregate sequence counters, archive",
+                format!(
+                    r#"CREATE TABLE IF NOT EXISTS "{t}" (
     id             TEXT PRIMARY KEY NOT NULL,
     created_at     INTEGER NOT NULL,
     aggregate_type TEXT NOT NULL,
@@ -175,12 +186,53 @@ CREATE TABLE IF NOT EXISTS "{t}_aggregates" (
     PRIMARY KEY (aggregate_type, aggregate_id)
 );
 CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
+                ),
             ),
-        )]
+            (
+                2,
+                "relay cursors per aggregate",
+                format!(
+                    r#"CREATE TABLE IF NOT EXISTS "{t}_cursors" (
+    aggregate_type TEXT NOT NULL,
+    aggregate_id   TEXT NOT NULL,
+    known_seq      INTEGER NOT NULL DEFAULT 0,
+    done_seq       INTEGER NOT NULL DEFAULT 0,
+    attempts       INTEGER NOT NULL DEFAULT 0,
+    due_at         INTEGER NOT NULL DEFAULT 0,
+    leased_by      TEXT,
+    PRIMARY KEY (aggregate_type, aggregate_id)
+);
+CREATE INDEX IF NOT EXISTS "{t}_cursors_due" ON "{t}_cursors" (due_at) WHERE done_seq < known_seq;
+INSERT INTO "{t}_cursors" (aggregate_type, aggregate_id, known_seq, done_seq)
+SELECT a.aggregate_type, a.aggregate_id, a.last_seq, p.first_seq - 1
+FROM "{t}_aggregates" a
+JOIN (SELECT aggregate_type, aggregate_id, min(seq) AS first_seq FROM "{t}"
+      WHERE status = 'pending' GROUP BY aggregate_type, aggregate_id) p
+  ON p.aggregate_type = a.aggregate_type AND p.aggregate_id = a.aggregate_id
+WHERE true
+ON CONFLICT DO NOTHING;
+ALTER TABLE "{t}_aggregates" DROP COLUMN pending;
+DROP INDEX IF EXISTS "{t}_heads";
+ALTER TABLE "{t}" DROP COLUMN head;
+ALTER TABLE "{t}" DROP COLUMN locked_until;
+ALTER TABLE "{t}" DROP COLUMN locked_by;
+ALTER TABLE "{t}" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'application/json';
+ALTER TABLE "{t}_archive" DROP COLUMN head;
+ALTER TABLE "{t}_archive" DROP COLUMN locked_until;
+ALTER TABLE "{t}_archive" DROP COLUMN locked_by;
+ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'application/json';"#
+                ),
+            ),
+        ]
     }
 
     async fn backend_migrate(pool: &SqlitePool, table: &TableName) -> Result<()> {
-        let mut tx = pool.begin().await?;
+        // Readers then never block the writer nor the writer the readers; the setting is kept
+        // in the database file. An in-memory database answers "memory" and stays as it is.
+        sqlx::query("PRAGMA journal_mode = WAL")
+            .execute(pool)
+            .await?;
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
         let m = table.derived("migrations");
         // The first write takes SQLite's database lock, serialising concurrent migrators.
         sqlx::query(&format!(
@@ -219,7 +271,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
     ) -> Result<()> {
         let now = now_ms();
         for m in messages {
-            let (seq, pending): (i64, i64) = sqlx::query_as(&statements.next_seq)
+            let seq: i64 = sqlx::query_scalar(&statements.next_seq)
                 .bind(m.aggregate_type)
                 .bind(&m.aggregate_id)
                 .fetch_one(&mut *conn)
@@ -241,93 +293,140 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
                 .bind(&m.payload)
                 .bind(m.headers_json())
                 .bind(available_at)
-                .bind(pending == 1)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query(&statements.announce)
+                .bind(m.aggregate_type)
+                .bind(&m.aggregate_id)
+                .bind(seq)
+                .bind(now)
                 .execute(&mut *conn)
                 .await?;
         }
         Ok(())
     }
 
+    async fn backend_absorb<'a>(
+        _pool: &'a SqlitePool,
+        _statements: &'a SqliteStatements,
+        _limit: usize,
+    ) -> Result<u64> {
+        // Writers move the cursors themselves (see `announce`).
+        Ok(0)
+    }
+
     async fn backend_claim<'a>(
         pool: &'a SqlitePool,
         statements: &'a SqliteStatements,
-        limit: usize,
-        lease: Duration,
-        token: Uuid,
-    ) -> Result<Vec<Envelope>> {
-        let rows = sqlx::query(&statements.claim)
-            .bind(now_ms())
-            .bind(duration_ms(lease))
-            .bind(token.to_string())
-            .bind(limit as i64)
+        claim: &'a Claim,
+    ) -> Result<Vec<Run>> {
+        let now = now_ms();
+        let leased: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(&statements.lease)
+            .bind(now)
+            .bind(duration_ms(claim.lease))
+            .bind(claim.token.to_string())
+            .bind(claim.aggregates as i64)
             .fetch_all(pool)
             .await?;
-        rows.iter().map(envelope).collect()
+        let mut runs = Vec::with_capacity(leased.len());
+        for (aggregate_type, aggregate_id, done_seq, known_seq, attempts) in leased {
+            let attempts = clamp_u32(attempts);
+            let limit = if attempts > 1 { 1 } else { claim.run_length };
+            let rows = sqlx::query(&statements.run)
+                .bind(&aggregate_type)
+                .bind(&aggregate_id)
+                .bind(done_seq)
+                .bind(known_seq)
+                .bind(now)
+                .bind(limit as i64)
+                .fetch_all(pool)
+                .await?;
+            let events = rows
+                .iter()
+                .map(|row| {
+                    Ok(RunEvent {
+                        envelope: envelope(row)?,
+                        due: row.try_get("due")?,
+                        available_at: DateTime::from_timestamp_millis(row.try_get("available_at")?)
+                            .unwrap_or_default(),
+                        last_error: row.try_get("last_error")?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            runs.push(Run {
+                aggregate_type,
+                aggregate_id,
+                done_seq,
+                known_seq,
+                attempts,
+                complete: events.len() < limit,
+                events,
+            });
+        }
+        Ok(runs)
     }
 
-    async fn backend_record<'a>(
+    async fn backend_settle<'a>(
         pool: &'a SqlitePool,
         statements: &'a SqliteStatements,
         token: Uuid,
-        delivered: &'a [Uuid],
-        failures: &'a [Failure],
+        settlements: &'a [Settlement],
     ) -> Result<()> {
         let now = now_ms();
         let token = token.to_string();
-        let mut tx = pool.begin().await?;
-        let retry: Vec<_> = failures
-            .iter()
-            .filter(|f| !f.dead)
-            .map(|f| serde_json::json!([f.id.to_string(), duration_ms(f.retry_in), f.reason]))
-            .collect();
-        if !retry.is_empty() {
-            sqlx::query(&statements.retry)
+        // IMMEDIATE: take the write lock up front (waiting for it within the busy timeout) rather
+        // than fail on upgrading a read transaction.
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        for s in settlements {
+            let held = sqlx::query(&statements.settle_cursor)
+                .bind(&s.aggregate_type)
+                .bind(&s.aggregate_id)
+                .bind(s.from_seq)
+                .bind(s.done_seq)
+                .bind(clamp_i32(s.attempts))
                 .bind(now)
-                .bind(serde_json::Value::Array(retry).to_string())
+                .bind(duration_ms(s.delay))
+                .bind(s.not_before.map(|t| t.timestamp_millis()))
                 .bind(&token)
                 .execute(&mut *tx)
                 .await?;
-        }
-        let finished: Vec<_> = delivered
-            .iter()
-            .map(|id| serde_json::json!([id.to_string(), "delivered", null]))
-            .chain(
-                failures
-                    .iter()
-                    .filter(|f| f.dead)
-                    .map(|f| serde_json::json!([f.id.to_string(), "dead", f.reason])),
-            )
-            .collect();
-        if !finished.is_empty() {
-            let rows: Vec<(String, String)> = sqlx::query_as(&statements.finish)
-                .bind(now)
-                .bind(serde_json::Value::Array(finished).to_string())
-                .bind(&token)
-                .fetch_all(&mut *tx)
-                .await?;
-            let mut released: std::collections::BTreeMap<(String, String), i64> =
-                Default::default();
-            for key in rows {
-                *released.entry(key).or_default() += 1;
+            if held.rows_affected() == 0 {
+                continue;
             }
-            for ((aggregate_type, aggregate_id), n) in released {
-                let pending: i64 = sqlx::query_scalar(&statements.release_aggregate)
-                    .bind(&aggregate_type)
-                    .bind(&aggregate_id)
-                    .bind(n)
-                    .fetch_one(&mut *tx)
+            for e in &s.events {
+                sqlx::query(&statements.settle_event)
+                    .bind(e.id.to_string())
+                    .bind(e.status.as_str())
+                    .bind(clamp_i32(e.attempts))
+                    .bind(e.reason.as_deref())
+                    .bind(now)
+                    .execute(&mut *tx)
                     .await?;
-                if pending > 0 {
-                    sqlx::query(&statements.promote)
-                        .bind(&aggregate_type)
-                        .bind(&aggregate_id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
             }
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn backend_check<'a>(
+        pool: &'a SqlitePool,
+        statements: &'a SqliteStatements,
+    ) -> Result<Vec<Inconsistency>> {
+        let rows = sqlx::query(&statements.check).fetch_all(pool).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Inconsistency {
+                    aggregate_type: row.try_get("aggregate_type")?,
+                    aggregate_id: row.try_get("aggregate_id")?,
+                    problem: stranded_problem(
+                        row.try_get("stranded")?,
+                        row.try_get("first_seq")?,
+                        row.try_get("done_seq")?,
+                        row.try_get("known_seq")?,
+                    ),
+                })
+            })
+            .collect()
     }
 
     async fn backend_purge_batch<'a>(
@@ -335,7 +434,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
         statements: &'a SqliteStatements,
         retention: &'a Retention,
     ) -> Result<u64> {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
         let ids: Vec<String> = sqlx::query_scalar(&statements.purge_select)
             .bind(now_ms().saturating_sub(duration_ms(retention.keep)))
             .bind(retention.batch_size as i64)
@@ -417,7 +516,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
         statements: &'a SqliteStatements,
         limit: usize,
     ) -> Result<String> {
-        let rows = sqlx::query(&format!("EXPLAIN QUERY PLAN {}", statements.claim))
+        let rows = sqlx::query(&format!("EXPLAIN QUERY PLAN {}", statements.lease))
             .bind(now_ms())
             .bind(30_000i64)
             .bind(Uuid::nil().to_string())
@@ -435,28 +534,26 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
         statements: &'a SqliteStatements,
         id: Uuid,
     ) -> Result<bool> {
-        let mut tx = pool.begin().await?;
-        let Some((aggregate_type, aggregate_id)): Option<(String, String)> =
-            sqlx::query_as(&statements.requeue_target)
+        let now = now_ms();
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        let Some((aggregate_type, aggregate_id, seq)): Option<(String, String, i64)> =
+            sqlx::query_as(&statements.requeue_event)
                 .bind(id.to_string())
+                .bind(now)
                 .fetch_optional(&mut *tx)
                 .await?
         else {
             return Ok(false);
         };
-        let pending: i64 = sqlx::query_scalar(&statements.requeue_counter)
+        sqlx::query(&statements.requeue_cursor)
             .bind(&aggregate_type)
             .bind(&aggregate_id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let done = sqlx::query(&statements.requeue)
-            .bind(id.to_string())
-            .bind(now_ms())
-            .bind(pending == 1)
+            .bind(seq)
+            .bind(now)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(done.rows_affected() == 1)
+        Ok(true)
     }
 
     async fn backend_execute<'a>(pool: &'a SqlitePool, sql: &'a str) -> Result<()> {
