@@ -523,3 +523,8 @@ async fn migration_keeps_pending_events_of_the_previous_schema_in_order() {
     assert_eq!(of("c"), [(2, 2)]);
     Postgres::drop_tables(&outbox).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_aggregates_keep_their_order() {
+    scenarios::parked_aggregates_keep_their_order::<Postgres>().await;
+}

@@ -186,3 +186,8 @@ async fn eight_writers_and_two_relays_share_one_file() {
     assert!(outbox.check().await.unwrap().is_empty());
     Sqlite::drop_tables(&outbox).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_aggregates_keep_their_order() {
+    scenarios::parked_aggregates_keep_their_order::<Sqlite>().await;
+}

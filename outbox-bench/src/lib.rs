@@ -92,6 +92,15 @@ pub struct Config {
     /// Workers (batches in flight) per relay, or `None` for two batches in flight over all the
     /// relays (the best setting measured on 2 cores).
     pub workers: Option<usize>,
+    /// Events of one aggregate delivered per claim (the relay's `run_length`).
+    pub run_length: usize,
+    /// Events per batch at most (the relay's `max_batch_events`).
+    pub max_batch_events: usize,
+    /// Aggregate counts of the hot-aggregate runs: a backlog of `hot_backlog` events spread
+    /// over this many aggregates, drained by one relay.
+    pub hot_aggregates: Vec<usize>,
+    /// Backlog of each hot-aggregate run.
+    pub hot_backlog: usize,
     /// Rows or messages per raw-limit measurement.
     pub raw_events: usize,
     /// Messages in flight in the raw broker measurements (Kafka gets four times as many: its
@@ -134,6 +143,10 @@ impl Config {
             payload_bytes: 256,
             batch_size: None,
             workers: None,
+            run_length: 500,
+            max_batch_events: 5000,
+            hot_aggregates: vec![1, 10, 1000],
+            hot_backlog: 100_000,
             raw_events: 100_000,
             raw_in_flight: 256,
             writers: vec![1, 8],
@@ -153,6 +166,8 @@ impl Config {
             backlogs: vec![2_000],
             relays: vec![1, 2],
             aggregates: 50,
+            hot_aggregates: vec![1, 5],
+            hot_backlog: 500,
             raw_events: 2_000,
             writers: vec![1, 2],
             enqueue_duration: Duration::from_millis(300),
@@ -168,8 +183,8 @@ impl Config {
         self.workers.unwrap_or(2 / relays.max(1)).max(1)
     }
 
-    /// Events claimed per batch by each worker when `relays` relays drain together: the
-    /// aggregates shared out, since a batch holds at most one event per aggregate.
+    /// Aggregates leased per claim by each worker when `relays` relays drain together: the
+    /// aggregates shared out between the workers.
     pub fn batch_for(&self, relays: usize) -> usize {
         self.batch_size
             .unwrap_or_else(|| self.aggregates / (relays * self.workers_for(relays)).max(1))
@@ -242,6 +257,9 @@ pub async fn run(config: &Config) -> Result<Report, BoxError> {
         save(&report)?;
         eprintln!("[bench] relay throughput");
         report.relay = relay::throughput(&servers, config, &report).await?;
+        save(&report)?;
+        eprintln!("[bench] hot aggregates");
+        report.hot = relay::hot_aggregates(&servers, config, &report).await?;
         save(&report)?;
         eprintln!("[bench] latency");
         report.latency = relay::latency(&servers, config).await?;

@@ -16,8 +16,12 @@ OPTIONS:
   --backlogs LIST          backlog sizes (default: 100000,1000000)
   --relays LIST            relay counts (default: 1,4)
   --workers N              workers per relay (default: 2 batches in flight in all)
-  --batch N                events per claim (default: aggregates / (relays x workers))
-  --kafka-linger-ms N      linger.ms of the Kafka producers (default: the transport's, 5)
+  --batch N                aggregates leased per claim (default: aggregates / (relays x workers))
+  --run-length N           events of one aggregate per claim (default: 500)
+  --max-batch-events N     events per batch at most (default: 5000)
+  --hot LIST               aggregate counts of the hot-aggregate runs (default: 1,10,1000)
+  --hot-backlog N          backlog of each hot-aggregate run (default: 100000)
+  --kafka-linger-ms N      linger.ms of the Kafka producers (default: the transport's, 0)
   --aggregates N           distinct aggregates (default: 1000)
   --raw-events N           rows/messages per raw limit (default: 100000)
   --rates LIST             latency runs' offered events/s (default: 1000,5000)
@@ -65,6 +69,10 @@ fn parse_args() -> Result<Config, String> {
             "--rates" => config.latency_rates = list(&value()?, |v| v.parse().ok())?,
             "--workers" => config.workers = Some(number(value()?)?.max(1)),
             "--batch" => config.batch_size = Some(number(value()?)?),
+            "--run-length" => config.run_length = number(value()?)?.max(1),
+            "--max-batch-events" => config.max_batch_events = number(value()?)?.max(1),
+            "--hot" => config.hot_aggregates = list(&value()?, |v| v.parse().ok())?,
+            "--hot-backlog" => config.hot_backlog = number(value()?)?,
             "--kafka-linger-ms" => config.kafka_linger_ms = Some(number(value()?)? as u32),
             "--aggregates" => config.aggregates = number(value()?)?.max(1),
             "--raw-events" => config.raw_events = number(value()?)?,

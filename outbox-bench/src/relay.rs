@@ -99,42 +99,35 @@ pub async fn throughput(
                     backlog,
                     relays,
                 };
-                let mut figure = match target {
-                    Target::Handlers => {
-                        let check = OrderCheck::new(config.aggregates);
-                        let dispatcher = dispatcher(check.clone())?;
-                        let mut figure = run.measure(|| Ok(dispatcher.clone())).await?;
-                        figure.order_violations = Some(check.violations.load(Ordering::SeqCst));
-                        figure
-                    }
-                    Target::Nats => {
-                        let transport = brokers::nats_destination(servers, config).await?;
-                        run.measure(|| Ok(transport.clone())).await?
-                    }
-                    Target::Amqp => {
-                        let make = brokers::amqp_destination(servers, config).await?;
-                        run.measure(|| Ok(make())).await?
-                    }
-                    Target::Kafka => {
-                        let make = brokers::kafka_destination(config).await?;
-                        run.measure(make).await?
-                    }
-                };
-                figure.target = target;
-                report.rate_relay(&mut figure);
-                eprintln!(
-                    "[bench]   {} backlog {backlog}, {relays} relay(s): {:.0} events/s \
-                     ({:.0} % of the raw limit), PostgreSQL {:.0} µs CPU and {:.0} B WAL per \
-                     event, peak RSS {:.1} MB",
-                    target.name(),
-                    figure.events_per_s,
-                    figure.ratio * 100.0,
-                    figure.pg_cpu_us_per_event,
-                    figure.wal_bytes_per_event,
-                    figure.peak_rss_mb
-                );
-                figures.push(figure);
+                figures.push(run.measure_target(target, report).await?);
             }
+        }
+    }
+    servers.reset_outbox().await?;
+    Ok(figures)
+}
+
+/// The hot-aggregate runs: one relay drains a backlog spread over few aggregates, so its
+/// speed is that of one aggregate's ordered run.
+pub async fn hot_aggregates(
+    servers: &Servers,
+    config: &Config,
+    report: &Report,
+) -> Result<Vec<RelayFigure>, BoxError> {
+    let mut figures = Vec::new();
+    for &aggregates in &config.hot_aggregates {
+        let config = Config {
+            aggregates,
+            ..config.clone()
+        };
+        for &target in &config.targets {
+            let run = Drain {
+                servers,
+                config: &config,
+                backlog: config.hot_backlog,
+                relays: 1,
+            };
+            figures.push(run.measure_target(target, report).await?);
         }
     }
     servers.reset_outbox().await?;
@@ -149,6 +142,53 @@ struct Drain<'a> {
 }
 
 impl Drain<'_> {
+    /// Drains into `target` and rates the figure against the raw limits of the same run.
+    async fn measure_target(
+        &self,
+        target: Target,
+        report: &Report,
+    ) -> Result<RelayFigure, BoxError> {
+        let (servers, config) = (self.servers, self.config);
+        let mut figure = match target {
+            Target::Handlers => {
+                let check = OrderCheck::new(config.aggregates);
+                let dispatcher = dispatcher(check.clone())?;
+                let mut figure = self.measure(|| Ok(dispatcher.clone())).await?;
+                figure.order_violations = Some(check.violations.load(Ordering::SeqCst));
+                figure
+            }
+            Target::Nats => {
+                let transport = brokers::nats_destination(servers, config).await?;
+                self.measure(|| Ok(transport.clone())).await?
+            }
+            Target::Amqp => {
+                let make = brokers::amqp_destination(servers, config).await?;
+                self.measure(|| Ok(make())).await?
+            }
+            Target::Kafka => {
+                let make = brokers::kafka_destination(config).await?;
+                self.measure(make).await?
+            }
+        };
+        figure.target = target;
+        report.rate_relay(&mut figure);
+        eprintln!(
+            "[bench]   {} backlog {} over {} aggregates, {} relay(s): {:.0} events/s \
+             ({:.0} % of the raw limit), PostgreSQL {:.0} µs CPU and {:.0} B WAL per \
+             event, peak RSS {:.1} MB",
+            target.name(),
+            self.backlog,
+            config.aggregates,
+            self.relays,
+            figure.events_per_s,
+            figure.ratio * 100.0,
+            figure.pg_cpu_us_per_event,
+            figure.wal_bytes_per_event,
+            figure.peak_rss_mb
+        );
+        Ok(figure)
+    }
+
     /// Fills the backlog, then drains it with `relays` relays, each with its own pool and
     /// destination (as separate processes would), until the outbox has nothing pending.
     async fn measure<D: Destination>(
@@ -170,6 +210,8 @@ impl Drain<'_> {
             };
             let relay = Relay::builder(servers.outbox_on(pool, true)?, probe)
                 .batch_size(batch)
+                .run_length(config.run_length)
+                .max_batch_events(config.max_batch_events)
                 .workers(workers)
                 .build()?;
             built.push(relay);
@@ -218,6 +260,8 @@ impl Drain<'_> {
         Ok(RelayFigure {
             target: Target::Handlers,
             backlog,
+            aggregates: config.aggregates,
+            run_length: config.run_length,
             relays: self.relays,
             workers,
             batch,

@@ -45,6 +45,12 @@ pub struct EnqueueFigure {
 pub struct RelayFigure {
     pub target: Target,
     pub backlog: usize,
+    /// Aggregates the backlog is spread over.
+    #[serde(default)]
+    pub aggregates: usize,
+    /// Events per aggregate per claim.
+    #[serde(default)]
+    pub run_length: usize,
     pub relays: usize,
     pub workers: usize,
     pub batch: usize,
@@ -93,6 +99,9 @@ pub struct Report {
     pub raw_brokers: Vec<RawBroker>,
     pub enqueue: Vec<EnqueueFigure>,
     pub relay: Vec<RelayFigure>,
+    /// Hot-aggregate drains: one relay, few aggregates with deep backlogs.
+    #[serde(default)]
+    pub hot: Vec<RelayFigure>,
     pub latency: Vec<LatencyFigure>,
 }
 
@@ -107,6 +116,7 @@ impl Report {
             raw_brokers: Vec::new(),
             enqueue: Vec::new(),
             relay: Vec::new(),
+            hot: Vec::new(),
             latency: Vec::new(),
         }
     }
@@ -221,6 +231,32 @@ impl Report {
                 r.wal_bytes_per_event,
                 r.relay_cpu_us_per_event,
                 r.peak_rss_mb,
+                r.duplicates,
+                r.order_violations.map_or("—".to_owned(), |v| v.to_string())
+            );
+        }
+
+        md.push_str("\n### Hot aggregates (one relay, the backlog spread over few aggregates)\n\n");
+        md.push_str(
+            "| destination | aggregates | backlog | batch × run length | events/s | raw limit | ratio | \
+             PostgreSQL CPU per event | WAL per event | duplicates | order violations |\n",
+        );
+        md.push_str("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
+        for r in &self.hot {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} × {} | **{:.0}** | {:.0} ({}) | **{:.0} %** | {:.0} µs | {:.0} B | {} | {} |",
+                r.target.name(),
+                r.aggregates,
+                r.backlog,
+                r.batch,
+                r.run_length,
+                r.events_per_s,
+                r.raw_limit,
+                r.limited_by,
+                r.ratio * 100.0,
+                r.pg_cpu_us_per_event,
+                r.wal_bytes_per_event,
                 r.duplicates,
                 r.order_violations.map_or("—".to_owned(), |v| v.to_string())
             );

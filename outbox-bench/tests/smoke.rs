@@ -52,6 +52,19 @@ async fn the_harness_measures_every_section() {
         }
     }
 
+    // Hot aggregates: every target and aggregate count drained, in order, each rated.
+    assert_eq!(
+        report.hot.len(),
+        Target::ALL.len() * config.hot_aggregates.len()
+    );
+    for r in &report.hot {
+        assert!(r.events_per_s > 0.0 && r.ratio > 0.0, "{r:?}");
+        assert_eq!(r.duplicates, 0, "{r:?}");
+        if r.target == Target::Handlers {
+            assert_eq!(r.order_violations, Some(0), "{r:?}");
+        }
+    }
+
     // Latency: every target and rate has samples and ordered percentiles.
     assert_eq!(
         report.latency.len(),

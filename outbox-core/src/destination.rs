@@ -20,6 +20,10 @@ pub enum Retry {
     After(Duration),
     /// Do not try again: the event goes dead at once.
     Never,
+    /// The destination could not be reached (a broker restarting, a leader election, a
+    /// connection lost): try again after the first backoff step, without counting the attempt,
+    /// however long the outage lasts.
+    Unavailable,
 }
 
 impl DeliveryError {
@@ -35,6 +39,16 @@ impl DeliveryError {
     pub fn retry_after(delay: Duration, reason: impl Into<String>) -> Self {
         Self {
             retry: Retry::After(delay),
+            reason: reason.into(),
+        }
+    }
+
+    /// The destination could not be reached: retried without counting the attempt (see
+    /// [`Retry::Unavailable`]). Use it only where the broker's state shows an outage, never for
+    /// an answer about the message itself.
+    pub fn unavailable(reason: impl Into<String>) -> Self {
+        Self {
+            retry: Retry::Unavailable,
             reason: reason.into(),
         }
     }

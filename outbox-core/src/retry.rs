@@ -66,6 +66,8 @@ impl RetryPolicy {
     pub fn next_delay(&self, attempt: u32, retry: crate::Retry) -> Option<Duration> {
         match retry {
             crate::Retry::Never => None,
+            // Not the event's fault: the attempt does not count.
+            crate::Retry::Unavailable => Some(self.delay(1)),
             _ if attempt >= self.max_attempts => None,
             crate::Retry::Backoff => Some(self.delay(attempt)),
             crate::Retry::After(delay) => Some(delay),
@@ -113,6 +115,10 @@ mod tests {
             Some(Duration::from_secs(9))
         );
         assert_eq!(p.next_delay(3, Retry::Backoff), None);
+        assert_eq!(
+            p.next_delay(30, Retry::Unavailable),
+            Some(Duration::from_millis(100))
+        );
         assert_eq!(p.next_delay(1, Retry::Never), None);
     }
 

@@ -186,6 +186,19 @@ fn failure(error: &KafkaError) -> DeliveryError {
             | RDKafkaErrorCode::TopicAuthorizationFailed
             | RDKafkaErrorCode::InvalidRecord,
         ) => DeliveryError::permanent(reason),
+        // The cluster is unreachable or electing: an outage, not the message's fault.
+        Some(
+            RDKafkaErrorCode::MessageTimedOut
+            | RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::Resolve
+            | RDKafkaErrorCode::LeaderNotAvailable
+            | RDKafkaErrorCode::NotLeaderForPartition
+            | RDKafkaErrorCode::RequestTimedOut
+            | RDKafkaErrorCode::NetworkException
+            | RDKafkaErrorCode::NotEnoughReplicas
+            | RDKafkaErrorCode::NotEnoughReplicasAfterAppend,
+        ) => DeliveryError::unavailable(reason),
         _ => DeliveryError::retry(reason),
     }
 }

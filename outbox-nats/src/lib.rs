@@ -24,10 +24,9 @@
 //! ```
 
 use async_nats::header::{HeaderName, HeaderValue};
-use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::context::{GetStreamByNameErrorKind, PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use async_nats::HeaderMap;
-use futures_util::future::join_all;
 use futures_util::StreamExt;
 use outbox_core::{DeliveryError, DeliveryResult, Dispatcher, Envelope, RetryPolicy, Transport};
 use std::str::FromStr;
@@ -103,11 +102,76 @@ pub fn headers(envelope: &Envelope) -> Result<HeaderMap, DeliveryError> {
 fn publish_failure(error: PublishError) -> DeliveryError {
     let reason = format!("NATS JetStream refused the event: {error}");
     match error.kind() {
-        // Retrying cannot make a message smaller or create the stream.
-        PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::StreamNotFound => {
-            DeliveryError::permanent(reason)
+        // Retrying cannot make a message smaller.
+        PublishErrorKind::MaxPayloadExceeded => DeliveryError::permanent(reason),
+        // No ack in time, or the connection broke: the server is restarting or unreachable.
+        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
+            DeliveryError::unavailable(reason)
         }
+        // Decided in `confirm_stream_missing`: async-nats reports "no responders" this way,
+        // which a restarting server or a moving stream leader answers too.
+        PublishErrorKind::StreamNotFound => DeliveryError::unavailable(reason),
         _ => DeliveryError::retry(reason),
+    }
+}
+
+/// Acknowledgements one batch awaits at once: far below the context's in-flight limit, so
+/// that batches side by side never exhaust it.
+const ACKS_IN_FLIGHT: usize = 256;
+
+/// The server's answer to a sent event.
+async fn acknowledged(sent: Sent) -> Result<(), (Option<PublishErrorKind>, DeliveryError)> {
+    sent?
+        .await
+        .map(|_| ())
+        .map_err(|e| (Some(e.kind()), publish_failure(e)))
+}
+
+type Sent = Result<
+    async_nats::jetstream::context::PublishAckFuture,
+    (Option<PublishErrorKind>, DeliveryError),
+>;
+
+impl NatsTransport {
+    /// Sends one event; the returned future resolves to the server's acknowledgement.
+    async fn send(&self, envelope: &Envelope) -> Sent {
+        let span = tracing::debug_span!(
+            "outbox.publish",
+            transport = %self.name,
+            event_id = %envelope.id,
+            event_type = %envelope.event_type,
+            aggregate_type = %envelope.aggregate_type,
+            aggregate_id = %envelope.aggregate_id,
+            attempt = envelope.attempt,
+        );
+        let headers = headers(envelope).map_err(|refused| (None, refused))?;
+        self.js
+            .publish_with_headers(
+                self.subject(envelope),
+                headers,
+                envelope.payload.clone().into(),
+            )
+            .instrument(span)
+            .await
+            .map_err(|e| (Some(e.kind()), publish_failure(e)))
+    }
+
+    /// "No stream" is permanent only when the server's state says so: asked which stream
+    /// captures the subject, it answers none. A reply during an outage (no responders while a
+    /// server restarts or a leader is elected) is an outage.
+    async fn confirm_stream_missing(&self, subject: String, failure: &mut DeliveryError) {
+        match self.js.stream_by_subject(subject.clone()).await {
+            Err(e) if e.kind() == GetStreamByNameErrorKind::NotFound => {
+                *failure = DeliveryError::permanent(format!(
+                    "NATS JetStream has no stream for subject {subject:?}"
+                ));
+            }
+            Ok(stream) => {
+                failure.reason =
+                    format!("{} (stream {stream} captures it: retrying)", failure.reason);
+            }
+            Err(_) => {}
+        }
     }
 }
 
@@ -117,45 +181,43 @@ impl Transport for NatsTransport {
     }
 
     async fn publish(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
-        // Send everything first, then collect the acknowledgements: one round trip per batch,
-        // not per event.
-        let mut pending = Vec::with_capacity(batch.len());
+        // Publish in order while the acknowledgements of up to `ACKS_IN_FLIGHT` earlier ones
+        // are awaited: pipelined, and never holding more of the context's in-flight permits
+        // (5,000 by default, shared by every batch) than a batch can release by itself.
+        let mut in_flight = futures_util::stream::FuturesOrdered::new();
+        let mut outcomes = Vec::with_capacity(batch.len());
         for envelope in batch {
-            let span = tracing::debug_span!(
-                "outbox.publish",
-                transport = %self.name,
-                event_id = %envelope.id,
-                event_type = %envelope.event_type,
-                aggregate_type = %envelope.aggregate_type,
-                aggregate_id = %envelope.aggregate_id,
-                attempt = envelope.attempt,
-            );
-            let headers = match headers(envelope) {
-                Ok(headers) => headers,
-                Err(refused) => {
-                    pending.push(Err(refused));
-                    continue;
-                }
-            };
-            let sent = self
-                .js
-                .publish_with_headers(
-                    self.subject(envelope),
-                    headers,
-                    envelope.payload.clone().into(),
-                )
-                .instrument(span)
-                .await
-                .map_err(publish_failure);
-            pending.push(sent);
-        }
-        join_all(pending.into_iter().map(|sent| async move {
-            match sent {
-                Ok(ack) => ack.await.map(|_| ()).map_err(publish_failure),
-                Err(refused) => Err(refused),
+            if in_flight.len() >= ACKS_IN_FLIGHT {
+                outcomes.extend(in_flight.next().await);
             }
-        }))
-        .await
+            in_flight.push_back(acknowledged(self.send(envelope).await));
+        }
+        while let Some(outcome) = in_flight.next().await {
+            outcomes.push(outcome);
+        }
+        // One question to the server per subject that "has no stream".
+        let mut asked: std::collections::HashMap<String, DeliveryError> = Default::default();
+        let mut results = Vec::with_capacity(batch.len());
+        for (envelope, outcome) in batch.iter().zip(outcomes) {
+            let result = match outcome {
+                Ok(()) => Ok(()),
+                Err((Some(PublishErrorKind::StreamNotFound), mut failure)) => {
+                    let subject = self.subject(envelope);
+                    match asked.get(&subject) {
+                        Some(known) => failure = known.clone(),
+                        None => {
+                            self.confirm_stream_missing(subject.clone(), &mut failure)
+                                .await;
+                            asked.insert(subject, failure.clone());
+                        }
+                    }
+                    Err(failure)
+                }
+                Err((_, failure)) => Err(failure),
+            };
+            results.push(result);
+        }
+        results
     }
 }
 

@@ -919,3 +919,71 @@ async fn enqueue_backlog_from<DB: TestDb>(outbox: &Outbox<DB>, aggregates: usize
 async fn dead_ids<DB: TestDb>(outbox: &Outbox<DB>) -> Vec<(String, uuid::Uuid)> {
     DB::dead_events(outbox).await
 }
+
+/// With `DeadLetters::Park` an aggregate stops at its dead event, keeping its order:
+/// `requeue` delivers the dead event and then the rest, `discard` releases the rest.
+pub async fn parked_aggregates_keep_their_order<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    enqueue_backlog(&outbox, 3, 3).await;
+    let broken = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let log = Log::default();
+    let behaviour: crate::Behaviour = {
+        let broken = broken.clone();
+        Arc::new(move |event, _| {
+            let poison = event.n == 1 && event.item != "item-0";
+            if poison && broken.load(Ordering::SeqCst) {
+                Err(HandlerError::fatal("cannot apply"))
+            } else {
+                Ok(())
+            }
+        })
+    };
+    let relay = RunningRelay::start(
+        quick_relay(outbox.clone(), dispatcher(&log, behaviour))
+            .dead_letters(outbox::DeadLetters::Park),
+    );
+    eventually("the healthy aggregate is delivered", WAIT, || async {
+        log.len() == 3
+    })
+    .await;
+    eventually("both poison events are dead", WAIT, || async {
+        DB::count_status(&outbox, "dead").await == 2
+    })
+    .await;
+    // Parked: their later events stay pending however long the relay runs.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(DB::count_status(&outbox, "pending").await, 4);
+    assert!(outbox.check().await.unwrap().is_empty());
+    let dead = DB::dead_events(&outbox).await;
+    let id_of = |item: &str| dead.iter().find(|(a, _)| a == item).unwrap().1;
+
+    // item-1: fixed and requeued, delivered in order. item-2: discarded, the rest follows.
+    broken.store(false, Ordering::SeqCst);
+    assert!(outbox.requeue(id_of("item-1")).await.unwrap());
+    assert!(outbox.discard(id_of("item-2")).await.unwrap());
+    assert!(
+        !outbox.discard(id_of("item-2")).await.unwrap(),
+        "released once"
+    );
+    eventually("the parked aggregates move on", WAIT, || async {
+        log.len() == 8
+    })
+    .await;
+    relay.stop().await;
+    let seen = |item: &str| -> Vec<u64> {
+        log.snapshot()
+            .iter()
+            .filter(|h| h.event.item == item)
+            .map(|h| h.event.n)
+            .collect()
+    };
+    assert_eq!(seen("item-1"), [1, 2, 3]);
+    assert_eq!(seen("item-2"), [2, 3]);
+    assert_eq!(
+        outbox.get(id_of("item-2")).await.unwrap().unwrap().status,
+        EventStatus::Dead
+    );
+    assert!(outbox.check().await.unwrap().is_empty());
+    DB::drop_tables(&outbox).await;
+}

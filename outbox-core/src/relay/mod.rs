@@ -11,6 +11,7 @@ use crate::retry::RetryPolicy;
 use crate::store::{Backend, Claim, Outbox, Run, Settlement};
 use futures_util::FutureExt;
 use settle::{Failed, Outcome};
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,12 +77,39 @@ struct Shared<DB: Backend, D: Destination> {
 struct Config {
     batch_size: usize,
     run_length: usize,
+    max_batch_events: usize,
     workers: usize,
     poll_interval: Duration,
     lease: Duration,
     retry: RetryPolicy,
     shutdown_timeout: Duration,
     retention: Option<(Retention, Duration)>,
+    dead_letters: DeadLetters,
+    dead_letters_by_type: HashMap<String, DeadLetters>,
+}
+
+impl Config {
+    fn parks(&self, envelope: &Envelope) -> bool {
+        self.dead_letters_by_type
+            .get(&envelope.event_type)
+            .copied()
+            .unwrap_or(self.dead_letters)
+            == DeadLetters::Park
+    }
+}
+
+/// What happens to an aggregate when one of its events goes dead.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeadLetters {
+    /// The aggregate's later events are delivered (the default): a dead event costs the
+    /// aggregate that event only.
+    #[default]
+    Skip,
+    /// The aggregate stops at its dead event, keeping its order:
+    /// [`Outbox::requeue`](crate::Outbox::requeue) delivers the dead event and then the rest,
+    /// [`Outbox::discard`](crate::Outbox::discard) leaves it dead and releases the rest.
+    Park,
 }
 
 /// Configures a [`Relay`].
@@ -99,11 +127,18 @@ impl<DB: Backend, D: Destination> RelayBuilder<DB, D> {
         self
     }
 
-    /// Events of one aggregate delivered per claim, in `seq` order (default 100). A batch holds
-    /// at most `batch_size × run_length` events; a longer run lets one busy aggregate (a cart,
-    /// an account) move faster, a shorter one keeps batches small.
+    /// Events of one aggregate delivered per claim, in `seq` order (default 100): a longer run
+    /// lets one busy aggregate (a cart, an account) move faster.
     pub fn run_length(mut self, n: usize) -> Self {
         self.config.run_length = n;
+        self
+    }
+
+    /// Events per batch, at most (default 1,000): when many aggregates are leased at once their
+    /// runs are shortened evenly to fit, which bounds the relay's memory and the time one
+    /// delivery takes.
+    pub fn max_batch_events(mut self, n: usize) -> Self {
+        self.config.max_batch_events = n;
         self
     }
 
@@ -145,6 +180,22 @@ impl<DB: Backend, D: Destination> RelayBuilder<DB, D> {
         self
     }
 
+    /// What happens to an aggregate when one of its events goes dead (default
+    /// [`DeadLetters::Skip`]), for every event type without a policy of its own.
+    pub fn dead_letters(mut self, policy: DeadLetters) -> Self {
+        self.config.dead_letters = policy;
+        self
+    }
+
+    /// The dead-letter policy of one event type (one route), for instance
+    /// [`DeadLetters::Park`] for the events whose consumers cannot take a gap.
+    pub fn dead_letters_for(mut self, event_type: impl Into<String>, policy: DeadLetters) -> Self {
+        self.config
+            .dead_letters_by_type
+            .insert(event_type.into(), policy);
+        self
+    }
+
     /// Applies `retention` every `every` while the relay runs.
     pub fn retention(mut self, retention: Retention, every: Duration) -> Self {
         self.config.retention = Some((retention, every));
@@ -154,9 +205,9 @@ impl<DB: Backend, D: Destination> RelayBuilder<DB, D> {
     /// Checks the configuration.
     pub fn build(self) -> Result<Relay<DB, D>> {
         let c = &self.config;
-        if c.batch_size == 0 || c.workers == 0 || c.run_length == 0 {
+        if c.batch_size == 0 || c.workers == 0 || c.run_length == 0 || c.max_batch_events == 0 {
             return Err(Error::Config(
-                "batch_size, run_length and workers must be at least 1".into(),
+                "batch_size, run_length, max_batch_events and workers must be at least 1".into(),
             ));
         }
         if c.lease.is_zero() || c.poll_interval.is_zero() {
@@ -183,12 +234,15 @@ impl<DB: Backend, D: Destination> Relay<DB, D> {
             config: Config {
                 batch_size: 100,
                 run_length: 100,
+                max_batch_events: 1000,
                 workers: 1,
                 poll_interval: Duration::from_secs(1),
                 lease: Duration::from_secs(30),
                 retry: RetryPolicy::default(),
                 shutdown_timeout: Duration::from_secs(30),
                 retention: None,
+                dead_letters: DeadLetters::Skip,
+                dead_letters_by_type: HashMap::new(),
             },
         }
     }
@@ -342,6 +396,7 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
                         token,
                         aggregates: self.config.batch_size,
                         run_length: self.config.run_length,
+                        max_events: self.config.max_batch_events,
                         lease: self.config.lease,
                     })
                     .await
@@ -523,7 +578,8 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
             .iter()
             .zip(outcomes)
             .map(|(run, outcome)| {
-                let (settlement, failed) = settle::settle(run, outcome, &self.config.retry);
+                let (settlement, failed) =
+                    settle::settle(run, outcome, &self.config.retry, |e| self.config.parks(e));
                 if let Some(failed) = failed {
                     log_failure(run, &failed);
                 }

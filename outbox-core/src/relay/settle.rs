@@ -1,6 +1,7 @@
 //! What becomes of a delivered run: pure logic, no I/O, so every outcome sequence can be tested.
 
-use crate::destination::{DeliveryError, DeliveryResult};
+use crate::destination::{DeliveryError, DeliveryResult, Retry};
+use crate::event::Envelope;
 use crate::retry::RetryPolicy;
 use crate::store::{EventStatus, Fate, Run, Settlement};
 use std::time::Duration;
@@ -76,6 +77,7 @@ pub(crate) fn settle(
     run: &Run,
     outcome: Outcome,
     policy: &RetryPolicy,
+    parks: impl Fn(&Envelope) -> bool,
 ) -> (Settlement, Option<Failed>) {
     let mut s = Settlement {
         aggregate_type: run.aggregate_type.clone(),
@@ -85,6 +87,7 @@ pub(crate) fn settle(
         attempts: 0,
         delay: Duration::ZERO,
         not_before: None,
+        park: false,
         events: Vec::new(),
     };
     if run.events.is_empty() {
@@ -103,7 +106,11 @@ pub(crate) fn settle(
                 run.attempts - 1,
                 head.last_error.as_deref().unwrap_or("none")
             ));
-            s.done_seq = head.envelope.sequence;
+            if parks(&head.envelope) {
+                s.park = true;
+            } else {
+                s.done_seq = head.envelope.sequence;
+            }
             s.events.push(Fate {
                 id: head.envelope.id,
                 status: EventStatus::Dead,
@@ -158,6 +165,12 @@ pub(crate) fn settle(
             }
             Err(DeliveryError { retry, reason }) => {
                 let reason = clean_reason(&reason);
+                // An outage is not the event's fault: the attempt is given back.
+                let attempt = if retry == Retry::Unavailable {
+                    attempt - 1
+                } else {
+                    attempt
+                };
                 let next = policy
                     .next_delay(attempt, retry)
                     .map(|d| d.min(policy.max_delay));
@@ -170,7 +183,13 @@ pub(crate) fn settle(
                 };
                 match next {
                     None => {
-                        s.done_seq = event.envelope.sequence;
+                        // Parked: the cursor stays before the dead event until it is requeued
+                        // or discarded.
+                        if parks(&event.envelope) {
+                            s.park = true;
+                        } else {
+                            s.done_seq = event.envelope.sequence;
+                        }
                         s.events.push(Fate {
                             id: event.envelope.id,
                             status: EventStatus::Dead,
@@ -203,7 +222,7 @@ pub(crate) fn settle(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Envelope, Headers};
+    use crate::event::Headers;
     use crate::store::RunEvent;
     use chrono::Utc;
     use proptest::prelude::*;
@@ -266,7 +285,7 @@ mod tests {
             Ok(()),
             Ok(()),
         ];
-        let (s, failed) = settle(&r, Outcome::Delivered(results), &policy());
+        let (s, failed) = settle(&r, Outcome::Delivered(results), &policy(), |_| false);
         assert_eq!(s.done_seq, 12);
         assert_eq!(s.attempts, 1);
         assert_eq!(s.delay, Duration::from_millis(100));
@@ -277,13 +296,36 @@ mod tests {
     }
 
     #[test]
+    fn a_dead_event_parks_its_aggregate_when_asked() {
+        let r = run(3, 1, 5, true);
+        let results = vec![Ok(()), Err(DeliveryError::permanent("refused"))];
+        let (s, _) = settle(&r, Outcome::Delivered(results.clone()), &policy(), |_| true);
+        assert!(s.park);
+        assert_eq!(s.done_seq, 6, "the cursor stays before the dead event");
+        assert_eq!(s.events[1].status, EventStatus::Dead);
+        let (s, _) = settle(&r, Outcome::Delivered(results), &policy(), |_| false);
+        assert!(!s.park);
+        assert_eq!(s.done_seq, 7);
+    }
+
+    #[test]
+    fn an_unreachable_destination_burns_no_attempt() {
+        let r = run(2, 3, 0, true);
+        let results = vec![Err(DeliveryError::unavailable("no responders"))];
+        let (s, failed) = settle(&r, Outcome::Delivered(results), &policy(), |_| false);
+        assert_eq!((s.done_seq, s.attempts), (0, 2));
+        assert_eq!(s.events[0].status, EventStatus::Pending);
+        assert!(!failed.unwrap().dead, "even at the last attempt");
+    }
+
+    #[test]
     fn an_absurd_delay_is_clamped_to_the_policy_maximum() {
         let r = run(1, 1, 0, true);
         let results = vec![Err(DeliveryError::retry_after(
             Duration::from_secs(u64::MAX),
             "later",
         ))];
-        let (s, _) = settle(&r, Outcome::Delivered(results), &policy());
+        let (s, _) = settle(&r, Outcome::Delivered(results), &policy(), |_| false);
         assert_eq!(s.delay, Duration::from_secs(10));
     }
 
@@ -292,7 +334,7 @@ mod tests {
         let mut r = run(1, 4, 7, true);
         r.events[0].last_error = Some("boom".into());
         assert_eq!(sendable(&r, &policy()), 0);
-        let (s, failed) = settle(&r, Outcome::GaveUp, &policy());
+        let (s, failed) = settle(&r, Outcome::GaveUp, &policy(), |_| false);
         assert_eq!(s.done_seq, 8);
         assert_eq!(s.events[0].status, EventStatus::Dead);
         assert!(s.events[0].reason.as_deref().unwrap().contains("boom"));
@@ -304,19 +346,19 @@ mod tests {
         let mut r = run(3, 1, 0, true);
         r.events[1].due = false;
         assert_eq!(sendable(&r, &policy()), 1);
-        let (s, _) = settle(&r, Outcome::Delivered(vec![Ok(())]), &policy());
+        let (s, _) = settle(&r, Outcome::Delivered(vec![Ok(())]), &policy(), |_| false);
         assert_eq!(s.done_seq, 1);
         assert_eq!(s.not_before, Some(r.events[1].available_at));
         let mut r = run(2, 1, 0, true);
         r.events[0].due = false;
-        let (s, _) = settle(&r, Outcome::Delivered(vec![]), &policy());
+        let (s, _) = settle(&r, Outcome::Delivered(vec![]), &policy(), |_| false);
         assert_eq!((s.done_seq, s.attempts), (0, 0));
     }
 
     #[test]
     fn an_unknown_outcome_keeps_the_attempt_and_backs_off() {
         let r = run(3, 2, 0, true);
-        let (s, failed) = settle(&r, Outcome::Unknown, &policy());
+        let (s, failed) = settle(&r, Outcome::Unknown, &policy(), |_| false);
         assert_eq!((s.done_seq, s.attempts), (0, 2));
         assert!(s.delay > Duration::ZERO);
         assert!(s.events.is_empty() && failed.is_none());
@@ -325,10 +367,15 @@ mod tests {
     #[test]
     fn a_complete_run_moves_the_cursor_to_what_is_known() {
         let r = run(0, 1, 4, true);
-        let (s, _) = settle(&r, Outcome::Delivered(vec![]), &policy());
+        let (s, _) = settle(&r, Outcome::Delivered(vec![]), &policy(), |_| false);
         assert_eq!(s.done_seq, r.known_seq);
         let r = run(2, 1, 4, false);
-        let (s, _) = settle(&r, Outcome::Delivered(vec![Ok(()), Ok(())]), &policy());
+        let (s, _) = settle(
+            &r,
+            Outcome::Delivered(vec![Ok(()), Ok(())]),
+            &policy(),
+            |_| false,
+        );
         assert_eq!(s.done_seq, 6);
     }
 
@@ -337,6 +384,7 @@ mod tests {
             3 => Just(Ok(())),
             1 => Just(Err(DeliveryError::retry("transient"))),
             1 => Just(Err(DeliveryError::permanent("refused"))),
+            1 => Just(Err(DeliveryError::unavailable("no responders"))),
             1 => (0u64..u64::MAX).prop_map(|s| Err(DeliveryError::retry_after(Duration::from_secs(s), "later"))),
         ]
     }
@@ -355,7 +403,7 @@ mod tests {
             let sent = results.len().min(n);
             let results: Vec<_> = results.into_iter().take(sent).collect();
             let first_failure = results.iter().position(|r| r.is_err());
-            let (s, failed) = settle(&r, Outcome::Delivered(results.clone()), &policy());
+            let (s, failed) = settle(&r, Outcome::Delivered(results.clone()), &policy(), |_| false);
             let settled = first_failure.map_or(sent, |i| i + 1);
             prop_assert_eq!(s.events.len(), settled);
             for (i, fate) in s.events.iter().enumerate() {

@@ -87,6 +87,14 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         statements: &'a Self::Statements,
     ) -> impl Future<Output = Result<Vec<Inconsistency>>> + Send + 'a;
 
+    /// Releases the aggregate parked at dead event `id`: returns whether it was parked there.
+    #[doc(hidden)]
+    fn backend_discard<'a>(
+        pool: &'a Pool<Self>,
+        statements: &'a Self::Statements,
+        id: Uuid,
+    ) -> impl Future<Output = Result<bool>> + Send + 'a;
+
     #[doc(hidden)]
     fn backend_purge_batch<'a>(
         pool: &'a Pool<Self>,
@@ -158,7 +166,22 @@ pub struct Claim {
     pub token: Uuid,
     pub aggregates: usize,
     pub run_length: usize,
+    /// Runs are shortened evenly so that the batch holds at most this many events.
+    pub max_events: usize,
     pub lease: Duration,
+}
+
+impl Claim {
+    /// The longest run of this claim, once `leased` aggregates are leased: a run whose first
+    /// event was tried before is that event alone.
+    pub fn run_limit(&self, leased: usize, attempts: u32) -> usize {
+        if attempts > 1 {
+            1
+        } else {
+            self.run_length
+                .min((self.max_events / leased.max(1)).max(1))
+        }
+    }
 }
 
 /// One leased aggregate and the pending events the relay may deliver now, in `seq` order.
@@ -207,6 +230,9 @@ pub struct Settlement {
     pub delay: Duration,
     /// ... and no earlier than this (an event that is not due yet).
     pub not_before: Option<DateTime<Utc>>,
+    /// The event after `done_seq` is dead and its aggregate waits for it to be requeued or
+    /// discarded (not due until then).
+    pub park: bool,
     pub events: Vec<Fate>,
 }
 
@@ -521,6 +547,13 @@ impl<DB: Backend> Outbox<DB> {
     /// from several processes, for events of one aggregate.
     pub async fn requeue(&self, id: Uuid) -> Result<bool> {
         DB::backend_requeue(&self.inner.pool, &self.inner.statements, id).await
+    }
+
+    /// Leaves a dead event dead and releases its aggregate, if the relay parked the aggregate at
+    /// it ([`DeadLetters::Park`](crate::DeadLetters::Park)): the aggregate's later events are
+    /// delivered next. Returns whether the aggregate was parked at this event.
+    pub async fn discard(&self, id: Uuid) -> Result<bool> {
+        DB::backend_discard(&self.inner.pool, &self.inner.statements, id).await
     }
 
     /// Applies `retention` now: deletes (or archives) delivered rows older than its age, in

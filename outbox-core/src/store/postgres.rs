@@ -28,6 +28,7 @@ pub struct PgStatements {
     purge_archive: String,
     get: String,
     requeue: String,
+    discard: String,
     consumed: String,
     check: String,
 }
@@ -171,7 +172,9 @@ LEFT JOIN LATERAL (
     WHERE p.aggregate_type = l.aggregate_type AND p.aggregate_id = l.aggregate_id
       AND p.status = 'pending' AND p.seq > l.done_seq AND p.seq <= l.known_seq
     ORDER BY p.seq
-    LIMIT CASE WHEN l.attempts > 1 THEN 1 ELSE $4 END
+    -- `Claim::run_limit`, in SQL.
+    LIMIT CASE WHEN l.attempts > 1 THEN 1
+               ELSE LEAST($4, GREATEST(1, $5 / (SELECT count(*) FROM leased))) END
 ) o ON true
 ORDER BY l.aggregate_type, l.aggregate_id, o.seq"#
             ),
@@ -181,18 +184,18 @@ ORDER BY l.aggregate_type, l.aggregate_id, o.seq"#
             settle: format!(
                 r#"WITH f AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int4[], $6::int8[],
-                         $7::timestamptz[])
-        AS f(aggregate_type, aggregate_id, from_seq, done_seq, attempts, delay_ms, not_before)
+                         $7::timestamptz[], $15::bool[])
+        AS f(aggregate_type, aggregate_id, from_seq, done_seq, attempts, delay_ms, not_before, park)
 ), bookkeeping AS (
     SELECT set_config('synchronous_commit', 'off', true)
 ), held AS (
     UPDATE "{t}_cursors" c SET
         done_seq = CASE WHEN c.done_seq = f.from_seq THEN f.done_seq ELSE c.done_seq END,
         attempts = CASE WHEN c.done_seq = f.from_seq THEN f.attempts ELSE 0 END,
-        due_at = CASE WHEN c.done_seq = f.from_seq
-                      THEN GREATEST(now() + f.delay_ms * interval '1 millisecond',
-                                    COALESCE(f.not_before, '-infinity'))
-                      ELSE now() END,
+        due_at = CASE WHEN c.done_seq <> f.from_seq THEN now()
+                      WHEN f.park THEN 'infinity'
+                      ELSE GREATEST(now() + f.delay_ms * interval '1 millisecond',
+                                    COALESCE(f.not_before, '-infinity')) END,
         leased_by = NULL
     FROM f, bookkeeping
     WHERE c.aggregate_type = f.aggregate_type AND c.aggregate_id = f.aggregate_id
@@ -264,6 +267,13 @@ WHERE o.status = 'pending'
                     AND n.seq >= o.seq)
 GROUP BY o.aggregate_type, o.aggregate_id, c.done_seq, c.known_seq
 ORDER BY o.aggregate_type, o.aggregate_id"#
+            ),
+            // Only a cursor parked (not due until `infinity`) right before this dead event.
+            discard: format!(
+                r#"UPDATE "{t}_cursors" c SET done_seq = e.seq, attempts = 0, due_at = now()
+FROM (SELECT aggregate_type, aggregate_id, seq FROM "{t}" WHERE id = $1 AND status = 'dead') e
+WHERE c.aggregate_type = e.aggregate_type AND c.aggregate_id = e.aggregate_id
+  AND c.done_seq = e.seq - 1 AND c.due_at = 'infinity'"#
             ),
             consumed: format!(
                 r#"UPDATE "{t}" SET consumed_at = now() WHERE id = ANY($1) AND consumed_at IS NULL"#
@@ -496,6 +506,7 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
             .bind(duration_ms(claim.lease))
             .bind(claim.token)
             .bind(claim.run_length as i64)
+            .bind(claim.max_events as i64)
             .fetch_all(pool)
             .await?;
         let mut runs: Vec<Run> = Vec::new();
@@ -526,9 +537,9 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
                 });
             }
         }
-        let limit = |r: &Run| if r.attempts > 1 { 1 } else { claim.run_length };
+        let leased = runs.len();
         for run in &mut runs {
-            run.complete = run.events.len() < limit(run);
+            run.complete = run.events.len() < claim.run_limit(leased, run.attempts);
         }
         Ok(runs)
     }
@@ -546,7 +557,8 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
-        let (mut attempts, mut delays, mut not_before) = (
+        let (mut attempts, mut delays, mut not_before, mut park) = (
+            Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -565,6 +577,7 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
             attempts.push(clamp_i32(s.attempts));
             delays.push(duration_ms(s.delay));
             not_before.push(s.not_before);
+            park.push(s.park);
             for e in &s.events {
                 event_ids.push(e.id);
                 event_types.push(s.aggregate_type.as_str());
@@ -589,6 +602,7 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
             .bind(statuses)
             .bind(event_attempts)
             .bind(reasons)
+            .bind(park)
             .execute(pool)
             .await?;
         Ok(())
@@ -689,6 +703,7 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
             .bind(30_000i64)
             .bind(Uuid::nil())
             .bind(100i64)
+            .bind(5000i64)
             .fetch_all(pool)
             .await?;
         Ok(lines.join("\n"))
@@ -700,6 +715,18 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
         id: Uuid,
     ) -> Result<bool> {
         let done = sqlx::query(&statements.requeue)
+            .bind(id)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn backend_discard<'a>(
+        pool: &'a PgPool,
+        statements: &'a PgStatements,
+        id: Uuid,
+    ) -> Result<bool> {
+        let done = sqlx::query(&statements.discard)
             .bind(id)
             .execute(pool)
             .await?;

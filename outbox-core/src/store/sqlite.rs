@@ -31,6 +31,7 @@ pub struct SqliteStatements {
     settle_event: String,
     requeue_event: String,
     requeue_cursor: String,
+    discard: String,
     purge_select: String,
     purge_archive: String,
     purge_delete: String,
@@ -88,7 +89,9 @@ ORDER BY seq LIMIT ?6"#
                 r#"UPDATE "{t}_cursors" SET
     done_seq = CASE WHEN done_seq = ?3 THEN ?4 ELSE done_seq END,
     attempts = CASE WHEN done_seq = ?3 THEN ?5 ELSE 0 END,
-    due_at = CASE WHEN done_seq = ?3 THEN max(?6 + ?7, coalesce(?8, 0)) ELSE ?6 END,
+    due_at = CASE WHEN done_seq <> ?3 THEN ?6
+                  WHEN ?10 THEN 9223372036854775807
+                  ELSE max(?6 + ?7, coalesce(?8, 0)) END,
     leased_by = NULL
 WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND leased_by = ?9"#
             ),
@@ -113,6 +116,13 @@ ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET
     attempts = CASE WHEN excluded.done_seq <= done_seq THEN 0 ELSE attempts END,
     due_at = CASE WHEN excluded.done_seq <= done_seq AND leased_by IS NULL
                   THEN min(due_at, excluded.due_at) ELSE due_at END"#
+            ),
+            discard: format!(
+                r#"UPDATE "{t}_cursors" SET done_seq = e.seq, attempts = 0, due_at = ?2
+FROM (SELECT aggregate_type, aggregate_id, seq FROM "{t}" WHERE id = ?1 AND status = 'dead') AS e
+WHERE "{t}_cursors".aggregate_type = e.aggregate_type
+  AND "{t}_cursors".aggregate_id = e.aggregate_id
+  AND "{t}_cursors".done_seq = e.seq - 1 AND "{t}_cursors".due_at = 9223372036854775807"#
             ),
             purge_select: format!(
                 r#"SELECT id FROM "{t}" WHERE status = 'delivered' AND delivered_at < ?1
@@ -329,9 +339,10 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
             .fetch_all(pool)
             .await?;
         let mut runs = Vec::with_capacity(leased.len());
+        let count = leased.len();
         for (aggregate_type, aggregate_id, done_seq, known_seq, attempts) in leased {
             let attempts = clamp_u32(attempts);
-            let limit = if attempts > 1 { 1 } else { claim.run_length };
+            let limit = claim.run_limit(count, attempts);
             let rows = sqlx::query(&statements.run)
                 .bind(&aggregate_type)
                 .bind(&aggregate_id)
@@ -388,6 +399,7 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
                 .bind(duration_ms(s.delay))
                 .bind(s.not_before.map(|t| t.timestamp_millis()))
                 .bind(&token)
+                .bind(s.park)
                 .execute(&mut *tx)
                 .await?;
             if held.rows_affected() == 0 {
@@ -554,6 +566,19 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
             .await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    async fn backend_discard<'a>(
+        pool: &'a SqlitePool,
+        statements: &'a SqliteStatements,
+        id: Uuid,
+    ) -> Result<bool> {
+        let done = sqlx::query(&statements.discard)
+            .bind(id.to_string())
+            .bind(now_ms())
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn backend_execute<'a>(pool: &'a SqlitePool, sql: &'a str) -> Result<()> {
