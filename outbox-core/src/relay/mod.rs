@@ -372,6 +372,9 @@ impl<DB: Backend, D: Destination> Relay<DB, D> {
 /// Worker deaths within a minute after which [`Relay::run`] gives up and returns an error.
 pub const MAX_RESTARTS: usize = 5;
 
+/// The first wait after a claim found nothing; it doubles up to the poll interval.
+const FIRST_IDLE_WAIT: Duration = Duration::from_millis(10);
+
 /// Announcements absorbed per statement.
 const ABSORB_LIMIT: usize = 5000;
 
@@ -383,6 +386,7 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
         mut wake: watch::Receiver<u64>,
     ) {
         let mut failures = 0u32;
+        let mut idle = FIRST_IDLE_WAIT;
         while !shutdown.is_cancelled() {
             wake.mark_unchanged();
             let token = Uuid::now_v7();
@@ -425,13 +429,18 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
                 }
             };
             if runs.is_empty() {
+                // Right after activity, look again soon: a wake-up can be skipped (writers only
+                // notify when nothing else is waiting) or lost with a listener connection.
+                let wait = idle.min(self.config.poll_interval);
+                idle = (idle * 2).min(self.config.poll_interval);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = wake.changed() => {}
-                    _ = tokio::time::sleep(self.config.poll_interval) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
                 continue;
             }
+            idle = FIRST_IDLE_WAIT;
             let deadline = leased_at + self.config.lease * 3 / 4;
             let events: usize = runs.iter().map(|r| r.events.len()).sum();
             let span = tracing::info_span!(

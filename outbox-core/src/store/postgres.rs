@@ -54,10 +54,17 @@ impl Backend for Postgres {
 
     fn backend_statements(table: &TableName, notify: bool) -> PgStatements {
         let t = table.as_str();
+        // A NOTIFY makes its commit take a database-wide lock: with many writers it serialises
+        // their commits. So only a writer that finds no earlier announcement waiting sends one:
+        // if there is one, its writer notified (or relays are busy and absorb this one with it).
+        // A relay that went idle in between is caught by its short polls after activity.
         let notify = if notify {
             format!(
-                ", wake AS (SELECT pg_notify('{}', '')) SELECT count(*) FROM ins, wake",
-                channel(table)
+                r#", wake AS (
+    SELECT pg_notify('{}', '') WHERE NOT EXISTS (SELECT 1 FROM "{t}_new")
+) SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM wake)"#,
+                channel(table),
+                t = table.as_str()
             )
         } else {
             " SELECT count(*) FROM ins".to_owned()
