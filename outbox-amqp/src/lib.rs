@@ -351,7 +351,7 @@ impl Transport for AmqpTransport {
             .into_iter()
             .map(|r| {
                 r.unwrap_or_else(|| {
-                    Err(DeliveryError::retry(
+                    Err(DeliveryError::not_attempted(
                         "not published: an earlier message of its aggregate failed",
                     ))
                 })

@@ -24,6 +24,9 @@ pub enum Retry {
     /// connection lost): try again after the first backoff step, without counting the attempt,
     /// however long the outage lasts.
     Unavailable,
+    /// Not tried: an earlier event of its aggregate failed in this batch (or the destination
+    /// could not get to it). Delivered again later, in order; no attempt is counted.
+    NotAttempted,
 }
 
 impl DeliveryError {
@@ -49,6 +52,15 @@ impl DeliveryError {
     pub fn unavailable(reason: impl Into<String>) -> Self {
         Self {
             retry: Retry::Unavailable,
+            reason: reason.into(),
+        }
+    }
+
+    /// The event was not tried (see [`Retry::NotAttempted`]): what a destination returns for
+    /// the events of a run after the run's first failure.
+    pub fn not_attempted(reason: impl Into<String>) -> Self {
+        Self {
+            retry: Retry::NotAttempted,
             reason: reason.into(),
         }
     }
@@ -81,13 +93,28 @@ pub type DeliveryResult = Result<(), DeliveryError>;
 /// is `Ok`.
 ///
 /// A batch holds runs: the events of one aggregate are consecutive and in `seq` order. Deliver
-/// them in that order (a broker's ordered pipeline, or one after the other); the relay settles
-/// each run up to its first failure and ignores the results after it, and those events are
-/// delivered again after the failed one. Stop a run at its first failure where you can, so that
-/// no later event reaches the destination before an earlier one.
+/// them in that order (a broker's ordered pipeline, or one after the other), and stop a run at
+/// its first failure that you know of before sending the next event: return
+/// [`DeliveryError::not_attempted`] for the events you did not send. The relay settles each run
+/// in order: a delivered event is recorded, a dead event (with the default
+/// [`DeadLetters::Skip`](crate::DeadLetters)) is recorded and the run goes on, the first event
+/// to retry (or to park) stops it and the events after it are delivered again after it.
 pub trait Destination: Send + Sync + 'static {
     /// Delivers `batch`; returns one result per event, in order.
     fn deliver(&self, batch: &[Envelope]) -> impl Future<Output = Vec<DeliveryResult>> + Send;
+
+    /// Delivers `batch` within `budget`: what the relay calls. A destination whose runs can
+    /// take long (handlers: user code) overrides it to bound each run on its own, so that one
+    /// slow run costs the others nothing; the relay abandons the whole batch a little after
+    /// `budget` otherwise. The default calls [`deliver`](Self::deliver).
+    fn deliver_within(
+        &self,
+        batch: &[Envelope],
+        budget: Duration,
+    ) -> impl Future<Output = Vec<DeliveryResult>> + Send {
+        let _ = budget;
+        self.deliver(batch)
+    }
 }
 
 /// A message broker the relay publishes to. Broker crates (`outbox-kafka`, `outbox-amqp`,
@@ -102,10 +129,29 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Publishes `batch`; returns one result per event, in order.
     fn publish(&self, batch: &[Envelope]) -> impl Future<Output = Vec<DeliveryResult>> + Send;
+
+    /// Publishes `batch` within `budget` (see [`Destination::deliver_within`]). The default
+    /// calls [`publish`](Self::publish); broker clients bound their own waits.
+    fn publish_within(
+        &self,
+        batch: &[Envelope],
+        budget: Duration,
+    ) -> impl Future<Output = Vec<DeliveryResult>> + Send {
+        let _ = budget;
+        self.publish(batch)
+    }
 }
 
 impl<T: Transport> Destination for T {
     fn deliver(&self, batch: &[Envelope]) -> impl Future<Output = Vec<DeliveryResult>> + Send {
         self.publish(batch)
+    }
+
+    fn deliver_within(
+        &self,
+        batch: &[Envelope],
+        budget: Duration,
+    ) -> impl Future<Output = Vec<DeliveryResult>> + Send {
+        self.publish_within(batch, budget)
     }
 }

@@ -190,9 +190,25 @@ fn check_field(field: &str, value: &str, max: usize) -> Result<()> {
     Ok(())
 }
 
-/// Header names: printable ASCII without `:` or spaces (NATS), at most 255 bytes (AMQP).
+/// Whether `name` belongs to the library's own metadata (`outbox-*`, `content-type`) or to a
+/// broker's own headers (`Nats-*`, such as the `Nats-Msg-Id` the NATS transport deduplicates
+/// on), compared without case: a user header of that name would override them.
+pub fn is_reserved_header(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower.starts_with("outbox-") || lower.starts_with("nats-") || lower == wire::CONTENT_TYPE
+}
+
+/// Header names: printable ASCII without `:` or spaces (NATS), at most 255 bytes (AMQP), and
+/// none of the reserved names.
 fn check_header_name(name: &str) -> Result<()> {
     let field = || format!("header name {name:?}");
+    if is_reserved_header(name) {
+        return Err(Error::InvalidField {
+            field: field(),
+            reason: "it is reserved for the outbox's and the brokers' own metadata \
+                     (outbox-*, nats-*, content-type)",
+        });
+    }
     if name.is_empty() || name.len() > 255 {
         return Err(Error::InvalidField {
             field: field(),
@@ -244,8 +260,18 @@ impl Envelope {
     /// Every header a transport should put on the broker message: the stored headers plus the
     /// outbox metadata (`outbox-id`, `outbox-event-type`, `outbox-aggregate-type`,
     /// `outbox-aggregate-id`, `outbox-sequence`, `outbox-schema-version`, `content-type`).
+    ///
+    /// Stored headers with a reserved name (see [`is_reserved_header`]; enqueue refuses them,
+    /// but rows may come from elsewhere) are left out, and the metadata comes last, so nothing
+    /// can override it.
     pub fn wire_headers(&self) -> Vec<(String, String)> {
         let mut out = Vec::with_capacity(self.headers.len() + 7);
+        out.extend(
+            self.headers
+                .iter()
+                .filter(|(k, _)| !is_reserved_header(k))
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
         out.push((wire::ID.to_owned(), self.id.to_string()));
         out.push((wire::EVENT_TYPE.to_owned(), self.event_type.clone()));
         out.push((wire::AGGREGATE_TYPE.to_owned(), self.aggregate_type.clone()));
@@ -256,7 +282,6 @@ impl Envelope {
             self.schema_version.to_string(),
         ));
         out.push((wire::CONTENT_TYPE.to_owned(), wire::JSON.to_owned()));
-        out.extend(self.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
         out
     }
 }
@@ -376,6 +401,18 @@ mod tests {
         assert!(err.contains("bad:name"), "{err}");
         let opts = EnqueueOptions::new().header("nul", "a\0");
         assert!(Message::with_options(&Odd("a".into()), opts).is_err());
+        for reserved in [
+            "outbox-id",
+            "Outbox-Sequence",
+            "Nats-Msg-Id",
+            "content-type",
+        ] {
+            let opts = EnqueueOptions::new().header(reserved, "x");
+            let err = Message::with_options(&Odd("a".into()), opts)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("reserved"), "{reserved}: {err}");
+        }
         let opts = EnqueueOptions::new().header("ok", "tab\tis fine, é too");
         assert!(Message::with_options(&Odd("a-1".into()), opts).is_ok());
     }

@@ -555,6 +555,24 @@ impl Transport for Dispatcher {
     /// one after the other, in batch order, and stop at the first failure: a later event is
     /// never handled before an earlier one that failed.
     async fn publish(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
+        self.run_batch(batch, None).await
+    }
+
+    /// As [`publish`](Transport::publish), with each aggregate's run bounded by `budget`: a
+    /// handler that does not return in time fails its own event (the attempt counts) and its
+    /// run, and no other.
+    async fn publish_within(&self, batch: &[Envelope], budget: Duration) -> Vec<DeliveryResult> {
+        self.run_batch(batch, Some(tokio::time::Instant::now() + budget))
+            .await
+    }
+}
+
+impl Dispatcher {
+    async fn run_batch(
+        &self,
+        batch: &[Envelope],
+        deadline: Option<tokio::time::Instant>,
+    ) -> Vec<DeliveryResult> {
         let mut runs: Vec<Vec<usize>> = Vec::new();
         let mut index: HashMap<(&str, &str), usize> = HashMap::new();
         for (i, envelope) in batch.iter().enumerate() {
@@ -571,22 +589,7 @@ impl Transport for Dispatcher {
         // Collected first: a closure inside the stream trips the `Send` check of the future.
         let calls: Vec<_> = runs
             .into_iter()
-            .map(|positions| async move {
-                let mut results = Vec::with_capacity(positions.len());
-                let mut failed = false;
-                for &i in &positions {
-                    let result = if failed {
-                        Err(DeliveryError::retry(
-                            "not handled: an earlier event of its aggregate failed",
-                        ))
-                    } else {
-                        self.dispatch(&batch[i]).await
-                    };
-                    failed |= result.is_err();
-                    results.push((i, result));
-                }
-                results
-            })
+            .map(|positions| self.run_one(batch, positions, deadline))
             .collect();
         let mut out: Vec<Option<DeliveryResult>> = vec![None; batch.len()];
         let mut done = futures_util::stream::iter(calls).buffer_unordered(self.concurrency);
@@ -598,6 +601,40 @@ impl Transport for Dispatcher {
         out.into_iter()
             .map(|r| r.expect("every position is handled once"))
             .collect()
+    }
+
+    /// One aggregate's events, in order, up to the first failure or the deadline.
+    async fn run_one(
+        &self,
+        batch: &[Envelope],
+        positions: Vec<usize>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Vec<(usize, DeliveryResult)> {
+        let mut results = Vec::with_capacity(positions.len());
+        let mut failed = false;
+        for i in positions {
+            let result = if failed {
+                Err(DeliveryError::not_attempted(
+                    "not handled: an earlier event of its aggregate failed",
+                ))
+            } else {
+                let handled = self.dispatch(&batch[i]);
+                match deadline {
+                    None => handled.await,
+                    Some(deadline) => tokio::time::timeout_at(deadline, handled)
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(DeliveryError::retry(
+                                "the handler did not finish within the relay's delivery time \
+                                 (three quarters of the lease)",
+                            ))
+                        }),
+                }
+            };
+            failed |= result.is_err();
+            results.push((i, result));
+        }
+        results
     }
 }
 

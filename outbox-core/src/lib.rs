@@ -19,7 +19,9 @@ mod table;
 
 pub use destination::{DeliveryError, DeliveryResult, Destination, Retry, Transport};
 pub use error::{Error, Result};
-pub use event::{header, wire, EnqueueOptions, Envelope, Headers, Message, OutboxEvent};
+pub use event::{
+    header, is_reserved_header, wire, EnqueueOptions, Envelope, Headers, Message, OutboxEvent,
+};
 pub use handler::{
     Dispatcher, Extensions, HandlerContext, HandlerError, Registry, RegistryBuilder,
 };

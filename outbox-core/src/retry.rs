@@ -68,6 +68,7 @@ impl RetryPolicy {
             crate::Retry::Never => None,
             // Not the event's fault: the attempt does not count.
             crate::Retry::Unavailable => Some(self.delay(1)),
+            crate::Retry::NotAttempted => Some(Duration::ZERO),
             _ if attempt >= self.max_attempts => None,
             crate::Retry::Backoff => Some(self.delay(attempt)),
             crate::Retry::After(delay) => Some(delay),

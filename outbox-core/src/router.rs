@@ -8,11 +8,16 @@ use futures_util::FutureExt;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A [`Transport`] behind a pointer: the router holds transports of different types.
 trait ErasedTransport: Send + Sync {
     fn name(&self) -> &str;
-    fn publish<'a>(&'a self, batch: &'a [Envelope]) -> BoxFuture<'a, Vec<DeliveryResult>>;
+    fn publish<'a>(
+        &'a self,
+        batch: &'a [Envelope],
+        budget: Option<Duration>,
+    ) -> BoxFuture<'a, Vec<DeliveryResult>>;
 }
 
 impl<T: Transport> ErasedTransport for T {
@@ -20,8 +25,15 @@ impl<T: Transport> ErasedTransport for T {
         Transport::name(self)
     }
 
-    fn publish<'a>(&'a self, batch: &'a [Envelope]) -> BoxFuture<'a, Vec<DeliveryResult>> {
-        Transport::publish(self, batch).boxed()
+    fn publish<'a>(
+        &'a self,
+        batch: &'a [Envelope],
+        budget: Option<Duration>,
+    ) -> BoxFuture<'a, Vec<DeliveryResult>> {
+        match budget {
+            Some(budget) => Transport::publish_within(self, batch, budget).boxed(),
+            None => Transport::publish(self, batch).boxed(),
+        }
     }
 }
 
@@ -172,48 +184,112 @@ impl Router {
 
 impl Destination for Router {
     async fn deliver(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
-        // Split the batch per transport, publish the parts side by side, and put the results
-        // back in batch order.
-        let mut parts: Vec<(Vec<usize>, Vec<Envelope>)> =
-            vec![(Vec::new(), Vec::new()); self.transports.len()];
+        self.deliver_in_rounds(batch, None).await
+    }
+
+    async fn deliver_within(&self, batch: &[Envelope], budget: Duration) -> Vec<DeliveryResult> {
+        self.deliver_in_rounds(batch, Some(budget)).await
+    }
+}
+
+impl Router {
+    /// Transports publish side by side, but one aggregate's run must stay in order even when
+    /// its events go to different transports: each run is cut into segments of consecutive
+    /// events for one transport, round `r` publishes every run's `r`-th segment, and a run whose
+    /// segment failed sends nothing more. Runs on one transport (the usual case) take one round.
+    async fn deliver_in_rounds(
+        &self,
+        batch: &[Envelope],
+        budget: Option<Duration>,
+    ) -> Vec<DeliveryResult> {
+        let started = tokio::time::Instant::now();
         let mut results: Vec<Option<DeliveryResult>> = vec![None; batch.len()];
+        // Each run's segments: (transport, positions).
+        let mut runs: Vec<Vec<(usize, Vec<usize>)>> = Vec::new();
+        let mut run_of: HashMap<(&str, &str), usize> = HashMap::new();
         for (position, envelope) in batch.iter().enumerate() {
-            match self.index_for(&envelope.event_type) {
-                Some(i) => {
-                    parts[i].0.push(position);
-                    parts[i].1.push(envelope.clone());
-                }
-                None => {
-                    results[position] = Some(Err(DeliveryError::retry(format!(
-                        "no route for event type {:?} and no default transport",
-                        envelope.event_type
-                    ))))
-                }
+            let key = (
+                envelope.aggregate_type.as_str(),
+                envelope.aggregate_id.as_str(),
+            );
+            let run = *run_of.entry(key).or_insert_with(|| {
+                runs.push(Vec::new());
+                runs.len() - 1
+            });
+            let Some(transport) = self.index_for(&envelope.event_type) else {
+                results[position] = Some(Err(DeliveryError::retry(format!(
+                    "no route for event type {:?} and no default transport",
+                    envelope.event_type
+                ))));
+                // Nothing after it in its run: a marker segment that never publishes.
+                runs[run].push((usize::MAX, vec![position]));
+                continue;
+            };
+            match runs[run].last_mut() {
+                Some((t, positions)) if *t == transport => positions.push(position),
+                _ => runs[run].push((transport, vec![position])),
             }
         }
-        let published = join_all(
-            parts
-                .iter()
-                .enumerate()
-                .filter(|(_, (positions, _))| !positions.is_empty())
-                .map(|(i, (positions, envelopes))| {
-                    self.transports[i]
-                        .publish(envelopes)
-                        .map(move |r| (positions, r))
-                }),
-        )
-        .await;
-        for (positions, part_results) in published {
-            for (position, result) in positions.iter().zip(part_results) {
-                results[*position] = Some(result);
+        let mut stopped = vec![false; runs.len()];
+        for round in 0.. {
+            // This round's segments, per transport.
+            let mut parts: Vec<Vec<usize>> = vec![Vec::new(); self.transports.len()];
+            let mut any = false;
+            for (run, segments) in runs.iter().enumerate() {
+                if stopped[run] {
+                    continue;
+                }
+                if let Some((transport, positions)) = segments.get(round) {
+                    if *transport == usize::MAX {
+                        stopped[run] = true;
+                        continue;
+                    }
+                    parts[*transport].extend(positions);
+                    any = true;
+                }
+            }
+            if !any {
+                break;
+            }
+            let left = budget.map(|b| b.saturating_sub(started.elapsed()));
+            let published = join_all(
+                parts
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, positions)| !positions.is_empty())
+                    .map(|(i, positions)| {
+                        let envelopes: Vec<Envelope> =
+                            positions.iter().map(|&p| batch[p].clone()).collect();
+                        let transport = self.transports[i].clone();
+                        async move {
+                            let results = transport.publish(&envelopes, left).await;
+                            (positions, results)
+                        }
+                    }),
+            )
+            .await;
+            for (positions, part_results) in published {
+                for (position, result) in positions.iter().zip(part_results) {
+                    results[*position] = Some(result);
+                }
+            }
+            for (run, segments) in runs.iter().enumerate() {
+                if let Some((_, positions)) = segments.get(round) {
+                    if positions
+                        .iter()
+                        .any(|&p| !matches!(results[p], Some(Ok(()))))
+                    {
+                        stopped[run] = true;
+                    }
+                }
             }
         }
         results
             .into_iter()
             .map(|r| {
                 r.unwrap_or_else(|| {
-                    Err(DeliveryError::retry(
-                        "transport returned fewer results than events",
+                    Err(DeliveryError::not_attempted(
+                        "not published: an earlier event of its aggregate failed",
                     ))
                 })
             })

@@ -211,7 +211,18 @@ impl Transport for KafkaTransport {
     async fn publish(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
         let producer = self.producer();
         let mut pending = Vec::with_capacity(batch.len());
+        // Aggregates whose run failed at send time (too large, say): nothing more of them is
+        // produced, so nothing overtakes the failed event.
+        let mut stopped: std::collections::HashSet<(&str, &str)> = Default::default();
         for envelope in batch {
+            let key = (
+                envelope.aggregate_type.as_str(),
+                envelope.aggregate_id.as_str(),
+            );
+            if stopped.contains(&key) {
+                pending.push(Err(None));
+                continue;
+            }
             let _span = tracing::debug_span!(
                 "outbox.publish",
                 transport = %self.name,
@@ -227,26 +238,39 @@ impl Transport for KafkaTransport {
                 .key(&envelope.aggregate_id)
                 .payload(&envelope.payload)
                 .headers(headers(envelope));
-            pending.push(producer.send_result(record).map_err(|(error, _)| error));
+            let sent = producer
+                .send_result(record)
+                .map_err(|(error, _)| Some(error));
+            if sent.is_err() {
+                stopped.insert(key);
+            }
+            pending.push(sent);
         }
         let outcomes = join_all(pending.into_iter().map(|sent| async move {
             match sent {
                 Ok(delivery) => match delivery.await {
                     Ok(Ok(_)) => Ok(()),
-                    Ok(Err((error, _))) => Err(error),
-                    Err(_) => Err(KafkaError::Canceled),
+                    Ok(Err((error, _))) => Err(Some(error)),
+                    Err(_) => Err(Some(KafkaError::Canceled)),
                 },
                 Err(error) => Err(error),
             }
         }))
         .await;
         let timed_out = outcomes.iter().any(|o| {
-            matches!(o, Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut))
+            matches!(o, Err(Some(e)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut))
         });
         self.replace_if_stuck(&producer, timed_out);
         outcomes
             .into_iter()
-            .map(|o| o.map_err(|e| failure(&e)))
+            .map(|o| {
+                o.map_err(|e| match e {
+                    Some(error) => failure(&error),
+                    None => DeliveryError::not_attempted(
+                        "not produced: an earlier event of its aggregate failed",
+                    ),
+                })
+            })
             .collect()
     }
 }

@@ -186,11 +186,31 @@ impl Transport for NatsTransport {
         // (5,000 by default, shared by every batch) than a batch can release by itself.
         let mut in_flight = futures_util::stream::FuturesOrdered::new();
         let mut outcomes = Vec::with_capacity(batch.len());
+        // Aggregates whose run failed at send time (a header NATS cannot carry, a message over
+        // the server's max payload): nothing more of them is sent, so nothing overtakes it.
+        let mut stopped: std::collections::HashSet<(&str, &str)> = Default::default();
         for envelope in batch {
             if in_flight.len() >= ACKS_IN_FLIGHT {
                 outcomes.extend(in_flight.next().await);
             }
-            in_flight.push_back(acknowledged(self.send(envelope).await));
+            let key = (
+                envelope.aggregate_type.as_str(),
+                envelope.aggregate_id.as_str(),
+            );
+            let sent = if stopped.contains(&key) {
+                Err((
+                    None,
+                    DeliveryError::not_attempted(
+                        "not published: an earlier event of its aggregate failed",
+                    ),
+                ))
+            } else {
+                self.send(envelope).await
+            };
+            if sent.is_err() {
+                stopped.insert(key);
+            }
+            in_flight.push_back(acknowledged(sent));
         }
         while let Some(outcome) = in_flight.next().await {
             outcomes.push(outcome);

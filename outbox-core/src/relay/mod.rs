@@ -461,7 +461,10 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
     /// lease; returns one outcome per run.
     async fn deliver(&self, runs: &[Run], deadline: Instant) -> Vec<Outcome> {
         let policy = &self.config.retry;
-        let sendable: Vec<usize> = runs.iter().map(|r| settle::sendable(r, policy)).collect();
+        let sendable: Vec<usize> = runs
+            .iter()
+            .map(|r| settle::sendable(r, policy, |e| self.config.parks(e)))
+            .collect();
         let batch: Vec<Envelope> = runs
             .iter()
             .zip(&sendable)
@@ -493,7 +496,7 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
         let results = if batch.is_empty() {
             Vec::new()
         } else {
-            match tokio::time::timeout(budget, self.deliver_contained(&batch)).await {
+            match tokio::time::timeout(budget, self.deliver_contained(&batch, budget)).await {
                 Ok(Some(results)) if results.len() == batch.len() => results,
                 Ok(Some(results)) => {
                     tracing::error!(
@@ -528,10 +531,19 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
             .collect()
     }
 
-    /// The destination's results, or `None` if it panicked.
-    async fn deliver_contained(&self, batch: &[Envelope]) -> Option<Vec<DeliveryResult>> {
-        let delivery =
-            std::panic::catch_unwind(AssertUnwindSafe(|| self.destination.deliver(batch))).ok()?;
+    /// The destination's results, or `None` if it panicked. The destination gets most of the
+    /// budget, so that one that bounds its runs (handlers) answers before the relay gives up on
+    /// the whole batch.
+    async fn deliver_contained(
+        &self,
+        batch: &[Envelope],
+        budget: Duration,
+    ) -> Option<Vec<DeliveryResult>> {
+        let inner = budget.mul_f64(0.9);
+        let delivery = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.destination.deliver_within(batch, inner)
+        }))
+        .ok()?;
         AssertUnwindSafe(delivery).catch_unwind().await.ok()
     }
 
@@ -567,7 +579,7 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
                 })
                 .collect();
             outcomes.push(
-                match tokio::time::timeout(budget, self.deliver_contained(&batch)).await {
+                match tokio::time::timeout(budget, self.deliver_contained(&batch, budget)).await {
                     Ok(Some(results)) if results.len() == n => Outcome::Delivered(results),
                     Ok(Some(_)) | Err(_) => Outcome::Unknown,
                     Ok(None) => Outcome::Delivered(vec![Err(DeliveryError::retry(
@@ -587,10 +599,10 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
             .iter()
             .zip(outcomes)
             .map(|(run, outcome)| {
-                let (settlement, failed) =
+                let (settlement, failures) =
                     settle::settle(run, outcome, &self.config.retry, |e| self.config.parks(e));
-                if let Some(failed) = failed {
-                    log_failure(run, &failed);
+                for failed in &failures {
+                    log_failure(run, failed);
                 }
                 settlement
             })

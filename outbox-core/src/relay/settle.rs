@@ -58,27 +58,39 @@ pub(crate) fn attempt_of(run: &Run, index: usize) -> u32 {
     }
 }
 
-/// How many events of `run` to send now: the due prefix, none if the run is given up.
-pub(crate) fn sendable(run: &Run, policy: &RetryPolicy) -> usize {
+/// How many events of `run` to send now: the due prefix, none if the run is given up, and
+/// nothing after an event whose type parks its aggregate when it dies (so that nothing can
+/// overtake it if it does).
+pub(crate) fn sendable(
+    run: &Run,
+    policy: &RetryPolicy,
+    parks: impl Fn(&Envelope) -> bool,
+) -> usize {
     if gave_up(run, policy) {
         return 0;
     }
-    run.events.iter().take_while(|e| e.due).count()
+    let due = run.events.iter().take_while(|e| e.due).count();
+    run.events[..due]
+        .iter()
+        .position(|e| parks(&e.envelope))
+        .map_or(due, |i| i + 1)
 }
 
 pub(crate) fn gave_up(run: &Run, policy: &RetryPolicy) -> bool {
     !run.events.is_empty() && run.attempts > policy.max_attempts
 }
 
-/// The settlement of `run` after `outcome`: delivered events leave the pending set, the first
-/// failure stops the run (retried with backoff, or dead), events after it stay pending
-/// untouched, and the cursor moves past exactly the settled prefix.
+/// The settlement of `run` after `outcome`, in `seq` order: a delivered event leaves the
+/// pending set; a dead event is recorded and the run goes on (or, if its type parks, the
+/// aggregate stops there); the first event to retry, or not tried, stops the run, and the
+/// events after it stay pending untouched. The cursor moves past exactly the settled prefix.
+/// Returns the failures to log, once each.
 pub(crate) fn settle(
     run: &Run,
     outcome: Outcome,
     policy: &RetryPolicy,
     parks: impl Fn(&Envelope) -> bool,
-) -> (Settlement, Option<Failed>) {
+) -> (Settlement, Vec<Failed>) {
     let mut s = Settlement {
         aggregate_type: run.aggregate_type.clone(),
         aggregate_id: run.aggregate_id.clone(),
@@ -87,15 +99,16 @@ pub(crate) fn settle(
         attempts: 0,
         delay: Duration::ZERO,
         not_before: None,
-        park: false,
+        park_at: run.parked_seq,
         events: Vec::new(),
     };
+    let mut failures = Vec::new();
     if run.events.is_empty() {
-        // Nothing pending up to what the relay knows of (delivered or dead meanwhile).
+        // Nothing pending up to where the run may go (delivered or dead meanwhile).
         if run.complete {
-            s.done_seq = run.known_seq;
+            s.done_seq = run.limit_seq();
         }
-        return (s, None);
+        return (s, failures);
     }
     let results = match outcome {
         Outcome::GaveUp => {
@@ -107,7 +120,7 @@ pub(crate) fn settle(
                 head.last_error.as_deref().unwrap_or("none")
             ));
             if parks(&head.envelope) {
-                s.park = true;
+                s.park_at = Some(head.envelope.sequence);
             } else {
                 s.done_seq = head.envelope.sequence;
             }
@@ -117,44 +130,51 @@ pub(crate) fn settle(
                 attempts: run.attempts - 1,
                 reason: Some(reason.clone()),
             });
-            return (
-                s,
-                Some(Failed {
-                    index: 0,
-                    attempt: run.attempts - 1,
-                    dead: true,
-                    retry_in: Duration::ZERO,
-                    reason,
-                }),
-            );
+            failures.push(Failed {
+                index: 0,
+                attempt: run.attempts - 1,
+                dead: true,
+                retry_in: Duration::ZERO,
+                reason,
+            });
+            return (s, failures);
         }
         Outcome::Unknown => Vec::new(),
         Outcome::Delivered(results) => results,
     };
     let mut results = results.into_iter();
+    let mut progressed = false;
     for (index, event) in run.events.iter().enumerate() {
         let attempt = attempt_of(run, index);
-        let Some(result) = results.next() else {
-            // Not sent: not due yet, or the outcome is unknown.
+        let result = results.next();
+        let not_tried = match &result {
+            None => true,
+            Some(Err(e)) => e.retry == Retry::NotAttempted,
+            Some(Ok(())) => false,
+        };
+        if not_tried {
+            // Not sent: not due yet, cut, not tried, or the outcome is unknown.
             if !event.due {
                 s.not_before = Some(event.available_at);
             }
-            if index == 0 {
-                // No outcome for the first event: a claim that delivered nothing keeps the
-                // attempt only if it tried (a timeout), not if the event was not due.
-                s.attempts = if event.due {
+            if !progressed {
+                // Nothing settled: the claim's attempt at the first event counts only if it
+                // was tried and its outcome is unknown (a time-out).
+                let unknown = result.is_none() && event.due && index == 0;
+                s.attempts = if unknown {
                     run.attempts
                 } else {
-                    run.attempts - 1
+                    run.attempts.saturating_sub(1)
                 };
-                if event.due {
+                if unknown {
                     s.delay = policy.delay(run.attempts).min(policy.max_delay);
                 }
             }
-            return (s, None);
-        };
-        match result {
+            return (s, failures);
+        }
+        match result.expect("checked above") {
             Ok(()) => {
+                progressed = true;
                 s.done_seq = event.envelope.sequence;
                 s.events.push(Fate {
                     id: event.envelope.id,
@@ -174,28 +194,31 @@ pub(crate) fn settle(
                 let next = policy
                     .next_delay(attempt, retry)
                     .map(|d| d.min(policy.max_delay));
-                let failed = Failed {
+                failures.push(Failed {
                     index,
                     attempt,
                     dead: next.is_none(),
                     retry_in: next.unwrap_or_default(),
                     reason: reason.clone(),
-                };
+                });
                 match next {
                     None => {
-                        // Parked: the cursor stays before the dead event until it is requeued
-                        // or discarded.
-                        if parks(&event.envelope) {
-                            s.park = true;
-                        } else {
-                            s.done_seq = event.envelope.sequence;
-                        }
                         s.events.push(Fate {
                             id: event.envelope.id,
                             status: EventStatus::Dead,
                             attempts: attempt,
                             reason: Some(reason),
                         });
+                        if parks(&event.envelope) {
+                            // The cursor stays before the dead event until it is requeued or
+                            // discarded.
+                            s.park_at = Some(event.envelope.sequence);
+                            return (s, failures);
+                        }
+                        // Skipped: the run goes on (later events a pipelined broker already
+                        // took are recorded as delivered, not sent again).
+                        progressed = true;
+                        s.done_seq = event.envelope.sequence;
                     }
                     Some(delay) => {
                         s.attempts = attempt;
@@ -206,17 +229,17 @@ pub(crate) fn settle(
                             attempts: attempt,
                             reason: Some(reason),
                         });
+                        return (s, failures);
                     }
                 }
-                return (s, Some(failed));
             }
         }
     }
-    // Every event of the run delivered.
+    // Every event of the run settled.
     if run.complete {
-        s.done_seq = run.known_seq;
+        s.done_seq = run.limit_seq();
     }
-    (s, None)
+    (s, failures)
 }
 
 #[cfg(test)]
@@ -235,6 +258,7 @@ mod tests {
             done_seq,
             known_seq: done_seq + n as i64 + if complete { 0 } else { 5 },
             attempts,
+            parked_seq: None,
             complete,
             events: (0..n)
                 .map(|i| RunEvent {
@@ -292,7 +316,7 @@ mod tests {
         assert_eq!(s.events.len(), 3);
         assert_eq!(s.events[2].status, EventStatus::Pending);
         assert_eq!(s.events[2].reason.as_deref(), Some("broker said no"));
-        assert!(!failed.unwrap().dead);
+        assert!(!failed[0].dead);
     }
 
     #[test]
@@ -300,12 +324,65 @@ mod tests {
         let r = run(3, 1, 5, true);
         let results = vec![Ok(()), Err(DeliveryError::permanent("refused"))];
         let (s, _) = settle(&r, Outcome::Delivered(results.clone()), &policy(), |_| true);
-        assert!(s.park);
+        assert_eq!(s.park_at, Some(7));
         assert_eq!(s.done_seq, 6, "the cursor stays before the dead event");
         assert_eq!(s.events[1].status, EventStatus::Dead);
+        assert_eq!(
+            sendable(&r, &policy(), |_| true),
+            1,
+            "nothing after a parking event"
+        );
         let (s, _) = settle(&r, Outcome::Delivered(results), &policy(), |_| false);
-        assert!(!s.park);
+        assert_eq!(s.park_at, None);
         assert_eq!(s.done_seq, 7);
+    }
+
+    #[test]
+    fn a_dead_event_is_skipped_and_the_run_goes_on() {
+        let r = run(3, 1, 0, true);
+        let results = vec![Err(DeliveryError::permanent("unroutable")), Ok(()), Ok(())];
+        let (s, failed) = settle(&r, Outcome::Delivered(results), &policy(), |_| false);
+        assert_eq!(s.done_seq, 3, "what the broker took is not sent again");
+        assert_eq!(
+            s.events.iter().map(|f| f.status).collect::<Vec<_>>(),
+            [
+                EventStatus::Dead,
+                EventStatus::Delivered,
+                EventStatus::Delivered
+            ]
+        );
+        assert_eq!(failed.len(), 1);
+    }
+
+    #[test]
+    fn events_not_tried_stay_pending_without_an_attempt() {
+        let r = run(3, 1, 0, true);
+        let results = vec![
+            Ok(()),
+            Err(DeliveryError::not_attempted("earlier failure")),
+            Ok(()),
+        ];
+        let (s, failed) = settle(&r, Outcome::Delivered(results), &policy(), |_| false);
+        assert_eq!((s.done_seq, s.attempts, s.delay), (1, 0, Duration::ZERO));
+        assert!(failed.is_empty());
+        let r = run(2, 2, 0, true);
+        let results = vec![Err(DeliveryError::not_attempted("router round"))];
+        let (s, _) = settle(&r, Outcome::Delivered(results), &policy(), |_| false);
+        assert_eq!(
+            (s.done_seq, s.attempts),
+            (0, 1),
+            "the claim's attempt is given back"
+        );
+    }
+
+    #[test]
+    fn a_parked_aggregate_settles_up_to_its_dead_event_only() {
+        let mut r = run(1, 1, 0, true);
+        r.known_seq = 5;
+        r.parked_seq = Some(3);
+        assert_eq!(r.limit_seq(), 2);
+        let (s, _) = settle(&r, Outcome::Delivered(vec![Ok(())]), &policy(), |_| true);
+        assert_eq!((s.done_seq, s.park_at), (2, Some(3)));
     }
 
     #[test]
@@ -315,7 +392,7 @@ mod tests {
         let (s, failed) = settle(&r, Outcome::Delivered(results), &policy(), |_| false);
         assert_eq!((s.done_seq, s.attempts), (0, 2));
         assert_eq!(s.events[0].status, EventStatus::Pending);
-        assert!(!failed.unwrap().dead, "even at the last attempt");
+        assert!(!failed[0].dead, "even at the last attempt");
     }
 
     #[test]
@@ -333,19 +410,19 @@ mod tests {
     fn an_event_past_its_attempts_dies_at_claim_with_its_last_reason() {
         let mut r = run(1, 4, 7, true);
         r.events[0].last_error = Some("boom".into());
-        assert_eq!(sendable(&r, &policy()), 0);
+        assert_eq!(sendable(&r, &policy(), |_| false), 0);
         let (s, failed) = settle(&r, Outcome::GaveUp, &policy(), |_| false);
         assert_eq!(s.done_seq, 8);
         assert_eq!(s.events[0].status, EventStatus::Dead);
         assert!(s.events[0].reason.as_deref().unwrap().contains("boom"));
-        assert!(failed.unwrap().dead);
+        assert!(failed[0].dead);
     }
 
     #[test]
     fn an_event_not_due_cuts_the_run_without_burning_an_attempt() {
         let mut r = run(3, 1, 0, true);
         r.events[1].due = false;
-        assert_eq!(sendable(&r, &policy()), 1);
+        assert_eq!(sendable(&r, &policy(), |_| false), 1);
         let (s, _) = settle(&r, Outcome::Delivered(vec![Ok(())]), &policy(), |_| false);
         assert_eq!(s.done_seq, 1);
         assert_eq!(s.not_before, Some(r.events[1].available_at));
@@ -361,7 +438,7 @@ mod tests {
         let (s, failed) = settle(&r, Outcome::Unknown, &policy(), |_| false);
         assert_eq!((s.done_seq, s.attempts), (0, 2));
         assert!(s.delay > Duration::ZERO);
-        assert!(s.events.is_empty() && failed.is_none());
+        assert!(s.events.is_empty() && failed.is_empty());
     }
 
     #[test]
@@ -385,52 +462,71 @@ mod tests {
             1 => Just(Err(DeliveryError::retry("transient"))),
             1 => Just(Err(DeliveryError::permanent("refused"))),
             1 => Just(Err(DeliveryError::unavailable("no responders"))),
+            1 => Just(Err(DeliveryError::not_attempted("earlier failure"))),
             1 => (0u64..u64::MAX).prop_map(|s| Err(DeliveryError::retry_after(Duration::from_secs(s), "later"))),
         ]
     }
 
     proptest! {
-        /// Over random outcomes: the cursor moves exactly past the settled prefix, nothing after
-        /// the first failure is settled, and every settled event is in sequence order.
+        /// Over random outcomes and both dead-letter policies: the settled events are a prefix
+        /// of the run in order; it ends at the first event to retry, not tried, or (parking)
+        /// dead; the cursor moves exactly past the settled prefix, never back.
         #[test]
-        fn settles_exactly_the_prefix(
+        fn settles_exactly_a_prefix(
             n in 1usize..20,
             attempts in 1u32..3,
             complete: bool,
+            park: bool,
             results in proptest::collection::vec(result(), 0..20),
         ) {
             let r = run(n, attempts, 100, complete);
             let sent = results.len().min(n);
             let results: Vec<_> = results.into_iter().take(sent).collect();
-            let first_failure = results.iter().position(|r| r.is_err());
-            let (s, failed) = settle(&r, Outcome::Delivered(results.clone()), &policy(), |_| false);
-            let settled = first_failure.map_or(sent, |i| i + 1);
+            let stops = |res: &DeliveryResult, i: usize| match res {
+                Ok(()) => false,
+                Err(e) => match e.retry {
+                    Retry::NotAttempted | Retry::Unavailable => true,
+                    _ => {
+                        let attempt = attempt_of(&r, i);
+                        policy().next_delay(attempt, e.retry).is_some() || park
+                    }
+                },
+            };
+            let stop = results.iter().enumerate().position(|(i, res)| stops(res, i));
+            let (s, _) = settle(&r, Outcome::Delivered(results.clone()), &policy(), |_| park);
+            // Settled: everything before the stop, plus the stopping event unless not tried.
+            let settled = match stop {
+                Some(i) if results[i].as_ref().is_err_and(|e| e.retry == Retry::NotAttempted) => i,
+                Some(i) => i + 1,
+                None => sent,
+            };
             prop_assert_eq!(s.events.len(), settled);
             for (i, fate) in s.events.iter().enumerate() {
                 prop_assert_eq!(fate.id, r.events[i].envelope.id);
-                let expected_delivered = first_failure != Some(i);
-                prop_assert_eq!(fate.status == EventStatus::Delivered, expected_delivered);
+                prop_assert_eq!(fate.status == EventStatus::Delivered, results[i].is_ok());
             }
             prop_assert!(s.delay <= Duration::from_secs(10));
-            match (first_failure, failed) {
-                (Some(i), Some(f)) => {
-                    prop_assert_eq!(f.index, i);
-                    let seq = r.events[i].envelope.sequence;
-                    prop_assert_eq!(s.done_seq, if f.dead { seq } else { seq - 1 });
-                }
-                (None, None) => {
-                    let expected = if sent == n && complete {
-                        r.known_seq
-                    } else if sent == 0 {
-                        100
-                    } else {
-                        r.events[sent - 1].envelope.sequence
-                    };
-                    prop_assert_eq!(s.done_seq, expected);
-                }
-                other => prop_assert!(false, "{other:?}"),
-            }
             prop_assert!(s.done_seq >= r.done_seq);
+            // The cursor is past every settled event except a retried or parked one.
+            let last_past = s.events.iter().rposition(|f| {
+                f.status == EventStatus::Delivered || (f.status == EventStatus::Dead && !park)
+            });
+            if let Some(i) = last_past {
+                prop_assert!(s.done_seq >= r.events[i].envelope.sequence);
+            }
+            if stop.is_none() && sent == n && complete {
+                prop_assert_eq!(s.done_seq, r.limit_seq());
+            } else {
+                let expected = last_past.map_or(r.done_seq, |i| {
+                    // Only a contiguous prefix moves the cursor.
+                    if (0..=i).all(|j| s.events[j].status != EventStatus::Pending) {
+                        r.events[i].envelope.sequence
+                    } else {
+                        r.done_seq
+                    }
+                });
+                prop_assert_eq!(s.done_seq, expected);
+            }
         }
     }
 }

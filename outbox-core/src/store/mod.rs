@@ -196,9 +196,21 @@ pub struct Run {
     pub known_seq: i64,
     /// The attempt this claim is for the run's first event (1 the first time).
     pub attempts: u32,
-    /// Whether the run holds every pending event up to `known_seq` (no limit cut it short).
+    /// The dead event the aggregate is parked at, if any: nothing at or after it is delivered
+    /// until it is requeued or discarded.
+    pub parked_seq: Option<i64>,
+    /// Whether the run holds every pending event up to [`limit_seq`](Self::limit_seq) (no
+    /// limit cut it short).
     pub complete: bool,
     pub events: Vec<RunEvent>,
+}
+
+impl Run {
+    /// How far this run may go: what the relay knows of, and not past a parked event.
+    pub fn limit_seq(&self) -> i64 {
+        self.parked_seq
+            .map_or(self.known_seq, |parked| self.known_seq.min(parked - 1))
+    }
 }
 
 /// An event of a [`Run`].
@@ -230,9 +242,9 @@ pub struct Settlement {
     pub delay: Duration,
     /// ... and no earlier than this (an event that is not due yet).
     pub not_before: Option<DateTime<Utc>>,
-    /// The event after `done_seq` is dead and its aggregate waits for it to be requeued or
-    /// discarded (not due until then).
-    pub park: bool,
+    /// The dead event the aggregate is parked at after this settlement (a new one, or the
+    /// run's): the aggregate is not due once everything before it is settled.
+    pub park_at: Option<i64>,
     pub events: Vec<Fate>,
 }
 

@@ -168,16 +168,17 @@ SELECT count(*) FROM taken"#
         ORDER BY d.due_at
         LIMIT $1
         FOR UPDATE SKIP LOCKED))
-    RETURNING c.aggregate_type, c.aggregate_id, c.done_seq, c.known_seq, c.attempts
+    RETURNING c.aggregate_type, c.aggregate_id, c.done_seq, c.known_seq, c.attempts, c.parked_seq
 )
 SELECT l.aggregate_type AS run_type, l.aggregate_id AS run_id, l.done_seq, l.known_seq,
-       l.attempts AS run_attempts, {COLUMNS}, o.available_at, o.available_at <= now() AS due,
+       l.attempts AS run_attempts, l.parked_seq, {COLUMNS}, o.available_at, o.available_at <= now() AS due,
        o.last_error
 FROM leased l
 LEFT JOIN LATERAL (
     SELECT * FROM "{t}" p
     WHERE p.aggregate_type = l.aggregate_type AND p.aggregate_id = l.aggregate_id
-      AND p.status = 'pending' AND p.seq > l.done_seq AND p.seq <= l.known_seq
+      AND p.status = 'pending' AND p.seq > l.done_seq
+      AND p.seq <= LEAST(l.known_seq, l.parked_seq - 1)
     ORDER BY p.seq
     -- `Claim::run_limit`, in SQL.
     LIMIT CASE WHEN l.attempts > 1 THEN 1
@@ -191,18 +192,21 @@ ORDER BY l.aggregate_type, l.aggregate_id, o.seq"#
             settle: format!(
                 r#"WITH f AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int4[], $6::int8[],
-                         $7::timestamptz[], $15::bool[])
-        AS f(aggregate_type, aggregate_id, from_seq, done_seq, attempts, delay_ms, not_before, park)
+                         $7::timestamptz[], $15::int8[])
+        AS f(aggregate_type, aggregate_id, from_seq, done_seq, attempts, delay_ms, not_before,
+             park_at)
 ), bookkeeping AS (
     SELECT set_config('synchronous_commit', 'off', true)
 ), held AS (
     UPDATE "{t}_cursors" c SET
         done_seq = CASE WHEN c.done_seq = f.from_seq THEN f.done_seq ELSE c.done_seq END,
         attempts = CASE WHEN c.done_seq = f.from_seq THEN f.attempts ELSE 0 END,
+        -- Parked: not due once everything before the dead event is settled.
         due_at = CASE WHEN c.done_seq <> f.from_seq THEN now()
-                      WHEN f.park THEN 'infinity'
+                      WHEN f.done_seq >= f.park_at - 1 THEN 'infinity'
                       ELSE GREATEST(now() + f.delay_ms * interval '1 millisecond',
                                     COALESCE(f.not_before, '-infinity')) END,
+        parked_seq = CASE WHEN c.done_seq = f.from_seq THEN f.park_at ELSE c.parked_seq END,
         leased_by = NULL
     FROM f, bookkeeping
     WHERE c.aggregate_type = f.aggregate_type AND c.aggregate_id = f.aggregate_id
@@ -258,7 +262,9 @@ ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET
     done_seq = LEAST(c.done_seq, EXCLUDED.done_seq),
     attempts = CASE WHEN EXCLUDED.done_seq <= c.done_seq THEN 0 ELSE c.attempts END,
     due_at = CASE WHEN EXCLUDED.done_seq <= c.done_seq AND c.leased_by IS NULL
-                  THEN LEAST(c.due_at, now()) ELSE c.due_at END"#
+                  THEN LEAST(c.due_at, now()) ELSE c.due_at END,
+    -- Requeueing the event the aggregate is parked at unparks it; an earlier one does not.
+    parked_seq = CASE WHEN c.parked_seq = EXCLUDED.known_seq THEN NULL ELSE c.parked_seq END"#
             ),
             // A pending event no relay will ever claim: not announced and beyond its cursor's
             // known sequence, or at or below the point its cursor has settled.
@@ -275,12 +281,17 @@ WHERE o.status = 'pending'
 GROUP BY o.aggregate_type, o.aggregate_id, c.done_seq, c.known_seq
 ORDER BY o.aggregate_type, o.aggregate_id"#
             ),
-            // Only a cursor parked (not due until `infinity`) right before this dead event.
+            // Only a cursor parked at this dead event. If a requeue moved the cursor back
+            // before it, it stays there (the earlier events come first).
             discard: format!(
-                r#"UPDATE "{t}_cursors" c SET done_seq = e.seq, attempts = 0, due_at = now()
+                r#"UPDATE "{t}_cursors" c SET
+    done_seq = CASE WHEN c.done_seq = e.seq - 1 THEN e.seq ELSE c.done_seq END,
+    attempts = CASE WHEN c.done_seq = e.seq - 1 THEN 0 ELSE c.attempts END,
+    due_at = CASE WHEN c.leased_by IS NULL THEN LEAST(c.due_at, now()) ELSE c.due_at END,
+    parked_seq = NULL
 FROM (SELECT aggregate_type, aggregate_id, seq FROM "{t}" WHERE id = $1 AND status = 'dead') e
 WHERE c.aggregate_type = e.aggregate_type AND c.aggregate_id = e.aggregate_id
-  AND c.done_seq = e.seq - 1 AND c.due_at = 'infinity'"#
+  AND c.parked_seq = e.seq"#
             ),
             consumed: format!(
                 r#"UPDATE "{t}" SET consumed_at = now() WHERE id = ANY($1) AND consumed_at IS NULL"#
@@ -348,7 +359,8 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" (LIKE "{t}");"#
                 "relay cursors per aggregate, announcements, payload kept byte for byte",
                 format!(
                     r#"-- The relay's side of each aggregate: settled up to done_seq, known up to known_seq,
--- attempts at the next event, due (or leased) until due_at. Writers never touch it.
+-- attempts at the next event, due (or leased) until due_at, parked at a dead event
+-- (DeadLetters::Park) until it is requeued or discarded. Writers never touch it.
 CREATE TABLE IF NOT EXISTS "{t}_cursors" (
     aggregate_type text NOT NULL,
     aggregate_id   text NOT NULL,
@@ -357,6 +369,7 @@ CREATE TABLE IF NOT EXISTS "{t}_cursors" (
     attempts       integer NOT NULL DEFAULT 0,
     due_at         timestamptz NOT NULL DEFAULT now(),
     leased_by      uuid,
+    parked_seq     bigint,
     PRIMARY KEY (aggregate_type, aggregate_id)
 );
 -- Only aggregates with events to settle: the claim reads about as many entries as it leases.
@@ -530,6 +543,7 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
                     done_seq: row.try_get("done_seq")?,
                     known_seq: row.try_get("known_seq")?,
                     attempts: clamp_u32(row.try_get::<i32, _>("run_attempts")?.into()),
+                    parked_seq: row.try_get("parked_seq")?,
                     complete: true,
                     events: Vec::new(),
                 });
@@ -584,7 +598,7 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
             attempts.push(clamp_i32(s.attempts));
             delays.push(duration_ms(s.delay));
             not_before.push(s.not_before);
-            park.push(s.park);
+            park.push(s.park_at);
             for e in &s.events {
                 event_ids.push(e.id);
                 event_types.push(s.aggregate_type.as_str());

@@ -76,11 +76,12 @@ ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET known_seq = max(known_s
 WHERE rowid IN (
     SELECT rowid FROM "{t}_cursors" WHERE done_seq < known_seq AND due_at <= ?1
     ORDER BY due_at LIMIT ?4)
-RETURNING aggregate_type, aggregate_id, done_seq, known_seq, attempts"#
+RETURNING aggregate_type, aggregate_id, done_seq, known_seq, attempts, parked_seq"#
             ),
             run: format!(
                 r#"SELECT {COLUMNS}, available_at, available_at <= ?5 AS due, last_error FROM "{t}"
-WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND status = 'pending' AND seq > ?3 AND seq <= ?4
+WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND status = 'pending' AND seq > ?3
+  AND seq <= min(?4, coalesce(?7 - 1, ?4))
 ORDER BY seq LIMIT ?6"#
             ),
             // As on PostgreSQL: only a cursor still leased to this relay moves, and one that a
@@ -90,8 +91,9 @@ ORDER BY seq LIMIT ?6"#
     done_seq = CASE WHEN done_seq = ?3 THEN ?4 ELSE done_seq END,
     attempts = CASE WHEN done_seq = ?3 THEN ?5 ELSE 0 END,
     due_at = CASE WHEN done_seq <> ?3 THEN ?6
-                  WHEN ?10 THEN 9223372036854775807
+                  WHEN ?4 >= ?10 - 1 THEN 9223372036854775807
                   ELSE max(?6 + ?7, coalesce(?8, 0)) END,
+    parked_seq = CASE WHEN done_seq = ?3 THEN ?10 ELSE parked_seq END,
     leased_by = NULL
 WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND leased_by = ?9"#
             ),
@@ -115,14 +117,19 @@ ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET
     done_seq = min(done_seq, excluded.done_seq),
     attempts = CASE WHEN excluded.done_seq <= done_seq THEN 0 ELSE attempts END,
     due_at = CASE WHEN excluded.done_seq <= done_seq AND leased_by IS NULL
-                  THEN min(due_at, excluded.due_at) ELSE due_at END"#
+                  THEN min(due_at, excluded.due_at) ELSE due_at END,
+    parked_seq = CASE WHEN parked_seq = excluded.known_seq THEN NULL ELSE parked_seq END"#
             ),
             discard: format!(
-                r#"UPDATE "{t}_cursors" SET done_seq = e.seq, attempts = 0, due_at = ?2
+                r#"UPDATE "{t}_cursors" SET
+    done_seq = CASE WHEN done_seq = e.seq - 1 THEN e.seq ELSE done_seq END,
+    attempts = CASE WHEN done_seq = e.seq - 1 THEN 0 ELSE attempts END,
+    due_at = CASE WHEN leased_by IS NULL THEN min(due_at, ?2) ELSE due_at END,
+    parked_seq = NULL
 FROM (SELECT aggregate_type, aggregate_id, seq FROM "{t}" WHERE id = ?1 AND status = 'dead') AS e
 WHERE "{t}_cursors".aggregate_type = e.aggregate_type
   AND "{t}_cursors".aggregate_id = e.aggregate_id
-  AND "{t}_cursors".done_seq = e.seq - 1 AND "{t}_cursors".due_at = 9223372036854775807"#
+  AND "{t}_cursors".parked_seq = e.seq"#
             ),
             purge_select: format!(
                 r#"SELECT id FROM "{t}" WHERE status = 'delivered' AND delivered_at < ?1
@@ -210,6 +217,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
     attempts       INTEGER NOT NULL DEFAULT 0,
     due_at         INTEGER NOT NULL DEFAULT 0,
     leased_by      TEXT,
+    parked_seq     INTEGER,
     PRIMARY KEY (aggregate_type, aggregate_id)
 );
 CREATE INDEX IF NOT EXISTS "{t}_cursors_due" ON "{t}_cursors" (due_at) WHERE done_seq < known_seq;
@@ -331,16 +339,17 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
         claim: &'a Claim,
     ) -> Result<Vec<Run>> {
         let now = now_ms();
-        let leased: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(&statements.lease)
-            .bind(now)
-            .bind(duration_ms(claim.lease))
-            .bind(claim.token.to_string())
-            .bind(claim.aggregates as i64)
-            .fetch_all(pool)
-            .await?;
+        let leased: Vec<(String, String, i64, i64, i64, Option<i64>)> =
+            sqlx::query_as(&statements.lease)
+                .bind(now)
+                .bind(duration_ms(claim.lease))
+                .bind(claim.token.to_string())
+                .bind(claim.aggregates as i64)
+                .fetch_all(pool)
+                .await?;
         let mut runs = Vec::with_capacity(leased.len());
         let count = leased.len();
-        for (aggregate_type, aggregate_id, done_seq, known_seq, attempts) in leased {
+        for (aggregate_type, aggregate_id, done_seq, known_seq, attempts, parked_seq) in leased {
             let attempts = clamp_u32(attempts);
             let limit = claim.run_limit(count, attempts);
             let rows = sqlx::query(&statements.run)
@@ -350,6 +359,7 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
                 .bind(known_seq)
                 .bind(now)
                 .bind(limit as i64)
+                .bind(parked_seq)
                 .fetch_all(pool)
                 .await?;
             let events = rows
@@ -370,6 +380,7 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
                 done_seq,
                 known_seq,
                 attempts,
+                parked_seq,
                 complete: events.len() < limit,
                 events,
             });
@@ -399,7 +410,7 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
                 .bind(duration_ms(s.delay))
                 .bind(s.not_before.map(|t| t.timestamp_millis()))
                 .bind(&token)
-                .bind(s.park)
+                .bind(s.park_at)
                 .execute(&mut *tx)
                 .await?;
             if held.rows_affected() == 0 {
