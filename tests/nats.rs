@@ -220,6 +220,61 @@ async fn oversize_and_unroutable_events_go_dead_with_the_broker_reason() {
     Postgres::drop_tables(&outbox).await;
 }
 
+/// A line break in a header value or aggregate id made the NATS client panic while building
+/// headers, which killed relay workers one after the other. Enqueue refuses such values now;
+/// rows that carry them anyway (written by other means) fail their own event only, at once,
+/// and the relay keeps delivering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_nats_cannot_carry_fails_only_its_event() {
+    init_tracing();
+    let (prefix, stream) = names();
+    let js = jetstream(&nats_url()).await;
+    ensure_stream(&js, &stream, vec![format!("{prefix}.items.>")])
+        .await
+        .unwrap();
+    let outbox = Postgres::fresh().await;
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let ids = outbox
+        .enqueue_batch(
+            &mut *tx,
+            &(0..10)
+                .map(|a| ItemChanged {
+                    item: format!("item-{a}"),
+                    n: 1,
+                })
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    // As an older release or plain SQL could have written them.
+    sqlx::query(&format!(
+        r#"UPDATE {} SET headers = '{{"tenant": "acme\r\nNats-Msg-Id: x"}}' WHERE id = $1"#,
+        outbox.table()
+    ))
+    .bind(ids[0])
+    .execute(outbox.pool())
+    .await
+    .unwrap();
+    let relay = RunningRelay::start(
+        Relay::builder(
+            outbox.clone(),
+            NatsTransport::new(js.clone()).subject_prefix(&prefix),
+        )
+        .retry(broker_retry())
+        .poll_interval(Duration::from_millis(50)),
+    );
+    eventually("the bad event dead, the rest delivered", WAIT, || async {
+        Postgres::count_status(&outbox, "dead").await == 1
+            && Postgres::count_status(&outbox, "delivered").await == 9
+    })
+    .await;
+    relay.stop().await;
+    assert_dead_at_once(&outbox, ids[0], "cannot carry the value of header \"tenant\"").await;
+    js.delete_stream(&stream).await.unwrap();
+    Postgres::drop_tables(&outbox).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_loses_nothing_and_needs_no_restart() {
     init_tracing();
