@@ -270,7 +270,12 @@ async fn a_header_nats_cannot_carry_fails_only_its_event() {
     })
     .await;
     relay.stop().await;
-    assert_dead_at_once(&outbox, ids[0], "cannot carry the value of header \"tenant\"").await;
+    assert_dead_at_once(
+        &outbox,
+        ids[0],
+        "cannot carry the value of header \"tenant\"",
+    )
+    .await;
     js.delete_stream(&stream).await.unwrap();
     Postgres::drop_tables(&outbox).await;
 }

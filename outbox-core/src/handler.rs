@@ -560,7 +560,8 @@ impl Transport for Dispatcher {
 
     /// As [`publish`](Transport::publish), with each aggregate's run bounded by `budget`: a
     /// handler that does not return in time fails its own event (the attempt counts) and its
-    /// run, and no other.
+    /// run, and no other; runs that could not start in time (all handler slots busy) are not
+    /// tried, and no attempt counts.
     async fn publish_within(&self, batch: &[Envelope], budget: Duration) -> Vec<DeliveryResult> {
         self.run_batch(batch, Some(tokio::time::Instant::now() + budget))
             .await
@@ -613,9 +614,16 @@ impl Dispatcher {
         let mut results = Vec::with_capacity(positions.len());
         let mut failed = false;
         for i in positions {
+            let late = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
             let result = if failed {
                 Err(DeliveryError::not_attempted(
                     "not handled: an earlier event of its aggregate failed",
+                ))
+            } else if late {
+                // Waited for a slot behind slow handlers until the time was up: not tried, so
+                // no attempt counts.
+                Err(DeliveryError::not_attempted(
+                    "not handled: the relay's delivery time ran out before its turn",
                 ))
             } else {
                 let handled = self.dispatch(&batch[i]);

@@ -7,6 +7,7 @@ use futures_util::future::{join_all, BoxFuture};
 use futures_util::FutureExt;
 use std::collections::HashMap;
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -262,7 +263,20 @@ impl Router {
                             positions.iter().map(|&p| batch[p].clone()).collect();
                         let transport = self.transports[i].clone();
                         async move {
-                            let results = transport.publish(&envelopes, left).await;
+                            // A transport that panics fails its own part only: the other
+                            // transports' results stand.
+                            let published = AssertUnwindSafe(transport.publish(&envelopes, left))
+                                .catch_unwind()
+                                .await;
+                            let results = published.unwrap_or_else(|_| {
+                                vec![
+                                    Err(DeliveryError::retry(format!(
+                                        "transport {:?} panicked",
+                                        transport.name()
+                                    )));
+                                    envelopes.len()
+                                ]
+                            });
                             (positions, results)
                         }
                     }),

@@ -429,8 +429,8 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
                 }
             };
             if runs.is_empty() {
-                // Right after activity, look again soon: a wake-up can be skipped (writers only
-                // notify when nothing else is waiting) or lost with a listener connection.
+                // Right after activity, look again soon: a wake-up can be lost with a listener
+                // connection, and deferred events and retries come due without one.
                 let wait = idle.min(self.config.poll_interval);
                 idle = (idle * 2).min(self.config.poll_interval);
                 tokio::select! {

@@ -95,11 +95,13 @@ pub(crate) fn settle(
         aggregate_type: run.aggregate_type.clone(),
         aggregate_id: run.aggregate_id.clone(),
         from_seq: run.done_seq,
+        version: run.version,
         done_seq: run.done_seq,
         attempts: 0,
         delay: Duration::ZERO,
         not_before: None,
         park_at: run.parked_seq,
+        new_park: None,
         events: Vec::new(),
     };
     let mut failures = Vec::new();
@@ -121,6 +123,7 @@ pub(crate) fn settle(
             ));
             if parks(&head.envelope) {
                 s.park_at = Some(head.envelope.sequence);
+                s.new_park = s.park_at;
             } else {
                 s.done_seq = head.envelope.sequence;
             }
@@ -213,6 +216,7 @@ pub(crate) fn settle(
                             // The cursor stays before the dead event until it is requeued or
                             // discarded.
                             s.park_at = Some(event.envelope.sequence);
+                            s.new_park = s.park_at;
                             return (s, failures);
                         }
                         // Skipped: the run goes on (later events a pipelined broker already
@@ -259,6 +263,7 @@ mod tests {
             known_seq: done_seq + n as i64 + if complete { 0 } else { 5 },
             attempts,
             parked_seq: None,
+            version: 0,
             complete,
             events: (0..n)
                 .map(|i| RunEvent {

@@ -199,6 +199,9 @@ pub struct Run {
     /// The dead event the aggregate is parked at, if any: nothing at or after it is delivered
     /// until it is requeued or discarded.
     pub parked_seq: Option<i64>,
+    /// Bumped by every `requeue` and `discard`: a settlement whose version no longer matches
+    /// leaves the operator's change in place.
+    pub version: i64,
     /// Whether the run holds every pending event up to [`limit_seq`](Self::limit_seq) (no
     /// limit cut it short).
     pub complete: bool,
@@ -232,8 +235,11 @@ pub struct RunEvent {
 pub struct Settlement {
     pub aggregate_type: String,
     pub aggregate_id: String,
-    /// `done_seq` when leased: if a `requeue` moved it since, the cursor keeps the requeue's.
+    /// `done_seq` when leased.
     pub from_seq: i64,
+    /// The cursor's version when leased: if a `requeue` or `discard` changed the cursor since,
+    /// it keeps their position and park state, and only a new park is added.
+    pub version: i64,
     /// Every event up to here is settled now.
     pub done_seq: i64,
     /// Attempts already made at the event after `done_seq`.
@@ -245,6 +251,8 @@ pub struct Settlement {
     /// The dead event the aggregate is parked at after this settlement (a new one, or the
     /// run's): the aggregate is not due once everything before it is settled.
     pub park_at: Option<i64>,
+    /// The event this settlement parks the aggregate at, if it died in this run.
+    pub new_park: Option<i64>,
     pub events: Vec<Fate>,
 }
 

@@ -54,17 +54,10 @@ impl Backend for Postgres {
 
     fn backend_statements(table: &TableName, notify: bool) -> PgStatements {
         let t = table.as_str();
-        // A NOTIFY makes its commit take a database-wide lock: with many writers it serialises
-        // their commits. So only a writer that finds no earlier announcement waiting sends one:
-        // if there is one, its writer notified (or relays are busy and absorb this one with it).
-        // A relay that went idle in between is caught by its short polls after activity.
         let notify = if notify {
             format!(
-                r#", wake AS (
-    SELECT pg_notify('{}', '') WHERE NOT EXISTS (SELECT 1 FROM "{t}_new")
-) SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM wake)"#,
-                channel(table),
-                t = table.as_str()
+                ", wake AS (SELECT pg_notify('{}', '')) SELECT count(*) FROM ins, wake",
+                channel(table)
             )
         } else {
             " SELECT count(*) FROM ins".to_owned()
@@ -168,10 +161,11 @@ SELECT count(*) FROM taken"#
         ORDER BY d.due_at
         LIMIT $1
         FOR UPDATE SKIP LOCKED))
-    RETURNING c.aggregate_type, c.aggregate_id, c.done_seq, c.known_seq, c.attempts, c.parked_seq
+    RETURNING c.aggregate_type, c.aggregate_id, c.done_seq, c.known_seq, c.attempts, c.parked_seq,
+              c.version
 )
 SELECT l.aggregate_type AS run_type, l.aggregate_id AS run_id, l.done_seq, l.known_seq,
-       l.attempts AS run_attempts, l.parked_seq, {COLUMNS}, o.available_at, o.available_at <= now() AS due,
+       l.attempts AS run_attempts, l.parked_seq, l.version, {COLUMNS}, o.available_at, o.available_at <= now() AS due,
        o.last_error
 FROM leased l
 LEFT JOIN LATERAL (
@@ -192,21 +186,24 @@ ORDER BY l.aggregate_type, l.aggregate_id, o.seq"#
             settle: format!(
                 r#"WITH f AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int4[], $6::int8[],
-                         $7::timestamptz[], $15::int8[])
+                         $7::timestamptz[], $15::int8[], $16::int8[], $17::int8[])
         AS f(aggregate_type, aggregate_id, from_seq, done_seq, attempts, delay_ms, not_before,
-             park_at)
+             park_at, new_park, version)
 ), bookkeeping AS (
     SELECT set_config('synchronous_commit', 'off', true)
 ), held AS (
+    -- A requeue or discard since the claim (another version) keeps its position and park
+    -- state; only a park this run found is added. The next claim sorts out the rest.
     UPDATE "{t}_cursors" c SET
-        done_seq = CASE WHEN c.done_seq = f.from_seq THEN f.done_seq ELSE c.done_seq END,
-        attempts = CASE WHEN c.done_seq = f.from_seq THEN f.attempts ELSE 0 END,
+        done_seq = CASE WHEN c.version = f.version THEN f.done_seq ELSE c.done_seq END,
+        attempts = CASE WHEN c.version = f.version THEN f.attempts ELSE 0 END,
         -- Parked: not due once everything before the dead event is settled.
-        due_at = CASE WHEN c.done_seq <> f.from_seq THEN now()
+        due_at = CASE WHEN c.version <> f.version THEN now()
                       WHEN f.done_seq >= f.park_at - 1 THEN 'infinity'
                       ELSE GREATEST(now() + f.delay_ms * interval '1 millisecond',
                                     COALESCE(f.not_before, '-infinity')) END,
-        parked_seq = CASE WHEN c.done_seq = f.from_seq THEN f.park_at ELSE c.parked_seq END,
+        parked_seq = CASE WHEN c.version = f.version THEN f.park_at
+                          ELSE COALESCE(f.new_park, c.parked_seq) END,
         leased_by = NULL
     FROM f, bookkeeping
     WHERE c.aggregate_type = f.aggregate_type AND c.aggregate_id = f.aggregate_id
@@ -264,7 +261,8 @@ ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET
     due_at = CASE WHEN EXCLUDED.done_seq <= c.done_seq AND c.leased_by IS NULL
                   THEN LEAST(c.due_at, now()) ELSE c.due_at END,
     -- Requeueing the event the aggregate is parked at unparks it; an earlier one does not.
-    parked_seq = CASE WHEN c.parked_seq = EXCLUDED.known_seq THEN NULL ELSE c.parked_seq END"#
+    parked_seq = CASE WHEN c.parked_seq = EXCLUDED.known_seq THEN NULL ELSE c.parked_seq END,
+    version = c.version + 1"#
             ),
             // A pending event no relay will ever claim: not announced and beyond its cursor's
             // known sequence, or at or below the point its cursor has settled.
@@ -288,7 +286,8 @@ ORDER BY o.aggregate_type, o.aggregate_id"#
     done_seq = CASE WHEN c.done_seq = e.seq - 1 THEN e.seq ELSE c.done_seq END,
     attempts = CASE WHEN c.done_seq = e.seq - 1 THEN 0 ELSE c.attempts END,
     due_at = CASE WHEN c.leased_by IS NULL THEN LEAST(c.due_at, now()) ELSE c.due_at END,
-    parked_seq = NULL
+    parked_seq = NULL,
+    version = c.version + 1
 FROM (SELECT aggregate_type, aggregate_id, seq FROM "{t}" WHERE id = $1 AND status = 'dead') e
 WHERE c.aggregate_type = e.aggregate_type AND c.aggregate_id = e.aggregate_id
   AND c.parked_seq = e.seq"#
@@ -370,6 +369,7 @@ CREATE TABLE IF NOT EXISTS "{t}_cursors" (
     due_at         timestamptz NOT NULL DEFAULT now(),
     leased_by      uuid,
     parked_seq     bigint,
+    version        bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (aggregate_type, aggregate_id)
 );
 -- Only aggregates with events to settle: the claim reads about as many entries as it leases.
@@ -544,6 +544,7 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
                     known_seq: row.try_get("known_seq")?,
                     attempts: clamp_u32(row.try_get::<i32, _>("run_attempts")?.into()),
                     parked_seq: row.try_get("parked_seq")?,
+                    version: row.try_get("version")?,
                     complete: true,
                     events: Vec::new(),
                 });
@@ -584,6 +585,7 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
+        let (mut new_park, mut versions) = (Vec::with_capacity(n), Vec::with_capacity(n));
         let mut event_ids = Vec::new();
         let mut event_types = Vec::new();
         let mut event_aggregates = Vec::new();
@@ -599,6 +601,8 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
             delays.push(duration_ms(s.delay));
             not_before.push(s.not_before);
             park.push(s.park_at);
+            new_park.push(s.new_park);
+            versions.push(s.version);
             for e in &s.events {
                 event_ids.push(e.id);
                 event_types.push(s.aggregate_type.as_str());
@@ -624,6 +628,8 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
             .bind(event_attempts)
             .bind(reasons)
             .bind(park)
+            .bind(new_park)
+            .bind(versions)
             .execute(pool)
             .await?;
         Ok(())

@@ -76,7 +76,7 @@ ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET known_seq = max(known_s
 WHERE rowid IN (
     SELECT rowid FROM "{t}_cursors" WHERE done_seq < known_seq AND due_at <= ?1
     ORDER BY due_at LIMIT ?4)
-RETURNING aggregate_type, aggregate_id, done_seq, known_seq, attempts, parked_seq"#
+RETURNING aggregate_type, aggregate_id, done_seq, known_seq, attempts, parked_seq, version"#
             ),
             run: format!(
                 r#"SELECT {COLUMNS}, available_at, available_at <= ?5 AS due, last_error FROM "{t}"
@@ -88,12 +88,12 @@ ORDER BY seq LIMIT ?6"#
             // requeue moved back keeps that position and is due at once.
             settle_cursor: format!(
                 r#"UPDATE "{t}_cursors" SET
-    done_seq = CASE WHEN done_seq = ?3 THEN ?4 ELSE done_seq END,
-    attempts = CASE WHEN done_seq = ?3 THEN ?5 ELSE 0 END,
-    due_at = CASE WHEN done_seq <> ?3 THEN ?6
+    done_seq = CASE WHEN version = ?12 THEN ?4 ELSE done_seq END,
+    attempts = CASE WHEN version = ?12 THEN ?5 ELSE 0 END,
+    due_at = CASE WHEN version <> ?12 THEN ?6
                   WHEN ?4 >= ?10 - 1 THEN 9223372036854775807
                   ELSE max(?6 + ?7, coalesce(?8, 0)) END,
-    parked_seq = CASE WHEN done_seq = ?3 THEN ?10 ELSE parked_seq END,
+    parked_seq = CASE WHEN version = ?12 THEN ?10 ELSE coalesce(?11, parked_seq) END,
     leased_by = NULL
 WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND leased_by = ?9"#
             ),
@@ -118,14 +118,16 @@ ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET
     attempts = CASE WHEN excluded.done_seq <= done_seq THEN 0 ELSE attempts END,
     due_at = CASE WHEN excluded.done_seq <= done_seq AND leased_by IS NULL
                   THEN min(due_at, excluded.due_at) ELSE due_at END,
-    parked_seq = CASE WHEN parked_seq = excluded.known_seq THEN NULL ELSE parked_seq END"#
+    parked_seq = CASE WHEN parked_seq = excluded.known_seq THEN NULL ELSE parked_seq END,
+    version = version + 1"#
             ),
             discard: format!(
                 r#"UPDATE "{t}_cursors" SET
     done_seq = CASE WHEN done_seq = e.seq - 1 THEN e.seq ELSE done_seq END,
     attempts = CASE WHEN done_seq = e.seq - 1 THEN 0 ELSE attempts END,
     due_at = CASE WHEN leased_by IS NULL THEN min(due_at, ?2) ELSE due_at END,
-    parked_seq = NULL
+    parked_seq = NULL,
+    version = version + 1
 FROM (SELECT aggregate_type, aggregate_id, seq FROM "{t}" WHERE id = ?1 AND status = 'dead') AS e
 WHERE "{t}_cursors".aggregate_type = e.aggregate_type
   AND "{t}_cursors".aggregate_id = e.aggregate_id
@@ -218,6 +220,7 @@ CREATE TABLE IF NOT EXISTS "{t}_archive" AS SELECT * FROM "{t}" WHERE 0;"#
     due_at         INTEGER NOT NULL DEFAULT 0,
     leased_by      TEXT,
     parked_seq     INTEGER,
+    version        INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (aggregate_type, aggregate_id)
 );
 CREATE INDEX IF NOT EXISTS "{t}_cursors_due" ON "{t}_cursors" (due_at) WHERE done_seq < known_seq;
@@ -339,17 +342,18 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
         claim: &'a Claim,
     ) -> Result<Vec<Run>> {
         let now = now_ms();
-        let leased: Vec<(String, String, i64, i64, i64, Option<i64>)> =
-            sqlx::query_as(&statements.lease)
-                .bind(now)
-                .bind(duration_ms(claim.lease))
-                .bind(claim.token.to_string())
-                .bind(claim.aggregates as i64)
-                .fetch_all(pool)
-                .await?;
+        let leased: Vec<LeasedCursor> = sqlx::query_as(&statements.lease)
+            .bind(now)
+            .bind(duration_ms(claim.lease))
+            .bind(claim.token.to_string())
+            .bind(claim.aggregates as i64)
+            .fetch_all(pool)
+            .await?;
         let mut runs = Vec::with_capacity(leased.len());
         let count = leased.len();
-        for (aggregate_type, aggregate_id, done_seq, known_seq, attempts, parked_seq) in leased {
+        for (aggregate_type, aggregate_id, done_seq, known_seq, attempts, parked_seq, version) in
+            leased
+        {
             let attempts = clamp_u32(attempts);
             let limit = claim.run_limit(count, attempts);
             let rows = sqlx::query(&statements.run)
@@ -381,6 +385,7 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
                 known_seq,
                 attempts,
                 parked_seq,
+                version,
                 complete: events.len() < limit,
                 events,
             });
@@ -411,6 +416,8 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
                 .bind(s.not_before.map(|t| t.timestamp_millis()))
                 .bind(&token)
                 .bind(s.park_at)
+                .bind(s.new_park)
+                .bind(s.version)
                 .execute(&mut *tx)
                 .await?;
             if held.rows_affected() == 0 {
@@ -639,6 +646,10 @@ ON CONFLICT DO NOTHING"#
         // SQLite has no notifications: the relay polls.
     }
 }
+
+/// What the lease statement returns: aggregate type and id, `done_seq`, `known_seq`, attempts,
+/// `parked_seq`, version.
+type LeasedCursor = (String, String, i64, i64, i64, Option<i64>, i64);
 
 fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
