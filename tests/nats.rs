@@ -1,5 +1,5 @@
 //! The NATS JetStream transport and consumer against a real server (127.0.0.1:4222, or
-//! `OUTBOX_TEST_NATS_URL`), plus a private `nats-server` for the outage test.
+//! `OUTBOX_TEST_NATS_URL`), plus private `nats-server`s for the outage and cluster tests.
 
 use async_nats::jetstream::{self, consumer};
 use futures_util::StreamExt;
@@ -680,5 +680,154 @@ async fn slow_handler_is_not_redelivered_while_it_runs() {
         "redelivered while the handler ran"
     );
     js.delete_stream(&stream_name).await.unwrap();
+    Postgres::drop_tables(&outbox).await;
+}
+
+/// A three-node JetStream cluster, the stream replicated on all three, one node killed and
+/// started again while the relay publishes and writers keep committing. The replies a client
+/// gets while a server restarts or the stream's leader moves ("no responders", time-outs) are
+/// an outage: with two attempts allowed, no event may die, none is lost, and each is in the
+/// stream once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_restart_kills_no_event() {
+    init_tracing();
+    let program =
+        std::env::var("OUTBOX_TEST_NATS_SERVER").unwrap_or_else(|_| "nats-server".to_owned());
+    let cluster_ports: Vec<u16> = (0..3).map(|_| outbox_tests::free_port()).collect();
+    let routes = cluster_ports
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut nodes = Vec::new();
+    for (i, port) in cluster_ports.iter().enumerate() {
+        let (name, cluster) = (format!("n{i}"), format!("nats://127.0.0.1:{port}"));
+        let args = [
+            "-a",
+            "127.0.0.1",
+            "-p",
+            "{port}",
+            "-js",
+            "-sd",
+            "{dir}",
+            "-n",
+            &name,
+            "--cluster_name",
+            "outbox",
+            "--cluster",
+            &cluster,
+            "--routes",
+            &routes,
+        ];
+        nodes.push(PrivateServer::start(program.clone(), &args).await);
+    }
+    let servers: Vec<async_nats::ServerAddr> = nodes
+        .iter()
+        .map(|n| format!("nats://{}", n.address()).parse().unwrap())
+        .collect();
+    let mut js = jetstream::new(async_nats::connect(servers).await.unwrap());
+    js.set_timeout(Duration::from_secs(2));
+    let (prefix, stream) = names();
+    // The cluster elects its JetStream leader first: creating the stream waits for it.
+    eventually(
+        "the JetStream cluster takes a replicated stream",
+        WAIT,
+        || async {
+            js.get_or_create_stream(jetstream::stream::Config {
+                name: stream.clone(),
+                subjects: vec![format!("{prefix}.>")],
+                num_replicas: 3,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .is_ok()
+        },
+    )
+    .await;
+    let outbox = Postgres::fresh().await;
+    let relay = RunningRelay::start(
+        Relay::builder(
+            outbox.clone(),
+            NatsTransport::new(js.clone()).subject_prefix(&prefix),
+        )
+        .retry(
+            RetryPolicy::exponential(Duration::from_millis(50))
+                .max_delay(Duration::from_millis(200))
+                .max_attempts(2),
+        )
+        .poll_interval(Duration::from_millis(50)),
+    );
+    let write = |n: u64| {
+        let outbox = outbox.clone();
+        async move {
+            let events: Vec<_> = (0..100)
+                .map(|a| ItemChanged {
+                    item: format!("item-{a}"),
+                    n,
+                })
+                .collect();
+            let mut tx = outbox.pool().begin().await.unwrap();
+            outbox.enqueue_batch(&mut *tx, &events).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+    };
+    for n in 1..=5 {
+        write(n).await;
+    }
+    // Stop the stream's leader: its replicas elect another while the relay publishes.
+    let leader = js
+        .get_stream(&stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .expect("a replicated stream has a leader");
+    let stopped: usize = leader[1..].parse().unwrap();
+    nodes[stopped].stop();
+    for n in 6..=10 {
+        write(n).await;
+        tokio::time::sleep(Duration::from_millis(500)).await; // the writers' pace, not a wait
+    }
+    nodes[stopped].restart().await;
+    for n in 11..=15 {
+        write(n).await;
+    }
+    eventually("all 1,500 settled", WAIT, || async {
+        Postgres::count_status(&outbox, "delivered").await
+            + Postgres::count_status(&outbox, "dead").await
+            == 1500
+    })
+    .await;
+    relay.stop().await;
+    assert_eq!(
+        Postgres::count_status(&outbox, "dead").await,
+        0,
+        "healthy events died while a cluster node restarted"
+    );
+    // 1,500 distinct events, each stored once (republished attempts are deduplicated by
+    // `Nats-Msg-Id`). The cluster may still be settling after the restart: ask until it answers.
+    let stored = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    eventually("the stream reports its messages", WAIT, || {
+        let (js, stream, stored) = (js.clone(), stream.clone(), stored.clone());
+        async move {
+            let Ok(mut info) = js.get_stream(&stream).await else {
+                return false;
+            };
+            match info.info().await {
+                Ok(info) => {
+                    stored.store(info.state.messages, Ordering::SeqCst);
+                    true
+                }
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    assert_eq!(stored.load(Ordering::SeqCst), 1500);
     Postgres::drop_tables(&outbox).await;
 }
