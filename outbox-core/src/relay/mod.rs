@@ -29,9 +29,9 @@ use uuid::Uuid;
 /// destination gets every run of the batch at once and delivers each run in `seq` order,
 /// pipelined: one aggregate with a deep backlog moves at the broker's speed.
 ///
-/// Every event has its own fate. The first failure stops its run: the events before it are
-/// delivered, it is retried with backoff (or dead), and the events after it wait; other
-/// aggregates are not affected. A panic in the destination, a reason with a NUL byte or an absurd
+/// Every event has its own fate, settled in `seq` order: an event to retry (or one that parks
+/// its aggregate, see [`DeadLetters`]) stops its run, and the events after it wait; a dead event
+/// is skipped by default; other aggregates are not affected. A panic in the destination, a reason with a NUL byte or an absurd
 /// retry delay affect that run only.
 ///
 /// Several relays (tasks or processes) can share one table. An aggregate is leased to one relay
@@ -468,13 +468,7 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
         let batch: Vec<Envelope> = runs
             .iter()
             .zip(&sendable)
-            .flat_map(|(run, &n)| {
-                run.events[..n].iter().enumerate().map(|(i, e)| {
-                    let mut envelope = e.envelope.clone();
-                    envelope.attempt = settle::attempt_of(run, i);
-                    envelope
-                })
-            })
+            .flat_map(|(run, &n)| settle::envelopes(run, n))
             .collect();
         let unknown = || -> Vec<Outcome> {
             runs.iter()
@@ -569,15 +563,7 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
                 outcomes.push(Outcome::Delivered(Vec::new()));
                 continue;
             }
-            let batch: Vec<Envelope> = run.events[..n]
-                .iter()
-                .enumerate()
-                .map(|(i, e)| {
-                    let mut envelope = e.envelope.clone();
-                    envelope.attempt = settle::attempt_of(run, i);
-                    envelope
-                })
-                .collect();
+            let batch: Vec<Envelope> = settle::envelopes(run, n).collect();
             outcomes.push(
                 match tokio::time::timeout(budget, self.deliver_contained(&batch, budget)).await {
                     Ok(Some(results)) if results.len() == n => Outcome::Delivered(results),

@@ -76,6 +76,15 @@ pub(crate) fn sendable(
         .map_or(due, |i| i + 1)
 }
 
+/// The first `n` events of `run` as the destination gets them, each with its attempt number.
+pub(crate) fn envelopes(run: &Run, n: usize) -> impl Iterator<Item = Envelope> + '_ {
+    run.events[..n].iter().enumerate().map(|(i, e)| {
+        let mut envelope = e.envelope.clone();
+        envelope.attempt = attempt_of(run, i);
+        envelope
+    })
+}
+
 pub(crate) fn gave_up(run: &Run, policy: &RetryPolicy) -> bool {
     !run.events.is_empty() && run.attempts > policy.max_attempts
 }
@@ -94,7 +103,6 @@ pub(crate) fn settle(
     let mut s = Settlement {
         aggregate_type: run.aggregate_type.clone(),
         aggregate_id: run.aggregate_id.clone(),
-        from_seq: run.done_seq,
         version: run.version,
         done_seq: run.done_seq,
         attempts: 0,

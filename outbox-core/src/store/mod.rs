@@ -235,8 +235,6 @@ pub struct RunEvent {
 pub struct Settlement {
     pub aggregate_type: String,
     pub aggregate_id: String,
-    /// `done_seq` when leased.
-    pub from_seq: i64,
     /// The cursor's version when leased: if a `requeue` or `discard` changed the cursor since,
     /// it keeps their position and park state, and only a new park is added.
     pub version: i64,

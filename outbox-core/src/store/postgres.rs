@@ -186,9 +186,9 @@ ORDER BY l.aggregate_type, l.aggregate_id, o.seq"#
             settle: format!(
                 r#"WITH f AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int4[], $6::int8[],
-                         $7::timestamptz[], $15::int8[], $16::int8[], $17::int8[])
-        AS f(aggregate_type, aggregate_id, from_seq, done_seq, attempts, delay_ms, not_before,
-             park_at, new_park, version)
+                         $7::timestamptz[], $15::int8[], $16::int8[])
+        AS f(aggregate_type, aggregate_id, version, done_seq, attempts, delay_ms, not_before,
+             park_at, new_park)
 ), bookkeeping AS (
     SELECT set_config('synchronous_commit', 'off', true)
 ), held AS (
@@ -573,7 +573,7 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
         settlements: &'a [Settlement],
     ) -> Result<()> {
         let n = settlements.len();
-        let (mut types, mut ids, mut from, mut done) = (
+        let (mut types, mut ids, mut versions, mut done) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -585,7 +585,7 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
-        let (mut new_park, mut versions) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut new_park = Vec::with_capacity(n);
         let mut event_ids = Vec::new();
         let mut event_types = Vec::new();
         let mut event_aggregates = Vec::new();
@@ -595,14 +595,13 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
         for s in settlements {
             types.push(s.aggregate_type.as_str());
             ids.push(s.aggregate_id.as_str());
-            from.push(s.from_seq);
+            versions.push(s.version);
             done.push(s.done_seq);
             attempts.push(clamp_i32(s.attempts));
             delays.push(duration_ms(s.delay));
             not_before.push(s.not_before);
             park.push(s.park_at);
             new_park.push(s.new_park);
-            versions.push(s.version);
             for e in &s.events {
                 event_ids.push(e.id);
                 event_types.push(s.aggregate_type.as_str());
@@ -615,7 +614,7 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
         sqlx::query(&statements.settle)
             .bind(types)
             .bind(ids)
-            .bind(from)
+            .bind(versions)
             .bind(done)
             .bind(attempts)
             .bind(delays)
@@ -629,7 +628,6 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
             .bind(reasons)
             .bind(park)
             .bind(new_park)
-            .bind(versions)
             .execute(pool)
             .await?;
         Ok(())

@@ -88,12 +88,12 @@ ORDER BY seq LIMIT ?6"#
             // requeue moved back keeps that position and is due at once.
             settle_cursor: format!(
                 r#"UPDATE "{t}_cursors" SET
-    done_seq = CASE WHEN version = ?12 THEN ?4 ELSE done_seq END,
-    attempts = CASE WHEN version = ?12 THEN ?5 ELSE 0 END,
-    due_at = CASE WHEN version <> ?12 THEN ?6
+    done_seq = CASE WHEN version = ?3 THEN ?4 ELSE done_seq END,
+    attempts = CASE WHEN version = ?3 THEN ?5 ELSE 0 END,
+    due_at = CASE WHEN version <> ?3 THEN ?6
                   WHEN ?4 >= ?10 - 1 THEN 9223372036854775807
                   ELSE max(?6 + ?7, coalesce(?8, 0)) END,
-    parked_seq = CASE WHEN version = ?12 THEN ?10 ELSE coalesce(?11, parked_seq) END,
+    parked_seq = CASE WHEN version = ?3 THEN ?10 ELSE coalesce(?11, parked_seq) END,
     leased_by = NULL
 WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND leased_by = ?9"#
             ),
@@ -408,7 +408,7 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
             let held = sqlx::query(&statements.settle_cursor)
                 .bind(&s.aggregate_type)
                 .bind(&s.aggregate_id)
-                .bind(s.from_seq)
+                .bind(s.version)
                 .bind(s.done_seq)
                 .bind(clamp_i32(s.attempts))
                 .bind(now)
@@ -417,7 +417,6 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
                 .bind(&token)
                 .bind(s.park_at)
                 .bind(s.new_park)
-                .bind(s.version)
                 .execute(&mut *tx)
                 .await?;
             if held.rows_affected() == 0 {
