@@ -2,7 +2,7 @@
 
 use crate::error::Result;
 use crate::handler::HandlerContext;
-use crate::store::Backend;
+use crate::store::{Backend, InboxStore};
 use crate::table::TableName;
 use sqlx::{Pool, Transaction};
 use std::fmt;
@@ -45,8 +45,7 @@ struct InboxInner<DB: Backend> {
     pool: Pool<DB>,
     table: TableName,
     consumer: String,
-    create: String,
-    insert: String,
+    store: DB::Inbox,
 }
 
 impl<DB: Backend> Clone for Inbox<DB> {
@@ -71,21 +70,19 @@ impl<DB: Backend> Inbox<DB> {
     /// table name). Several consumers can share one table.
     pub fn new(pool: Pool<DB>, table: &str, consumer: impl Into<String>) -> Result<Self> {
         let table = TableName::new(table)?;
-        let (create, insert) = DB::backend_inbox_sql(&table);
         Ok(Self {
             inner: Arc::new(InboxInner {
+                store: DB::open_inbox(pool.clone(), table.clone()),
                 pool,
                 table,
                 consumer: consumer.into(),
-                create,
-                insert,
             }),
         })
     }
 
     /// Creates the table if it does not exist.
     pub async fn migrate(&self) -> Result<()> {
-        DB::backend_execute(&self.inner.pool, &self.inner.create).await
+        self.inner.store.migrate().await
     }
 
     /// The pool.
@@ -102,13 +99,11 @@ impl<DB: Backend> Inbox<DB> {
     /// Like [`begin`](Self::begin), for a message id of your own.
     pub async fn begin_for(&self, message_id: Uuid) -> Result<Option<Transaction<'static, DB>>> {
         let mut tx = self.inner.pool.begin().await?;
-        let first_time = DB::backend_inbox_insert(
-            &mut *tx,
-            &self.inner.insert,
-            &self.inner.consumer,
-            message_id,
-        )
-        .await?;
+        let first_time = self
+            .inner
+            .store
+            .record(&mut tx, &self.inner.consumer, message_id)
+            .await?;
         if first_time {
             Ok(Some(tx))
         } else {

@@ -31,7 +31,17 @@ pub use relay::{DeadLetters, Relay, RelayBuilder, MAX_RESTARTS};
 pub use retention::Retention;
 pub use retry::RetryPolicy;
 pub use router::{Router, RouterBuilder};
-pub use store::{Backend, EventRecord, EventStatus, Inconsistency, Outbox, OutboxBuilder};
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use store::postgres::{PgInbox, PgStore};
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub use store::sqlite::{SqliteInbox, SqliteStore};
+pub use store::{
+    Backend, Check, Claim, Discard, EventRecord, EventStatus, ExplainClaim, Fate, FullStore,
+    InboxStore, Inconsistency, Lookup, MarkConsumed, Outbox, OutboxBuilder, Requeue, Run, RunEvent,
+    Settlement, Store, StoreOptions,
+};
 pub use table::{TableName, MAX_TABLE_NAME_LEN};
 
 pub use tokio_util::sync::CancellationToken;

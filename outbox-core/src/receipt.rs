@@ -3,7 +3,7 @@
 
 use crate::event::OutboxEvent;
 use crate::handler::{HandlerContext, HandlerError, RegistryBuilder};
-use crate::store::{Backend, Outbox};
+use crate::store::{Backend, MarkConsumed, Outbox};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -48,7 +48,10 @@ impl OutboxEvent for Receipt {
 
 impl RegistryBuilder {
     /// Registers the handler of [`Receipt`]s: each marks its event consumed in `outbox`.
-    pub fn record_receipts<DB: Backend>(self, outbox: Outbox<DB>) -> crate::Result<Self> {
+    pub fn record_receipts<DB: Backend>(self, outbox: Outbox<DB>) -> crate::Result<Self>
+    where
+        DB::Store: MarkConsumed,
+    {
         self.handler::<Receipt, _, _>(
             "outbox::record_receipts",
             move |receipt: Receipt, _ctx: HandlerContext| {

@@ -149,7 +149,7 @@ where
 }
 
 /// A database the scenarios can run on.
-pub trait TestDb: Backend + Sized {
+pub trait TestDb: Backend<Store: outbox::FullStore> + Sized {
     /// A fresh, migrated outbox in its own table.
     fn fresh() -> impl Future<Output = Outbox<Self>> + Send;
 

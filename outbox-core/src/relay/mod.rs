@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::event::Envelope;
 use crate::retention::Retention;
 use crate::retry::RetryPolicy;
-use crate::store::{Backend, Claim, Outbox, Run, Settlement};
+use crate::store::{Backend, Claim, Outbox, Run, Settlement, Store};
 use futures_util::FutureExt;
 use settle::{Failed, Outcome};
 use std::collections::HashMap;
@@ -290,13 +290,11 @@ impl<DB: Backend, D: Destination> Relay<DB, D> {
                 .collect();
             let mut background_tasks = JoinSet::new();
             background_tasks.spawn(
-                DB::backend_listen(
-                    self.shared.outbox.pool().clone(),
-                    self.shared.outbox.table().clone(),
-                    wake_tx,
-                    stop.clone(),
-                )
-                .in_current_span(),
+                self.shared
+                    .outbox
+                    .store()
+                    .listen(wake_tx, stop.clone())
+                    .in_current_span(),
             );
             if let Some((retention, every)) = self.shared.config.retention.clone() {
                 let outbox = self.shared.outbox.clone();
@@ -375,9 +373,6 @@ pub const MAX_RESTARTS: usize = 5;
 /// The first wait after a claim found nothing; it doubles up to the poll interval.
 const FIRST_IDLE_WAIT: Duration = Duration::from_millis(10);
 
-/// Announcements absorbed per statement.
-const ABSORB_LIMIT: usize = 5000;
-
 impl<DB: Backend, D: Destination> Shared<DB, D> {
     async fn work(
         &self,
@@ -393,24 +388,22 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
             // The lease runs from before the claim is sent: the local deadline can only be
             // earlier than the database's.
             let leased_at = Instant::now();
-            let claimed = async {
-                while self.outbox.absorb(ABSORB_LIMIT).await? == ABSORB_LIMIT as u64 {}
-                self.outbox
-                    .claim(&Claim {
-                        token,
-                        aggregates: self.config.batch_size,
-                        run_length: self.config.run_length,
-                        max_events: self.config.max_batch_events,
-                        lease: self.config.lease,
-                    })
-                    .await
-            }
-            .instrument(tracing::debug_span!(
-                "outbox.claim",
-                %token,
-                limit = self.config.batch_size
-            ))
-            .await;
+            let claimed = self
+                .outbox
+                .store()
+                .claim(&Claim {
+                    token,
+                    aggregates: self.config.batch_size,
+                    run_length: self.config.run_length,
+                    max_events: self.config.max_batch_events,
+                    lease: self.config.lease,
+                })
+                .instrument(tracing::debug_span!(
+                    "outbox.claim",
+                    %token,
+                    limit = self.config.batch_size
+                ))
+                .await;
             let runs = match claimed {
                 Ok(runs) => {
                     failures = 0;
@@ -594,7 +587,7 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
             })
             .collect();
         for attempt in 1..=3u32 {
-            match self.outbox.settle(token, &settlements).await {
+            match self.outbox.store().settle(token, &settlements).await {
                 Ok(()) => return,
                 Err(error) if attempt < 3 => {
                     tracing::debug!(%error, attempt, "settling the batch failed; retrying");
@@ -603,8 +596,11 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
                 Err(error) if settlements.len() > 1 => {
                     tracing::warn!(%error, "settling the batch failed; settling run by run");
                     for one in &settlements {
-                        if let Err(error) =
-                            self.outbox.settle(token, std::slice::from_ref(one)).await
+                        if let Err(error) = self
+                            .outbox
+                            .store()
+                            .settle(token, std::slice::from_ref(one))
+                            .await
                         {
                             tracing::error!(
                                 %error,

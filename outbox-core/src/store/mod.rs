@@ -1,9 +1,11 @@
 //! The outbox table: schema, enqueue, and the statements the relay runs.
 
 #[cfg(feature = "postgres")]
-mod postgres;
+pub(crate) mod postgres;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod sql;
 #[cfg(feature = "sqlite")]
-mod sqlite;
+pub(crate) mod sqlite;
 
 use crate::error::Result;
 use crate::event::{EnqueueOptions, Envelope, Message, OutboxEvent};
@@ -20,154 +22,188 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-mod sealed {
-    pub trait Sealed {}
-}
-
 /// A database the outbox can live in: PostgreSQL (`postgres` feature) or SQLite (`sqlite`).
 ///
-/// Sealed: the methods are the outbox's own statements, not an extension point. They are
-/// hidden and prefixed `backend_` so that your own traits on these database types (a `Store`
-/// with `insert` and `get`, say) never collide with them.
-pub trait Backend: sqlx::Database + sealed::Sealed {
-    #[doc(hidden)]
-    type Statements: Send + Sync + fmt::Debug + 'static;
+/// It names the [`Store`] that holds an outbox in this database and the [`InboxStore`] that
+/// holds a consumer's inbox. A new database is one module implementing those two traits and
+/// this one (the stores of this crate are the models: `store/postgres.rs`, `store/sqlite.rs`).
+/// Rust's coherence rules want `Backend` implemented in this crate for sqlx's database types,
+/// so new stores live here, behind a cargo feature, with their tests.
+pub trait Backend: sqlx::Database {
+    /// Where an outbox in this database lives.
+    type Store: Store<Connection = Self::Connection>;
+    /// Where a consumer's inbox in this database lives.
+    type Inbox: InboxStore<Connection = Self::Connection>;
 
-    #[doc(hidden)]
-    fn backend_statements(table: &TableName, notify: bool) -> Self::Statements;
+    /// The store for the outbox in `table`, reached through `pool`.
+    fn open_store(pool: Pool<Self>, table: TableName, options: StoreOptions) -> Self::Store;
 
-    #[doc(hidden)]
-    fn backend_migration_sql(table: &TableName) -> Vec<(i64, &'static str, String)>;
+    /// The store for the inbox in `table`.
+    fn open_inbox(pool: Pool<Self>, table: TableName) -> Self::Inbox;
+}
 
-    #[doc(hidden)]
-    fn backend_migrate(
-        pool: &Pool<Self>,
-        table: &TableName,
-    ) -> impl Future<Output = Result<()>> + Send;
+/// What an [`OutboxBuilder`] passes to [`Backend::open_store`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct StoreOptions {
+    /// Wake relays at each enqueueing commit (PostgreSQL's `NOTIFY`); see
+    /// [`OutboxBuilder::notify`].
+    pub notify: bool,
+}
 
-    #[doc(hidden)]
-    fn backend_insert<'a>(
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { notify: true }
+    }
+}
+
+/// The statements an outbox needs from its database: writing events in the caller's
+/// transaction, and the relay's claim, settlement and retention.
+///
+/// The contract, which the tests in `tests/src/scenarios.rs` check for every store:
+/// - [`insert`](Self::insert) gives the events of one aggregate consecutive sequence numbers
+///   in commit order (a rolled-back transaction leaves no gap), inside the caller's
+///   transaction, and never waits on a relay's statement;
+/// - [`claim`](Self::claim) leases due aggregates under the claim's token (two relays never
+///   hold one aggregate) and reads each one's [`Run`]; no claim waits on an application's
+///   open transaction;
+/// - [`settle`](Self::settle) applies each [`Settlement`] only where the token still holds the
+///   lease, and keeps what an operator did since the claim (the cursor's version).
+///
+/// Operator actions are extra abilities, one trait each ([`Lookup`], [`Requeue`], [`Discard`],
+/// [`Check`], [`MarkConsumed`], [`ExplainClaim`]): [`Outbox`] offers each method where its
+/// store has the ability.
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// What the application's transaction dereferences to (`&mut *tx`).
+    type Connection: Send;
+
+    /// Creates or upgrades the tables; idempotent, safe from several processes at once.
+    fn migrate(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// The schema, as `(version, description, SQL)` steps.
+    fn migration_sql(&self) -> Vec<(i64, &'static str, String)>;
+
+    /// Writes `messages` on the caller's connection, inside its transaction.
+    fn insert<'a>(
+        &'a self,
         conn: &'a mut Self::Connection,
-        statements: &'a Self::Statements,
         messages: &'a [Message],
     ) -> impl Future<Output = Result<()>> + Send + 'a;
 
-    /// Moves what writers announced (PostgreSQL: the `<table>_new` rows their transactions
-    /// committed) into the relay's cursors; returns how many announcements were taken.
-    #[doc(hidden)]
-    fn backend_absorb<'a>(
-        pool: &'a Pool<Self>,
-        statements: &'a Self::Statements,
-        limit: usize,
-    ) -> impl Future<Output = Result<u64>> + Send + 'a;
+    /// Leases up to `claim.aggregates` due aggregates under `claim.token` for `claim.lease`,
+    /// and reads for each an ordered run (see [`Claim::run_limit`]).
+    fn claim<'a>(&'a self, claim: &'a Claim) -> impl Future<Output = Result<Vec<Run>>> + Send + 'a;
 
-    /// Leases up to `aggregates` due aggregates for `lease` under `token`, and reads for each an
-    /// ordered run of up to `run_length` pending events.
-    #[doc(hidden)]
-    fn backend_claim<'a>(
-        pool: &'a Pool<Self>,
-        statements: &'a Self::Statements,
-        claim: &'a Claim,
-    ) -> impl Future<Output = Result<Vec<Run>>> + Send + 'a;
-
-    /// Writes the fate of the runs leased under `token`, in one transaction. Aggregates whose
-    /// lease another relay has taken since are left alone.
-    #[doc(hidden)]
-    fn backend_settle<'a>(
-        pool: &'a Pool<Self>,
-        statements: &'a Self::Statements,
+    /// Writes the fate of runs leased under `token`. Aggregates whose lease another relay has
+    /// taken since are left alone.
+    fn settle<'a>(
+        &'a self,
         token: Uuid,
         settlements: &'a [Settlement],
     ) -> impl Future<Output = Result<()>> + Send + 'a;
 
-    /// Aggregates whose bookkeeping disagrees with their rows (see [`Outbox::check`]).
-    #[doc(hidden)]
-    fn backend_check<'a>(
-        pool: &'a Pool<Self>,
-        statements: &'a Self::Statements,
-    ) -> impl Future<Output = Result<Vec<Inconsistency>>> + Send + 'a;
-
-    /// Releases the aggregate parked at dead event `id`: returns whether it was parked there.
-    #[doc(hidden)]
-    fn backend_discard<'a>(
-        pool: &'a Pool<Self>,
-        statements: &'a Self::Statements,
-        id: Uuid,
-    ) -> impl Future<Output = Result<bool>> + Send + 'a;
-
-    #[doc(hidden)]
-    fn backend_purge_batch<'a>(
-        pool: &'a Pool<Self>,
-        statements: &'a Self::Statements,
+    /// Deletes (or archives) up to `retention.batch_size` delivered rows older than its age, in
+    /// one short transaction; returns how many.
+    fn purge_batch<'a>(
+        &'a self,
         retention: &'a Retention,
     ) -> impl Future<Output = Result<u64>> + Send + 'a;
 
-    #[doc(hidden)]
-    fn backend_get<'a>(
-        pool: &'a Pool<Self>,
-        statements: &'a Self::Statements,
-        id: Uuid,
-    ) -> impl Future<Output = Result<Option<EventRecord>>> + Send + 'a;
+    /// Bumps `wake` whenever an enqueueing transaction commits, until `cancel`. The default
+    /// returns at once: the relay then polls.
+    fn listen(
+        &self,
+        wake: watch::Sender<u64>,
+        cancel: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let _ = (wake, cancel);
+        std::future::ready(())
+    }
+}
 
-    #[doc(hidden)]
-    fn backend_mark_consumed<'a>(
-        pool: &'a Pool<Self>,
-        statements: &'a Self::Statements,
+/// Reads one event row ([`Outbox::get`]).
+pub trait Lookup: Store {
+    /// The row of event `id`, if any.
+    fn get(&self, id: Uuid) -> impl Future<Output = Result<Option<EventRecord>>> + Send + '_;
+}
+
+/// Puts a dead event back to pending ([`Outbox::requeue`]).
+pub trait Requeue: Store {
+    /// Whether `id` was dead. Race-free under concurrent calls for events of one aggregate.
+    fn requeue(&self, id: Uuid) -> impl Future<Output = Result<bool>> + Send + '_;
+}
+
+/// Releases an aggregate parked at a dead event ([`Outbox::discard`]).
+pub trait Discard: Store {
+    /// Whether the aggregate of dead event `id` was parked at it.
+    fn discard(&self, id: Uuid) -> impl Future<Output = Result<bool>> + Send + '_;
+}
+
+/// Finds aggregates whose relay bookkeeping disagrees with their rows ([`Outbox::check`]).
+pub trait Check: Store {
+    /// Every aggregate with a pending event no relay would ever claim.
+    fn check(&self) -> impl Future<Output = Result<Vec<Inconsistency>>> + Send + '_;
+}
+
+/// Records consumers' receipts ([`Outbox::mark_consumed`]).
+pub trait MarkConsumed: Store {
+    /// Sets `consumed_at` where it is not set yet; returns how many rows changed.
+    fn mark_consumed<'a>(
+        &'a self,
         ids: &'a [Uuid],
     ) -> impl Future<Output = Result<u64>> + Send + 'a;
+}
 
-    #[doc(hidden)]
-    fn backend_explain_claim<'a>(
-        pool: &'a Pool<Self>,
-        statements: &'a Self::Statements,
-        limit: usize,
-    ) -> impl Future<Output = Result<String>> + Send + 'a;
+/// Shows the plan of the claim statement ([`Outbox::explain_claim`]).
+pub trait ExplainClaim: Store {
+    /// The database's plan for a claim of `aggregates` aggregates.
+    fn explain_claim(&self, aggregates: usize) -> impl Future<Output = Result<String>> + Send + '_;
+}
 
-    #[doc(hidden)]
-    fn backend_requeue<'a>(
-        pool: &'a Pool<Self>,
-        statements: &'a Self::Statements,
-        id: Uuid,
-    ) -> impl Future<Output = Result<bool>> + Send + 'a;
+/// A store with every ability: what code generic over the database asks for, as in
+/// `fn admin<DB: Backend<Store: FullStore>>(outbox: &Outbox<DB>)`. Both stores of this crate
+/// have it.
+pub trait FullStore:
+    Store + Lookup + Requeue + Discard + Check + MarkConsumed + ExplainClaim
+{
+}
 
-    /// Runs SQL without parameters (DDL).
-    #[doc(hidden)]
-    fn backend_execute<'a>(
-        pool: &'a Pool<Self>,
-        sql: &'a str,
-    ) -> impl Future<Output = Result<()>> + Send + 'a;
+impl<S> FullStore for S where
+    S: Store + Lookup + Requeue + Discard + Check + MarkConsumed + ExplainClaim
+{
+}
 
-    #[doc(hidden)]
-    fn backend_inbox_sql(table: &TableName) -> (String, String);
+/// Where a consumer's [`Inbox`](crate::Inbox) lives.
+pub trait InboxStore: Send + Sync + fmt::Debug + 'static {
+    /// What the handler's transaction dereferences to.
+    type Connection: Send;
 
-    #[doc(hidden)]
-    fn backend_inbox_insert<'a>(
+    /// Creates the table if it does not exist.
+    fn migrate(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Records `message_id` for `consumer` in the transaction on `conn`; returns whether this
+    /// is the first time.
+    fn record<'a>(
+        &'a self,
         conn: &'a mut Self::Connection,
-        insert: &'a str,
         consumer: &'a str,
         message_id: Uuid,
     ) -> impl Future<Output = Result<bool>> + Send + 'a;
-
-    /// Bumps `wake` whenever an enqueueing transaction commits, until `cancel`. Backends without
-    /// notifications return at once and the relay polls.
-    #[doc(hidden)]
-    fn backend_listen(
-        pool: Pool<Self>,
-        table: TableName,
-        wake: watch::Sender<u64>,
-        cancel: CancellationToken,
-    ) -> impl Future<Output = ()> + Send + 'static;
 }
 
 /// What a claim asks for.
-#[doc(hidden)]
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Claim {
+    /// The lease token: settlements carry it, and only the holder's settle.
     pub token: Uuid,
+    /// How many aggregates to lease at most.
     pub aggregates: usize,
+    /// How many events a run holds at most.
     pub run_length: usize,
     /// Runs are shortened evenly so that the batch holds at most this many events.
     pub max_events: usize,
+    /// How long the lease lasts (from the claim's start, by the database's clock).
     pub lease: Duration,
 }
 
@@ -185,10 +221,11 @@ impl Claim {
 }
 
 /// One leased aggregate and the pending events the relay may deliver now, in `seq` order.
-#[doc(hidden)]
 #[derive(Debug, Clone)]
 pub struct Run {
+    /// The aggregate type.
     pub aggregate_type: String,
+    /// The aggregate id.
     pub aggregate_id: String,
     /// Every event up to this sequence was settled when the aggregate was leased.
     pub done_seq: i64,
@@ -205,6 +242,7 @@ pub struct Run {
     /// Whether the run holds every pending event up to [`limit_seq`](Self::limit_seq) (no
     /// limit cut it short).
     pub complete: bool,
+    /// The pending events after `done_seq`, in `seq` order, at most the claim's run limit.
     pub events: Vec<RunEvent>,
 }
 
@@ -217,9 +255,9 @@ impl Run {
 }
 
 /// An event of a [`Run`].
-#[doc(hidden)]
 #[derive(Debug, Clone)]
 pub struct RunEvent {
+    /// The event, as the destination gets it.
     pub envelope: Envelope,
     /// Due now (its `available_at` has passed, by the database's clock).
     pub due: bool,
@@ -230,10 +268,12 @@ pub struct RunEvent {
 }
 
 /// What becomes of one leased aggregate and the events of its run.
-#[doc(hidden)]
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Settlement {
+    /// The aggregate type.
     pub aggregate_type: String,
+    /// The aggregate id.
     pub aggregate_id: String,
     /// The cursor's version when leased: if a `requeue` or `discard` changed the cursor since,
     /// it keeps their position and park state, and only a new park is added.
@@ -251,15 +291,19 @@ pub struct Settlement {
     pub park_at: Option<i64>,
     /// The event this settlement parks the aggregate at, if it died in this run.
     pub new_park: Option<i64>,
+    /// The new state of each event of the run that was settled.
     pub events: Vec<Fate>,
 }
 
 /// The new state of one event row.
-#[doc(hidden)]
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Fate {
+    /// The event id.
     pub id: Uuid,
+    /// Delivered, dead, or still pending (to be retried).
     pub status: EventStatus,
+    /// Attempts made so far.
     pub attempts: u32,
     /// Already cleaned (see `relay::settle::clean_reason`).
     pub reason: Option<String>,
@@ -362,7 +406,7 @@ pub struct Outbox<DB: Backend> {
 struct Inner<DB: Backend> {
     pool: Pool<DB>,
     table: TableName,
-    statements: DB::Statements,
+    store: DB::Store,
 }
 
 impl<DB: Backend> Clone for Outbox<DB> {
@@ -409,12 +453,18 @@ impl<DB: Backend> OutboxBuilder<DB> {
     /// Validates the configuration.
     pub fn build(self) -> Result<Outbox<DB>> {
         let table = TableName::new(self.table)?;
-        let statements = DB::backend_statements(&table, self.notify);
+        let store = DB::open_store(
+            self.pool.clone(),
+            table.clone(),
+            StoreOptions {
+                notify: self.notify,
+            },
+        );
         Ok(Outbox {
             inner: Arc::new(Inner {
                 pool: self.pool,
                 table,
-                statements,
+                store,
             }),
         })
     }
@@ -454,14 +504,15 @@ impl<DB: Backend> Outbox<DB> {
     /// never collides with your application's migrations. To run the SQL from your own migration
     /// tool instead, take it from [`migration_sql`](Self::migration_sql).
     pub async fn migrate(&self) -> Result<()> {
-        DB::backend_migrate(&self.inner.pool, &self.inner.table)
+        self.store()
+            .migrate()
             .instrument(tracing::info_span!("outbox.migrate", table = %self.inner.table))
             .await
     }
 
     /// The schema, as `(version, description, SQL)` steps.
     pub fn migration_sql(&self) -> Vec<(i64, &'static str, String)> {
-        DB::backend_migration_sql(&self.inner.table)
+        self.store().migration_sql()
     }
 
     /// Writes `event` to the outbox inside the caller's transaction (`&mut *tx`).
@@ -535,43 +586,12 @@ impl<DB: Backend> Outbox<DB> {
             ),
             many => tracing::debug_span!("outbox.enqueue", count = many.len()),
         };
-        DB::backend_insert(conn, &self.inner.statements, messages)
-            .instrument(span)
-            .await
+        self.store().insert(conn, messages).instrument(span).await
     }
 
-    /// One row, by id.
-    pub async fn get(&self, id: Uuid) -> Result<Option<EventRecord>> {
-        DB::backend_get(&self.inner.pool, &self.inner.statements, id).await
-    }
-
-    /// The query plan of the relay's claim statement (`EXPLAIN`), to check that it stays an
-    /// index scan on your data. See the "Indexes" section of the README.
-    pub async fn explain_claim(&self, batch_size: usize) -> Result<String> {
-        DB::backend_explain_claim(&self.inner.pool, &self.inner.statements, batch_size).await
-    }
-
-    /// Records that consumers have consumed these events (`consumed_at`, first report wins);
-    /// returns how many rows changed. [`RegistryBuilder::record_receipts`](crate::RegistryBuilder::record_receipts)
-    /// calls it for every [`Receipt`](crate::Receipt) it receives.
-    pub async fn mark_consumed(&self, ids: &[Uuid]) -> Result<u64> {
-        DB::backend_mark_consumed(&self.inner.pool, &self.inner.statements, ids).await
-    }
-
-    /// Puts a dead event back to pending with its attempts reset; returns whether it was dead.
-    ///
-    /// The relay delivers it next among its aggregate's pending events (in `seq` order); later
-    /// events that were delivered meanwhile are not delivered again. Safe to call concurrently,
-    /// from several processes, for events of one aggregate.
-    pub async fn requeue(&self, id: Uuid) -> Result<bool> {
-        DB::backend_requeue(&self.inner.pool, &self.inner.statements, id).await
-    }
-
-    /// Leaves a dead event dead and releases its aggregate, if the relay parked the aggregate at
-    /// it ([`DeadLetters::Park`](crate::DeadLetters::Park)): the aggregate's later events are
-    /// delivered next. Returns whether the aggregate was parked at this event.
-    pub async fn discard(&self, id: Uuid) -> Result<bool> {
-        DB::backend_discard(&self.inner.pool, &self.inner.statements, id).await
+    /// The store: the statements behind this outbox.
+    pub fn store(&self) -> &DB::Store {
+        &self.inner.store
     }
 
     /// Applies `retention` now: deletes (or archives) delivered rows older than its age, in
@@ -581,9 +601,7 @@ impl<DB: Backend> Outbox<DB> {
         async {
             let mut total = 0;
             loop {
-                let n =
-                    DB::backend_purge_batch(&self.inner.pool, &self.inner.statements, retention)
-                        .await?;
+                let n = self.store().purge_batch(retention).await?;
                 total += n;
                 if n < retention.batch_size as u64 {
                     return Ok(total);
@@ -593,30 +611,76 @@ impl<DB: Backend> Outbox<DB> {
         .instrument(span)
         .await
     }
+}
 
+impl<DB: Backend> Outbox<DB>
+where
+    DB::Store: Lookup,
+{
+    /// One row, by id.
+    pub async fn get(&self, id: Uuid) -> Result<Option<EventRecord>> {
+        self.store().get(id).await
+    }
+}
+
+impl<DB: Backend> Outbox<DB>
+where
+    DB::Store: ExplainClaim,
+{
+    /// The query plan of the relay's claim statement (`EXPLAIN`), to check that it stays an
+    /// index scan on your data. See the "Indexes" section of the README.
+    pub async fn explain_claim(&self, batch_size: usize) -> Result<String> {
+        self.store().explain_claim(batch_size).await
+    }
+}
+
+impl<DB: Backend> Outbox<DB>
+where
+    DB::Store: MarkConsumed,
+{
+    /// Records that consumers have consumed these events (`consumed_at`, first report wins);
+    /// returns how many rows changed. [`RegistryBuilder::record_receipts`](crate::RegistryBuilder::record_receipts)
+    /// calls it for every [`Receipt`](crate::Receipt) it receives.
+    pub async fn mark_consumed(&self, ids: &[Uuid]) -> Result<u64> {
+        self.store().mark_consumed(ids).await
+    }
+}
+
+impl<DB: Backend> Outbox<DB>
+where
+    DB::Store: Requeue,
+{
+    /// Puts a dead event back to pending with its attempts reset; returns whether it was dead.
+    ///
+    /// The relay delivers it next among its aggregate's pending events (in `seq` order); later
+    /// events that were delivered meanwhile are not delivered again. Safe to call concurrently,
+    /// from several processes, for events of one aggregate.
+    pub async fn requeue(&self, id: Uuid) -> Result<bool> {
+        self.store().requeue(id).await
+    }
+}
+
+impl<DB: Backend> Outbox<DB>
+where
+    DB::Store: Discard,
+{
+    /// Leaves a dead event dead and releases its aggregate, if the relay parked the aggregate at
+    /// it ([`DeadLetters::Park`](crate::DeadLetters::Park)): the aggregate's later events are
+    /// delivered next. Returns whether the aggregate was parked at this event.
+    pub async fn discard(&self, id: Uuid) -> Result<bool> {
+        self.store().discard(id).await
+    }
+}
+
+impl<DB: Backend> Outbox<DB>
+where
+    DB::Store: Check,
+{
     /// Checks the relay's bookkeeping against the event rows: returns every aggregate with a
     /// pending event that no relay would ever claim. Empty on a healthy outbox; cheap enough to
     /// run from a periodic health check on tables of a few million rows.
     pub async fn check(&self) -> Result<Vec<Inconsistency>> {
-        DB::backend_check(&self.inner.pool, &self.inner.statements).await
-    }
-
-    pub(crate) fn statements(&self) -> &DB::Statements {
-        &self.inner.statements
-    }
-}
-
-impl<DB: Backend> Outbox<DB> {
-    pub(crate) async fn absorb(&self, limit: usize) -> Result<u64> {
-        DB::backend_absorb(&self.inner.pool, self.statements(), limit).await
-    }
-
-    pub(crate) async fn claim(&self, claim: &Claim) -> Result<Vec<Run>> {
-        DB::backend_claim(&self.inner.pool, self.statements(), claim).await
-    }
-
-    pub(crate) async fn settle(&self, token: Uuid, settlements: &[Settlement]) -> Result<()> {
-        DB::backend_settle(&self.inner.pool, self.statements(), token, settlements).await
+        self.store().check().await
     }
 }
 
@@ -634,14 +698,4 @@ fn clamp_u32(n: i64) -> u32 {
 
 fn clamp_i32(n: u32) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
-}
-
-fn stranded_problem(stranded: i64, first: i64, done: Option<i64>, known: Option<i64>) -> String {
-    match (done, known) {
-        (Some(done), Some(known)) => format!(
-            "{stranded} pending event(s) from seq {first} outside what its cursor will deliver \
-             (settled up to {done}, known up to {known})"
-        ),
-        _ => format!("{stranded} pending event(s) from seq {first} and no cursor"),
-    }
 }

@@ -1,8 +1,10 @@
+use super::sql::{self, duration_ms};
 use super::{
-    clamp_i32, clamp_u32, parse_headers, stranded_problem, Backend, Claim, EventRecord,
-    EventStatus, Inconsistency, Run, RunEvent, Settlement,
+    clamp_i32, clamp_u32, parse_headers, Backend, Check, Claim, Discard, EventRecord, ExplainClaim,
+    InboxStore, Inconsistency, Lookup, MarkConsumed, Requeue, Run, RunEvent, Settlement, Store,
+    StoreOptions,
 };
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::event::{Deliver, Envelope, Message};
 use crate::retention::Retention;
 use crate::table::TableName;
@@ -14,11 +16,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-impl super::sealed::Sealed for Postgres {}
-
-#[doc(hidden)]
 #[derive(Debug)]
-pub struct PgStatements {
+struct PgStatements {
     insert: String,
     insert_one: String,
     absorb: String,
@@ -49,10 +48,8 @@ fn channel(table: &TableName) -> String {
     table.derived("wake")
 }
 
-impl Backend for Postgres {
-    type Statements = PgStatements;
-
-    fn backend_statements(table: &TableName, notify: bool) -> PgStatements {
+impl PgStatements {
+    fn new(table: &TableName, notify: bool) -> Self {
         let t = table.as_str();
         let notify = if notify {
             format!(
@@ -62,7 +59,7 @@ impl Backend for Postgres {
         } else {
             " SELECT count(*) FROM ins".to_owned()
         };
-        PgStatements {
+        Self {
             // One statement for any batch: allocate consecutive sequence numbers per aggregate
             // from the writers' counter rows (whose row locks serialise writers of one aggregate
             // until commit, so sequence order is commit order and a rollback leaves no gap),
@@ -266,18 +263,15 @@ ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET
             ),
             // A pending event no relay will ever claim: not announced and beyond its cursor's
             // known sequence, or at or below the point its cursor has settled.
-            check: format!(
-                r#"SELECT o.aggregate_type, o.aggregate_id,
-       count(*) AS stranded, min(o.seq) AS first_seq, c.done_seq, c.known_seq
-FROM "{t}" o
-LEFT JOIN "{t}_cursors" c USING (aggregate_type, aggregate_id)
-WHERE o.status = 'pending'
-  AND (c.aggregate_id IS NULL OR o.seq <= c.done_seq OR o.seq > c.known_seq)
+            // ... unless an announcement is on its way.
+            check: sql::check(
+                t,
+                &format!(
+                    r#"
   AND NOT EXISTS (SELECT 1 FROM "{t}_new" n
                   WHERE n.aggregate_type = o.aggregate_type AND n.aggregate_id = o.aggregate_id
-                    AND n.seq >= o.seq)
-GROUP BY o.aggregate_type, o.aggregate_id, c.done_seq, c.known_seq
-ORDER BY o.aggregate_type, o.aggregate_id"#
+                    AND n.seq >= o.seq)"#
+                ),
             ),
             // Only a cursor parked at this dead event. If a requeue moved the cursor back
             // before it, it stays there (the earlier events come first).
@@ -297,9 +291,38 @@ WHERE c.aggregate_type = e.aggregate_type AND c.aggregate_id = e.aggregate_id
             ),
         }
     }
+}
 
-    fn backend_migration_sql(table: &TableName) -> Vec<(i64, &'static str, String)> {
-        let t = table.as_str();
+impl Backend for Postgres {
+    type Store = PgStore;
+    type Inbox = PgInbox;
+
+    fn open_store(pool: PgPool, table: TableName, options: StoreOptions) -> PgStore {
+        PgStore {
+            statements: PgStatements::new(&table, options.notify),
+            pool,
+            table,
+        }
+    }
+
+    fn open_inbox(pool: PgPool, table: TableName) -> PgInbox {
+        PgInbox::new(pool, table)
+    }
+}
+
+/// An outbox table in PostgreSQL: the [`Store`] of [`Outbox<Postgres>`](super::Outbox).
+#[derive(Debug)]
+pub struct PgStore {
+    pool: PgPool,
+    table: TableName,
+    statements: PgStatements,
+}
+
+impl Store for PgStore {
+    type Connection = sqlx::PgConnection;
+
+    fn migration_sql(&self) -> Vec<(i64, &'static str, String)> {
+        let t = self.table.as_str();
         vec![
             (
                 1,
@@ -404,7 +427,8 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
         ]
     }
 
-    async fn backend_migrate(pool: &PgPool, table: &TableName) -> Result<()> {
+    async fn migrate(&self) -> Result<()> {
+        let (pool, table) = (&self.pool, &self.table);
         let mut tx = pool.begin().await?;
         // Serialise concurrent migrators of this table; DDL is transactional in PostgreSQL.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
@@ -422,7 +446,7 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
             sqlx::query_scalar(&format!(r#"SELECT max(version) FROM "{m}""#))
                 .fetch_one(&mut *tx)
                 .await?;
-        for (version, description, sql) in Self::backend_migration_sql(table) {
+        for (version, description, sql) in self.migration_sql() {
             if applied.is_some_and(|a| a >= version) {
                 continue;
             }
@@ -440,11 +464,12 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
         Ok(())
     }
 
-    async fn backend_insert<'a>(
+    async fn insert<'a>(
+        &'a self,
         conn: &'a mut sqlx::PgConnection,
-        statements: &'a PgStatements,
         messages: &'a [Message],
     ) -> Result<()> {
+        let statements = &self.statements;
         if let [m] = messages {
             let (at, delay) = deliver_at(m);
             let inserted: i64 = sqlx::query_scalar(&statements.insert_one)
@@ -504,23 +529,9 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
         Ok(())
     }
 
-    async fn backend_absorb<'a>(
-        pool: &'a PgPool,
-        statements: &'a PgStatements,
-        limit: usize,
-    ) -> Result<u64> {
-        let taken: i64 = sqlx::query_scalar(&statements.absorb)
-            .bind(limit as i64)
-            .fetch_one(pool)
-            .await?;
-        Ok(taken.max(0) as u64)
-    }
-
-    async fn backend_claim<'a>(
-        pool: &'a PgPool,
-        statements: &'a PgStatements,
-        claim: &'a Claim,
-    ) -> Result<Vec<Run>> {
+    async fn claim<'a>(&'a self, claim: &'a Claim) -> Result<Vec<Run>> {
+        while self.absorb().await? == ABSORB_LIMIT as u64 {}
+        let (pool, statements) = (&self.pool, &self.statements);
         let rows = sqlx::query(&statements.claim)
             .bind(claim.aggregates as i64)
             .bind(duration_ms(claim.lease))
@@ -566,12 +577,8 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
         Ok(runs)
     }
 
-    async fn backend_settle<'a>(
-        pool: &'a PgPool,
-        statements: &'a PgStatements,
-        token: Uuid,
-        settlements: &'a [Settlement],
-    ) -> Result<()> {
+    async fn settle<'a>(&'a self, token: Uuid, settlements: &'a [Settlement]) -> Result<()> {
+        let (pool, statements) = (&self.pool, &self.statements);
         let n = settlements.len();
         let (mut types, mut ids, mut versions, mut done) = (
             Vec::with_capacity(n),
@@ -633,31 +640,8 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
         Ok(())
     }
 
-    async fn backend_check<'a>(
-        pool: &'a PgPool,
-        statements: &'a PgStatements,
-    ) -> Result<Vec<Inconsistency>> {
-        let rows = sqlx::query(&statements.check).fetch_all(pool).await?;
-        rows.iter()
-            .map(|row| {
-                let stranded: i64 = row.try_get("stranded")?;
-                let first: i64 = row.try_get("first_seq")?;
-                let done: Option<i64> = row.try_get("done_seq")?;
-                let known: Option<i64> = row.try_get("known_seq")?;
-                Ok(Inconsistency {
-                    aggregate_type: row.try_get("aggregate_type")?,
-                    aggregate_id: row.try_get("aggregate_id")?,
-                    problem: stranded_problem(stranded, first, done, known),
-                })
-            })
-            .collect()
-    }
-
-    async fn backend_purge_batch<'a>(
-        pool: &'a PgPool,
-        statements: &'a PgStatements,
-        retention: &'a Retention,
-    ) -> Result<u64> {
+    async fn purge_batch<'a>(&'a self, retention: &'a Retention) -> Result<u64> {
+        let (pool, statements) = (&self.pool, &self.statements);
         let sql = if retention.archive {
             &statements.purge_archive
         } else {
@@ -671,11 +655,61 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
         Ok(done.rows_affected())
     }
 
-    async fn backend_get<'a>(
-        pool: &'a PgPool,
-        statements: &'a PgStatements,
-        id: Uuid,
-    ) -> Result<Option<EventRecord>> {
+    fn listen(
+        &self,
+        wake: watch::Sender<u64>,
+        cancel: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (pool, channel) = (self.pool.clone(), channel(&self.table));
+        async move {
+            let mut failures = 0u32;
+            while !cancel.is_cancelled() {
+                let mut listener = match PgListener::connect_with(&pool).await {
+                    Ok(mut l) => match l.listen(&channel).await {
+                        Ok(()) => l,
+                        Err(error) => {
+                            failures += 1;
+                            tracing::warn!(%error, "outbox LISTEN failed; polling until it is back");
+                            backoff(failures, &cancel).await;
+                            continue;
+                        }
+                    },
+                    Err(error) => {
+                        failures += 1;
+                        tracing::warn!(%error, "outbox listener cannot connect; polling until it is back");
+                        backoff(failures, &cancel).await;
+                        continue;
+                    }
+                };
+                // Notifications sent while we were not listening are lost: wake once to catch up.
+                wake.send_modify(|n| *n += 1);
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        received = listener.try_recv() => match received {
+                            Ok(Some(_)) => {
+                                failures = 0;
+                                wake.send_modify(|n| *n += 1);
+                            }
+                            // The connection dropped; `try_recv` reconnects on the next call.
+                            Ok(None) => wake.send_modify(|n| *n += 1),
+                            Err(error) => {
+                                failures += 1;
+                                tracing::warn!(%error, "outbox listener lost; polling until it is back");
+                                backoff(failures, &cancel).await;
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Lookup for PgStore {
+    async fn get(&self, id: Uuid) -> Result<Option<EventRecord>> {
+        let (pool, statements) = (&self.pool, &self.statements);
         let Some(row) = sqlx::query(&statements.get)
             .bind(id)
             .fetch_optional(pool)
@@ -683,46 +717,62 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
         else {
             return Ok(None);
         };
-        let envelope = envelope(&row)?;
         let status: String = row.try_get("status")?;
-        Ok(Some(EventRecord {
-            status: EventStatus::parse(&status).ok_or_else(|| Error::CorruptRow {
-                id: id.to_string(),
-                reason: format!("unknown status {status:?}"),
-            })?,
-            last_error: row.try_get("last_error")?,
+        let times = sql::RecordTimes {
             available_at: row.try_get("available_at")?,
             delivered_at: row.try_get("delivered_at")?,
             dead_at: row.try_get("dead_at")?,
             consumed_at: row.try_get("consumed_at")?,
-            id: envelope.id,
-            event_type: envelope.event_type,
-            aggregate_type: envelope.aggregate_type,
-            aggregate_id: envelope.aggregate_id,
-            sequence: envelope.sequence,
-            attempts: envelope.attempt,
-            created_at: envelope.created_at,
-            payload: envelope.payload,
-        }))
+        };
+        sql::record(envelope(&row)?, &status, row.try_get("last_error")?, times).map(Some)
     }
+}
 
-    async fn backend_mark_consumed<'a>(
-        pool: &'a PgPool,
-        statements: &'a PgStatements,
-        ids: &'a [Uuid],
-    ) -> Result<u64> {
+impl Requeue for PgStore {
+    async fn requeue(&self, id: Uuid) -> Result<bool> {
+        let (pool, statements) = (&self.pool, &self.statements);
+        let done = sqlx::query(&statements.requeue)
+            .bind(id)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+impl Discard for PgStore {
+    async fn discard(&self, id: Uuid) -> Result<bool> {
+        let (pool, statements) = (&self.pool, &self.statements);
+        let done = sqlx::query(&statements.discard)
+            .bind(id)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+impl Check for PgStore {
+    async fn check(&self) -> Result<Vec<Inconsistency>> {
+        let rows = sqlx::query_as(&self.statements.check)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(sql::inconsistencies(rows))
+    }
+}
+
+impl MarkConsumed for PgStore {
+    async fn mark_consumed<'a>(&'a self, ids: &'a [Uuid]) -> Result<u64> {
+        let (pool, statements) = (&self.pool, &self.statements);
         let done = sqlx::query(&statements.consumed)
             .bind(ids)
             .execute(pool)
             .await?;
         Ok(done.rows_affected())
     }
+}
 
-    async fn backend_explain_claim<'a>(
-        pool: &'a PgPool,
-        statements: &'a PgStatements,
-        limit: usize,
-    ) -> Result<String> {
+impl ExplainClaim for PgStore {
+    async fn explain_claim(&self, limit: usize) -> Result<String> {
+        let (pool, statements) = (&self.pool, &self.statements);
         let lines: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {}", statements.claim))
             .bind(limit as i64)
             .bind(30_000i64)
@@ -733,40 +783,37 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
             .await?;
         Ok(lines.join("\n"))
     }
+}
 
-    async fn backend_requeue<'a>(
-        pool: &'a PgPool,
-        statements: &'a PgStatements,
-        id: Uuid,
-    ) -> Result<bool> {
-        let done = sqlx::query(&statements.requeue)
-            .bind(id)
-            .execute(pool)
+impl PgStore {
+    /// Moves what writers announced (the `<table>_new` rows their transactions committed) into
+    /// the relay's cursors; returns how many announcements were taken.
+    async fn absorb(&self) -> Result<u64> {
+        let taken: i64 = sqlx::query_scalar(&self.statements.absorb)
+            .bind(ABSORB_LIMIT as i64)
+            .fetch_one(&self.pool)
             .await?;
-        Ok(done.rows_affected() == 1)
+        Ok(taken.max(0) as u64)
     }
+}
 
-    async fn backend_discard<'a>(
-        pool: &'a PgPool,
-        statements: &'a PgStatements,
-        id: Uuid,
-    ) -> Result<bool> {
-        let done = sqlx::query(&statements.discard)
-            .bind(id)
-            .execute(pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
-    }
+/// Announcements absorbed per statement.
+const ABSORB_LIMIT: usize = 5000;
 
-    async fn backend_execute<'a>(pool: &'a PgPool, sql: &'a str) -> Result<()> {
-        sqlx::Executor::execute(pool, sql).await?;
-        Ok(())
-    }
+/// A consumer's inbox in PostgreSQL.
+#[derive(Debug)]
+pub struct PgInbox {
+    pool: PgPool,
+    create: String,
+    insert: String,
+}
 
-    fn backend_inbox_sql(table: &TableName) -> (String, String) {
+impl PgInbox {
+    fn new(pool: PgPool, table: TableName) -> Self {
         let t = table.as_str();
-        (
-            format!(
+        Self {
+            pool,
+            create: format!(
                 r#"CREATE TABLE IF NOT EXISTS "{t}" (
     consumer     text NOT NULL,
     message_id   uuid NOT NULL,
@@ -774,74 +821,33 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
     PRIMARY KEY (consumer, message_id)
 )"#
             ),
-            format!(
+            insert: format!(
                 r#"INSERT INTO "{t}" (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"#
             ),
-        )
+        }
+    }
+}
+
+impl InboxStore for PgInbox {
+    type Connection = sqlx::PgConnection;
+
+    async fn migrate(&self) -> Result<()> {
+        sqlx::Executor::execute(&self.pool, self.create.as_str()).await?;
+        Ok(())
     }
 
-    async fn backend_inbox_insert<'a>(
+    async fn record<'a>(
+        &'a self,
         conn: &'a mut sqlx::PgConnection,
-        insert: &'a str,
         consumer: &'a str,
         message_id: Uuid,
     ) -> Result<bool> {
-        let done = sqlx::query(insert)
+        let done = sqlx::query(&self.insert)
             .bind(consumer)
             .bind(message_id)
             .execute(conn)
             .await?;
         Ok(done.rows_affected() == 1)
-    }
-
-    async fn backend_listen(
-        pool: PgPool,
-        table: TableName,
-        wake: watch::Sender<u64>,
-        cancel: CancellationToken,
-    ) {
-        let channel = channel(&table);
-        let mut failures = 0u32;
-        while !cancel.is_cancelled() {
-            let mut listener = match PgListener::connect_with(&pool).await {
-                Ok(mut l) => match l.listen(&channel).await {
-                    Ok(()) => l,
-                    Err(error) => {
-                        failures += 1;
-                        tracing::warn!(%error, "outbox LISTEN failed; polling until it is back");
-                        backoff(failures, &cancel).await;
-                        continue;
-                    }
-                },
-                Err(error) => {
-                    failures += 1;
-                    tracing::warn!(%error, "outbox listener cannot connect; polling until it is back");
-                    backoff(failures, &cancel).await;
-                    continue;
-                }
-            };
-            // Notifications sent while we were not listening are lost: wake once to catch up.
-            wake.send_modify(|n| *n += 1);
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    received = listener.try_recv() => match received {
-                        Ok(Some(_)) => {
-                            failures = 0;
-                            wake.send_modify(|n| *n += 1);
-                        }
-                        // The connection dropped; `try_recv` reconnects on the next call.
-                        Ok(None) => wake.send_modify(|n| *n += 1),
-                        Err(error) => {
-                            failures += 1;
-                            tracing::warn!(%error, "outbox listener lost; polling until it is back");
-                            backoff(failures, &cancel).await;
-                            break;
-                        }
-                    }
-                }
-            }
-        }
     }
 }
 
@@ -860,10 +866,6 @@ fn deliver_at(m: &Message) -> (Option<DateTime<Utc>>, i64) {
         Some(Deliver::At(at)) => (Some(at), 0),
         Some(Deliver::After(d)) => (None, duration_ms(d)),
     }
-}
-
-fn duration_ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn envelope(row: &PgRow) -> Result<Envelope> {

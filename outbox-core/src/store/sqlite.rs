@@ -1,6 +1,8 @@
+use super::sql::{self, duration_ms};
 use super::{
-    clamp_i32, clamp_u32, parse_headers, stranded_problem, Backend, Claim, EventRecord,
-    EventStatus, Inconsistency, Run, RunEvent, Settlement,
+    clamp_i32, clamp_u32, parse_headers, Backend, Check, Claim, Discard, EventRecord, ExplainClaim,
+    InboxStore, Inconsistency, Lookup, MarkConsumed, Requeue, Run, RunEvent, Settlement, Store,
+    StoreOptions,
 };
 use crate::error::{Error, Result};
 use crate::event::{Deliver, Envelope, Message};
@@ -9,19 +11,13 @@ use crate::table::TableName;
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite, SqlitePool};
-use std::time::Duration;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-impl super::sealed::Sealed for Sqlite {}
 
 // SQLite keeps times as integer milliseconds since the Unix epoch (the application's clock is
 // the database's clock), ids as hyphenated text.
 
-#[doc(hidden)]
 #[derive(Debug)]
-pub struct SqliteStatements {
+struct SqliteStatements {
     next_seq: String,
     insert: String,
     announce: String,
@@ -43,12 +39,10 @@ pub struct SqliteStatements {
 const COLUMNS: &str = "id, created_at, aggregate_type, aggregate_id, seq, event_type, \
      schema_version, topic, payload, headers, attempts";
 
-impl Backend for Sqlite {
-    type Statements = SqliteStatements;
-
-    fn backend_statements(table: &TableName, _notify: bool) -> SqliteStatements {
+impl SqliteStatements {
+    fn new(table: &TableName) -> Self {
         let t = table.as_str();
-        SqliteStatements {
+        Self {
             // The counter row is written first: SQLite holds the database write lock until
             // commit, so sequence order is commit order and a rollback leaves no gap.
             next_seq: format!(
@@ -151,21 +145,42 @@ FROM "{t}" WHERE id = ?1"#
                 r#"UPDATE "{t}" SET consumed_at = ?1
 WHERE consumed_at IS NULL AND id IN (SELECT value FROM json_each(?2))"#
             ),
-            check: format!(
-                r#"SELECT o.aggregate_type, o.aggregate_id,
-       count(*) AS stranded, min(o.seq) AS first_seq, c.done_seq, c.known_seq
-FROM "{t}" o
-LEFT JOIN "{t}_cursors" c ON c.aggregate_type = o.aggregate_type AND c.aggregate_id = o.aggregate_id
-WHERE o.status = 'pending'
-  AND (c.aggregate_id IS NULL OR o.seq <= c.done_seq OR o.seq > c.known_seq)
-GROUP BY o.aggregate_type, o.aggregate_id, c.done_seq, c.known_seq
-ORDER BY o.aggregate_type, o.aggregate_id"#
-            ),
+            check: sql::check(t, ""),
+        }
+    }
+}
+
+impl Backend for Sqlite {
+    type Store = SqliteStore;
+    type Inbox = SqliteInbox;
+
+    /// SQLite has no notifications: `options.notify` changes nothing, relays poll.
+    fn open_store(pool: SqlitePool, table: TableName, _options: StoreOptions) -> SqliteStore {
+        SqliteStore {
+            statements: SqliteStatements::new(&table),
+            pool,
+            table,
         }
     }
 
-    fn backend_migration_sql(table: &TableName) -> Vec<(i64, &'static str, String)> {
-        let t = table.as_str();
+    fn open_inbox(pool: SqlitePool, table: TableName) -> SqliteInbox {
+        SqliteInbox::new(pool, table)
+    }
+}
+
+/// An outbox table in SQLite: the [`Store`] of [`Outbox<Sqlite>`](super::Outbox).
+#[derive(Debug)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    table: TableName,
+    statements: SqliteStatements,
+}
+
+impl Store for SqliteStore {
+    type Connection = sqlx::SqliteConnection;
+
+    fn migration_sql(&self) -> Vec<(i64, &'static str, String)> {
+        let t = self.table.as_str();
         vec![
             (
                 1,
@@ -247,7 +262,8 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
         ]
     }
 
-    async fn backend_migrate(pool: &SqlitePool, table: &TableName) -> Result<()> {
+    async fn migrate(&self) -> Result<()> {
+        let (pool, table) = (&self.pool, &self.table);
         // Readers then never block the writer nor the writer the readers; the setting is kept
         // in the database file. An in-memory database answers "memory" and stays as it is.
         sqlx::query("PRAGMA journal_mode = WAL")
@@ -266,7 +282,7 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
             sqlx::query_scalar(&format!(r#"SELECT max(version) FROM "{m}""#))
                 .fetch_one(&mut *tx)
                 .await?;
-        for (version, description, sql) in Self::backend_migration_sql(table) {
+        for (version, description, sql) in self.migration_sql() {
             if applied.is_some_and(|a| a >= version) {
                 continue;
             }
@@ -285,11 +301,12 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
         Ok(())
     }
 
-    async fn backend_insert<'a>(
+    async fn insert<'a>(
+        &'a self,
         conn: &'a mut sqlx::SqliteConnection,
-        statements: &'a SqliteStatements,
         messages: &'a [Message],
     ) -> Result<()> {
+        let statements = &self.statements;
         let now = now_ms();
         for m in messages {
             let seq: i64 = sqlx::query_scalar(&statements.next_seq)
@@ -327,20 +344,8 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
         Ok(())
     }
 
-    async fn backend_absorb<'a>(
-        _pool: &'a SqlitePool,
-        _statements: &'a SqliteStatements,
-        _limit: usize,
-    ) -> Result<u64> {
-        // Writers move the cursors themselves (see `announce`).
-        Ok(0)
-    }
-
-    async fn backend_claim<'a>(
-        pool: &'a SqlitePool,
-        statements: &'a SqliteStatements,
-        claim: &'a Claim,
-    ) -> Result<Vec<Run>> {
+    async fn claim<'a>(&'a self, claim: &'a Claim) -> Result<Vec<Run>> {
+        let (pool, statements) = (&self.pool, &self.statements);
         let now = now_ms();
         let leased: Vec<LeasedCursor> = sqlx::query_as(&statements.lease)
             .bind(now)
@@ -393,12 +398,8 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
         Ok(runs)
     }
 
-    async fn backend_settle<'a>(
-        pool: &'a SqlitePool,
-        statements: &'a SqliteStatements,
-        token: Uuid,
-        settlements: &'a [Settlement],
-    ) -> Result<()> {
+    async fn settle<'a>(&'a self, token: Uuid, settlements: &'a [Settlement]) -> Result<()> {
+        let (pool, statements) = (&self.pool, &self.statements);
         let now = now_ms();
         let token = token.to_string();
         // IMMEDIATE: take the write lock up front (waiting for it within the busy timeout) rather
@@ -437,32 +438,8 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
         Ok(())
     }
 
-    async fn backend_check<'a>(
-        pool: &'a SqlitePool,
-        statements: &'a SqliteStatements,
-    ) -> Result<Vec<Inconsistency>> {
-        let rows = sqlx::query(&statements.check).fetch_all(pool).await?;
-        rows.iter()
-            .map(|row| {
-                Ok(Inconsistency {
-                    aggregate_type: row.try_get("aggregate_type")?,
-                    aggregate_id: row.try_get("aggregate_id")?,
-                    problem: stranded_problem(
-                        row.try_get("stranded")?,
-                        row.try_get("first_seq")?,
-                        row.try_get("done_seq")?,
-                        row.try_get("known_seq")?,
-                    ),
-                })
-            })
-            .collect()
-    }
-
-    async fn backend_purge_batch<'a>(
-        pool: &'a SqlitePool,
-        statements: &'a SqliteStatements,
-        retention: &'a Retention,
-    ) -> Result<u64> {
+    async fn purge_batch<'a>(&'a self, retention: &'a Retention) -> Result<u64> {
+        let (pool, statements) = (&self.pool, &self.statements);
         let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
         let ids: Vec<String> = sqlx::query_scalar(&statements.purge_select)
             .bind(now_ms().saturating_sub(duration_ms(retention.keep)))
@@ -487,11 +464,12 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
         Ok(done.rows_affected())
     }
 
-    async fn backend_get<'a>(
-        pool: &'a SqlitePool,
-        statements: &'a SqliteStatements,
-        id: Uuid,
-    ) -> Result<Option<EventRecord>> {
+    // No `listen`: SQLite has no notifications, so the relay polls.
+}
+
+impl Lookup for SqliteStore {
+    async fn get(&self, id: Uuid) -> Result<Option<EventRecord>> {
+        let (pool, statements) = (&self.pool, &self.statements);
         let Some(row) = sqlx::query(&statements.get)
             .bind(id.to_string())
             .fetch_optional(pool)
@@ -499,70 +477,25 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
         else {
             return Ok(None);
         };
-        let envelope = envelope(&row)?;
         let status: String = row.try_get("status")?;
         let time = |column: &str| -> Result<Option<DateTime<Utc>>> {
             Ok(row
                 .try_get::<Option<i64>, _>(column)?
                 .and_then(DateTime::from_timestamp_millis))
         };
-        Ok(Some(EventRecord {
-            status: EventStatus::parse(&status).ok_or_else(|| Error::CorruptRow {
-                id: id.to_string(),
-                reason: format!("unknown status {status:?}"),
-            })?,
-            last_error: row.try_get("last_error")?,
+        let times = sql::RecordTimes {
             available_at: time("available_at")?.unwrap_or_default(),
             delivered_at: time("delivered_at")?,
             dead_at: time("dead_at")?,
             consumed_at: time("consumed_at")?,
-            id: envelope.id,
-            event_type: envelope.event_type,
-            aggregate_type: envelope.aggregate_type,
-            aggregate_id: envelope.aggregate_id,
-            sequence: envelope.sequence,
-            attempts: envelope.attempt,
-            created_at: envelope.created_at,
-            payload: envelope.payload,
-        }))
+        };
+        sql::record(envelope(&row)?, &status, row.try_get("last_error")?, times).map(Some)
     }
+}
 
-    async fn backend_mark_consumed<'a>(
-        pool: &'a SqlitePool,
-        statements: &'a SqliteStatements,
-        ids: &'a [Uuid],
-    ) -> Result<u64> {
-        let done = sqlx::query(&statements.consumed)
-            .bind(now_ms())
-            .bind(json_ids(ids))
-            .execute(pool)
-            .await?;
-        Ok(done.rows_affected())
-    }
-
-    async fn backend_explain_claim<'a>(
-        pool: &'a SqlitePool,
-        statements: &'a SqliteStatements,
-        limit: usize,
-    ) -> Result<String> {
-        let rows = sqlx::query(&format!("EXPLAIN QUERY PLAN {}", statements.lease))
-            .bind(now_ms())
-            .bind(30_000i64)
-            .bind(Uuid::nil().to_string())
-            .bind(limit as i64)
-            .fetch_all(pool)
-            .await?;
-        rows.iter()
-            .map(|row| Ok(row.try_get::<String, _>("detail")?))
-            .collect::<Result<Vec<_>>>()
-            .map(|lines| lines.join("\n"))
-    }
-
-    async fn backend_requeue<'a>(
-        pool: &'a SqlitePool,
-        statements: &'a SqliteStatements,
-        id: Uuid,
-    ) -> Result<bool> {
+impl Requeue for SqliteStore {
+    async fn requeue(&self, id: Uuid) -> Result<bool> {
+        let (pool, statements) = (&self.pool, &self.statements);
         let now = now_ms();
         let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
         let Some((aggregate_type, aggregate_id, seq)): Option<(String, String, i64)> =
@@ -584,12 +517,11 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
         tx.commit().await?;
         Ok(true)
     }
+}
 
-    async fn backend_discard<'a>(
-        pool: &'a SqlitePool,
-        statements: &'a SqliteStatements,
-        id: Uuid,
-    ) -> Result<bool> {
+impl Discard for SqliteStore {
+    async fn discard(&self, id: Uuid) -> Result<bool> {
+        let (pool, statements) = (&self.pool, &self.statements);
         let done = sqlx::query(&statements.discard)
             .bind(id.to_string())
             .bind(now_ms())
@@ -597,16 +529,60 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
             .await?;
         Ok(done.rows_affected() == 1)
     }
+}
 
-    async fn backend_execute<'a>(pool: &'a SqlitePool, sql: &'a str) -> Result<()> {
-        sqlx::Executor::execute(pool, sql).await?;
-        Ok(())
+impl Check for SqliteStore {
+    async fn check(&self) -> Result<Vec<Inconsistency>> {
+        let rows = sqlx::query_as(&self.statements.check)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(sql::inconsistencies(rows))
     }
+}
 
-    fn backend_inbox_sql(table: &TableName) -> (String, String) {
+impl MarkConsumed for SqliteStore {
+    async fn mark_consumed<'a>(&'a self, ids: &'a [Uuid]) -> Result<u64> {
+        let (pool, statements) = (&self.pool, &self.statements);
+        let done = sqlx::query(&statements.consumed)
+            .bind(now_ms())
+            .bind(json_ids(ids))
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+impl ExplainClaim for SqliteStore {
+    async fn explain_claim(&self, limit: usize) -> Result<String> {
+        let (pool, statements) = (&self.pool, &self.statements);
+        let rows = sqlx::query(&format!("EXPLAIN QUERY PLAN {}", statements.lease))
+            .bind(now_ms())
+            .bind(30_000i64)
+            .bind(Uuid::nil().to_string())
+            .bind(limit as i64)
+            .fetch_all(pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok(row.try_get::<String, _>("detail")?))
+            .collect::<Result<Vec<_>>>()
+            .map(|lines| lines.join("\n"))
+    }
+}
+
+/// A consumer's inbox in SQLite.
+#[derive(Debug)]
+pub struct SqliteInbox {
+    pool: SqlitePool,
+    create: String,
+    insert: String,
+}
+
+impl SqliteInbox {
+    fn new(pool: SqlitePool, table: TableName) -> Self {
         let t = table.as_str();
-        (
-            format!(
+        Self {
+            pool,
+            create: format!(
                 r#"CREATE TABLE IF NOT EXISTS "{t}" (
     consumer     TEXT NOT NULL,
     message_id   TEXT NOT NULL,
@@ -614,35 +590,35 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
     PRIMARY KEY (consumer, message_id)
 )"#
             ),
-            format!(
+            insert: format!(
                 r#"INSERT INTO "{t}" (consumer, message_id, processed_at) VALUES (?1, ?2, ?3)
 ON CONFLICT DO NOTHING"#
             ),
-        )
+        }
+    }
+}
+
+impl InboxStore for SqliteInbox {
+    type Connection = sqlx::SqliteConnection;
+
+    async fn migrate(&self) -> Result<()> {
+        sqlx::Executor::execute(&self.pool, self.create.as_str()).await?;
+        Ok(())
     }
 
-    async fn backend_inbox_insert<'a>(
+    async fn record<'a>(
+        &'a self,
         conn: &'a mut sqlx::SqliteConnection,
-        insert: &'a str,
         consumer: &'a str,
         message_id: Uuid,
     ) -> Result<bool> {
-        let done = sqlx::query(insert)
+        let done = sqlx::query(&self.insert)
             .bind(consumer)
             .bind(message_id.to_string())
             .bind(now_ms())
             .execute(conn)
             .await?;
         Ok(done.rows_affected() == 1)
-    }
-
-    async fn backend_listen(
-        _pool: SqlitePool,
-        _table: TableName,
-        _wake: watch::Sender<u64>,
-        _cancel: CancellationToken,
-    ) {
-        // SQLite has no notifications: the relay polls.
     }
 }
 
@@ -652,10 +628,6 @@ type LeasedCursor = (String, String, i64, i64, i64, Option<i64>, i64);
 
 fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
-}
-
-fn duration_ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn json_ids(ids: &[Uuid]) -> String {

@@ -1,0 +1,86 @@
+//! What the SQL stores share: statement text where the dialects agree, and turning rows into
+//! the store's types.
+
+use super::{EventRecord, EventStatus, Inconsistency};
+use crate::error::{Error, Result};
+use crate::event::Envelope;
+use chrono::{DateTime, Utc};
+use std::time::Duration;
+
+/// Pending events no relay will ever claim: beyond their cursor's known sequence, or at or
+/// below the point it has settled, or without a cursor; `unannounced` adds the dialect's
+/// condition that no announcement is on its way for them.
+pub(super) fn check(t: &str, unannounced: &str) -> String {
+    format!(
+        r#"SELECT o.aggregate_type, o.aggregate_id,
+       count(*) AS stranded, min(o.seq) AS first_seq, c.done_seq, c.known_seq
+FROM "{t}" o
+LEFT JOIN "{t}_cursors" c ON c.aggregate_type = o.aggregate_type AND c.aggregate_id = o.aggregate_id
+WHERE o.status = 'pending'
+  AND (c.aggregate_id IS NULL OR o.seq <= c.done_seq OR o.seq > c.known_seq){unannounced}
+GROUP BY o.aggregate_type, o.aggregate_id, c.done_seq, c.known_seq
+ORDER BY o.aggregate_type, o.aggregate_id"#
+    )
+}
+
+/// A row of [`check`]: aggregate type and id, stranded events, the first one's sequence, the
+/// cursor's `done_seq` and `known_seq`.
+pub(super) type CheckRow = (String, String, i64, i64, Option<i64>, Option<i64>);
+
+pub(super) fn inconsistencies(rows: Vec<CheckRow>) -> Vec<Inconsistency> {
+    rows.into_iter()
+        .map(
+            |(aggregate_type, aggregate_id, stranded, first, done, known)| Inconsistency {
+                aggregate_type,
+                aggregate_id,
+                problem: match (done, known) {
+                    (Some(done), Some(known)) => format!(
+                        "{stranded} pending event(s) from seq {first} outside what its cursor \
+                         will deliver (settled up to {done}, known up to {known})"
+                    ),
+                    _ => format!("{stranded} pending event(s) from seq {first} and no cursor"),
+                },
+            },
+        )
+        .collect()
+}
+
+/// The times of an [`EventRecord`] beyond its envelope's.
+pub(super) struct RecordTimes {
+    pub available_at: DateTime<Utc>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub dead_at: Option<DateTime<Utc>>,
+    pub consumed_at: Option<DateTime<Utc>>,
+}
+
+pub(super) fn record(
+    envelope: Envelope,
+    status: &str,
+    last_error: Option<String>,
+    times: RecordTimes,
+) -> Result<EventRecord> {
+    Ok(EventRecord {
+        status: EventStatus::parse(status).ok_or_else(|| Error::CorruptRow {
+            id: envelope.id.to_string(),
+            reason: format!("unknown status {status:?}"),
+        })?,
+        last_error,
+        available_at: times.available_at,
+        delivered_at: times.delivered_at,
+        dead_at: times.dead_at,
+        consumed_at: times.consumed_at,
+        id: envelope.id,
+        event_type: envelope.event_type,
+        aggregate_type: envelope.aggregate_type,
+        aggregate_id: envelope.aggregate_id,
+        sequence: envelope.sequence,
+        attempts: envelope.attempt,
+        created_at: envelope.created_at,
+        payload: envelope.payload,
+    })
+}
+
+/// Milliseconds, saturating: an absurd duration must not fail a statement.
+pub(super) fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
