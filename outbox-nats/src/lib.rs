@@ -181,6 +181,26 @@ impl Transport for NatsTransport {
     }
 
     async fn publish(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
+        self.publish_until(batch, None).await
+    }
+
+    async fn publish_within(&self, batch: &[Envelope], budget: Duration) -> Vec<DeliveryResult> {
+        self.publish_until(batch, tokio::time::Instant::now().checked_add(budget))
+            .await
+    }
+}
+
+impl NatsTransport {
+    /// Publishes `batch`, sending nothing more once `deadline` (the relay's lease, less a
+    /// margin) has passed: a relay frozen mid-batch (a GC pause, a stopped VM) stops sending when
+    /// it resumes, and the relay that took its aggregates over publishes them. What the client
+    /// had already buffered may still go out; JetStream drops it as a duplicate of the
+    /// takeover's publish (`Nats-Msg-Id`, within the stream's duplicate window).
+    async fn publish_until(
+        &self,
+        batch: &[Envelope],
+        deadline: Option<tokio::time::Instant>,
+    ) -> Vec<DeliveryResult> {
         // Publish in order while the acknowledgements of up to `ACKS_IN_FLIGHT` earlier ones
         // are awaited: pipelined, and never holding more of the context's in-flight permits
         // (5,000 by default, shared by every batch) than a batch can release by itself.
@@ -203,6 +223,11 @@ impl Transport for NatsTransport {
                     DeliveryError::not_attempted(
                         "not published: an earlier event of its aggregate failed",
                     ),
+                ))
+            } else if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                Err((
+                    None,
+                    DeliveryError::not_attempted("not published: the relay's lease is ending"),
                 ))
             } else {
                 self.send(envelope).await
