@@ -27,7 +27,7 @@ pub use handler::{
 };
 pub use inbox::Inbox;
 pub use receipt::Receipt;
-pub use relay::{DeadLetters, Relay, RelayBuilder, MAX_RESTARTS};
+pub use relay::{DeadLetters, Relay, RelayBuilder, MAX_LEASE, MAX_RESTARTS};
 pub use retention::Retention;
 pub use retry::RetryPolicy;
 pub use router::{Router, RouterBuilder};

@@ -161,7 +161,8 @@ impl<DB: Backend, D: Destination> RelayBuilder<DB, D> {
     /// has not finished within three quarters of it is abandoned (its outcome unknown, the
     /// attempt counted), and none starts later than that, so another relay can take the
     /// aggregate over after the lease without ever delivering it at the same time. Broker
-    /// client timeouts should be shorter than three quarters of the lease.
+    /// client timeouts should be shorter than three quarters of the lease. At most
+    /// [`MAX_LEASE`] (a day): `build` refuses longer ones.
     pub fn lease(mut self, d: Duration) -> Self {
         self.config.lease = d;
         self
@@ -214,6 +215,12 @@ impl<DB: Backend, D: Destination> RelayBuilder<DB, D> {
             return Err(Error::Config(
                 "lease and poll_interval must be longer than zero".into(),
             ));
+        }
+        if c.lease > MAX_LEASE {
+            return Err(Error::Config(format!(
+                "lease {:?} is longer than the {:?} allowed: a dead relay's aggregates would wait that long",
+                c.lease, MAX_LEASE
+            )));
         }
         Ok(Relay {
             shared: Arc::new(Shared {
@@ -367,6 +374,9 @@ impl<DB: Backend, D: Destination> Relay<DB, D> {
     }
 }
 
+/// The longest lease [`RelayBuilder::lease`] accepts: a day.
+pub const MAX_LEASE: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Worker deaths within a minute after which [`Relay::run`] gives up and returns an error.
 pub const MAX_RESTARTS: usize = 5;
 
@@ -385,6 +395,18 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
         while !shutdown.is_cancelled() {
             wake.mark_unchanged();
             let token = Uuid::now_v7();
+            // Announcements first, outside the lease clock: a big backlog of them must not eat
+            // the lease of the batch claimed after. If they cannot be taken in now, the
+            // aggregates the relay already knows are claimed all the same.
+            if let Err(error) = self
+                .outbox
+                .store()
+                .absorb()
+                .instrument(tracing::debug_span!("outbox.absorb"))
+                .await
+            {
+                tracing::warn!(%error, "taking in new outbox announcements failed; claiming the aggregates already known");
+            }
             // The lease runs from before the claim is sent: the local deadline can only be
             // earlier than the database's.
             let leased_at = Instant::now();

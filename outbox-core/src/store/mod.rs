@@ -70,6 +70,9 @@ impl Default for StoreOptions {
 /// - [`settle`](Self::settle) applies each [`Settlement`] only where the token still holds the
 ///   lease, and keeps what an operator did since the claim (the cursor's version).
 ///
+/// Only the relay calls `claim` and `settle` (their arguments have no public constructor):
+/// the contract is tested through the relay, on every store.
+///
 /// Operator actions are extra abilities, one trait each ([`Lookup`], [`Requeue`], [`Discard`],
 /// [`Check`], [`MarkConsumed`], [`ExplainClaim`]): [`Outbox`] offers each method where its
 /// store has the ability.
@@ -89,6 +92,14 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         conn: &'a mut Self::Connection,
         messages: &'a [Message],
     ) -> impl Future<Output = Result<()>> + Send + 'a;
+
+    /// Takes in what writers announced apart from the relay's bookkeeping (PostgreSQL's
+    /// `<table>_new`), before a claim; returns how many announcements it took. The relay
+    /// starts its lease clock after it, and claims what it already knows even when this
+    /// fails. The default has nothing to do.
+    fn absorb(&self) -> impl Future<Output = Result<u64>> + Send {
+        std::future::ready(Ok(0))
+    }
 
     /// Leases up to `claim.aggregates` due aggregates under `claim.token` for `claim.lease`,
     /// and reads for each an ordered run (see [`Claim::run_limit`]).
@@ -110,7 +121,8 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     ) -> impl Future<Output = Result<u64>> + Send + 'a;
 
     /// Bumps `wake` whenever an enqueueing transaction commits, until `cancel`. The default
-    /// returns at once: the relay then polls.
+    /// returns at once: the relay then polls. PostgreSQL listens whatever its own `notify`
+    /// option says: other processes' writers may notify.
     fn listen(
         &self,
         wake: watch::Sender<u64>,

@@ -529,8 +529,22 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
         Ok(())
     }
 
+    async fn absorb(&self) -> Result<u64> {
+        let mut total = 0;
+        for _ in 0..ABSORB_ROUNDS {
+            let taken: i64 = sqlx::query_scalar(&self.statements.absorb)
+                .bind(ABSORB_LIMIT as i64)
+                .fetch_one(&self.pool)
+                .await?;
+            total += taken.max(0) as u64;
+            if taken < ABSORB_LIMIT as i64 {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
     async fn claim<'a>(&'a self, claim: &'a Claim) -> Result<Vec<Run>> {
-        while self.absorb().await? == ABSORB_LIMIT as u64 {}
         let (pool, statements) = (&self.pool, &self.statements);
         let rows = sqlx::query(&statements.claim)
             .bind(claim.aggregates as i64)
@@ -785,20 +799,11 @@ impl ExplainClaim for PgStore {
     }
 }
 
-impl PgStore {
-    /// Moves what writers announced (the `<table>_new` rows their transactions committed) into
-    /// the relay's cursors; returns how many announcements were taken.
-    async fn absorb(&self) -> Result<u64> {
-        let taken: i64 = sqlx::query_scalar(&self.statements.absorb)
-            .bind(ABSORB_LIMIT as i64)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(taken.max(0) as u64)
-    }
-}
-
-/// Announcements absorbed per statement.
+/// Announcements absorbed per statement ...
 const ABSORB_LIMIT: usize = 5000;
+/// ... and statements per claim at most: writers that outpace the relay cannot keep it from
+/// claiming.
+const ABSORB_ROUNDS: usize = 20;
 
 /// A consumer's inbox in PostgreSQL.
 #[derive(Debug)]
