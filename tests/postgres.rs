@@ -528,3 +528,13 @@ async fn migration_keeps_pending_events_of_the_previous_schema_in_order() {
 async fn parked_aggregates_keep_their_order() {
     scenarios::parked_aggregates_keep_their_order::<Postgres>().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_enqueues_once() {
+    scenarios::idempotency_key_enqueues_once::<Postgres>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_enqueues_of_one_idempotency_key_write_one_event() {
+    scenarios::concurrent_idempotency_keys::<Postgres>().await;
+}

@@ -191,3 +191,13 @@ async fn eight_writers_and_two_relays_share_one_file() {
 async fn parked_aggregates_keep_their_order() {
     scenarios::parked_aggregates_keep_their_order::<Sqlite>().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_enqueues_once() {
+    scenarios::idempotency_key_enqueues_once::<Sqlite>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_enqueues_of_one_idempotency_key_write_one_event() {
+    scenarios::concurrent_idempotency_keys::<Sqlite>().await;
+}

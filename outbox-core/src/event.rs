@@ -59,6 +59,7 @@ pub type Headers = BTreeMap<String, String>;
 pub struct EnqueueOptions {
     pub(crate) available_at: Option<Deliver>,
     pub(crate) headers: Headers,
+    pub(crate) idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -105,6 +106,17 @@ impl EnqueueOptions {
         self.headers.insert(key.into(), value.into());
         self
     }
+
+    /// Enqueues the event once for `key` in this outbox: a later enqueue with the same key (a
+    /// client retrying its HTTP request with the same `Idempotency-Key`) writes nothing and
+    /// gives the first event's id ([`Outbox::enqueue_once`](crate::Outbox::enqueue_once) says
+    /// which happened). Two transactions enqueueing one key at once: the second waits for the
+    /// first, and finds its event if it committed. Keys are kept as long as
+    /// [`Retention`](crate::Retention) keeps delivered rows.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
 }
 
 /// One serialised event, ready to be written; build it with [`Message::new`] to enqueue events
@@ -135,6 +147,9 @@ impl Message {
         })?;
         let aggregate_id = event.aggregate_id();
         check_field("aggregate id", &aggregate_id, MAX_AGGREGATE_ID_BYTES)?;
+        if let Some(key) = &options.idempotency_key {
+            check_field("idempotency key", key, MAX_IDEMPOTENCY_KEY_BYTES)?;
+        }
         for (key, value) in &options.headers {
             check_header_name(key)?;
             check_field(
@@ -160,6 +175,11 @@ impl Message {
         self.id
     }
 
+    /// The idempotency key it was enqueued with, if any.
+    pub fn idempotency_key(&self) -> Option<&str> {
+        self.options.idempotency_key.as_deref()
+    }
+
     pub(crate) fn headers_json(&self) -> String {
         // A map of strings always serialises.
         serde_json::to_string(&self.options.headers).unwrap_or_else(|_| "{}".to_owned())
@@ -170,6 +190,8 @@ impl Message {
 pub const MAX_AGGREGATE_ID_BYTES: usize = 1024;
 /// The longest header value accepted at enqueue.
 pub const MAX_HEADER_VALUE_BYTES: usize = 16 * 1024;
+/// The longest idempotency key accepted at enqueue.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 512;
 
 /// Every broker must be able to carry what the outbox sends: NATS header values cannot hold a
 /// line break, and no broker takes a NUL byte in a header. Checked at enqueue so that a bad value

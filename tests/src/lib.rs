@@ -299,7 +299,7 @@ macro_rules! test_db {
 test_db!(Postgres, pg_pool(), |outbox| {
     let t = outbox.table();
     sqlx::raw_sql(&format!(
-        "DROP TABLE IF EXISTS {t}, {t}_aggregates, {t}_cursors, {t}_new, {t}_archive, {t}_migrations, {t}_business, {t}_inbox"
+        "DROP TABLE IF EXISTS {t}, {t}_aggregates, {t}_cursors, {t}_new, {t}_keys, {t}_archive, {t}_migrations, {t}_business, {t}_inbox"
     ))
     .execute(outbox.pool())
     .await

@@ -987,3 +987,140 @@ pub async fn parked_aggregates_keep_their_order<DB: TestDb>() {
     assert!(outbox.check().await.unwrap().is_empty());
     DB::drop_tables(&outbox).await;
 }
+
+/// An idempotency key enqueues its event once: a retried request (another transaction, or the
+/// same one) gets the first event's id and writes nothing; a rolled-back enqueue frees the key;
+/// the duplicate takes no sequence number. The relay delivers the one event.
+pub async fn idempotency_key_enqueues_once<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let rolled_back = outbox
+        .enqueue_once(&mut *tx, &item(1, 1), "request-1")
+        .await
+        .unwrap();
+    assert!(rolled_back.is_new());
+    tx.rollback().await.unwrap();
+
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let first = outbox
+        .enqueue_once(&mut *tx, &item(1, 1), "request-1")
+        .await
+        .unwrap();
+    assert!(first.is_new(), "a rolled-back enqueue must free its key");
+    assert_ne!(first.id(), rolled_back.id());
+    let again = outbox
+        .enqueue_once(&mut *tx, &item(1, 1), "request-1")
+        .await
+        .unwrap();
+    assert_eq!(again, outbox::Enqueued::Duplicate(first.id()));
+    tx.commit().await.unwrap();
+
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let retried = outbox
+        .enqueue_with(
+            &mut *tx,
+            &item(1, 1),
+            EnqueueOptions::new().idempotency_key("request-1"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        retried,
+        first.id(),
+        "enqueue_with gives the first event's id"
+    );
+    let other = outbox
+        .enqueue_once(&mut *tx, &item(1, 2), "request-2")
+        .await
+        .unwrap();
+    assert!(other.is_new());
+    tx.commit().await.unwrap();
+
+    assert_eq!(DB::count_outbox_rows(&outbox).await, 2);
+    let second = outbox.get(other.id()).await.unwrap().unwrap();
+    assert_eq!(second.sequence, 2, "duplicates take no sequence number");
+
+    let bad = outbox
+        .enqueue_once(
+            &mut *outbox.pool().acquire().await.unwrap(),
+            &item(1, 3),
+            "line\nbreak",
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&bad, outbox::Error::InvalidField { field, .. } if field == "idempotency key"),
+        "{bad}"
+    );
+
+    let log = Log::default();
+    let relay = RunningRelay::start(quick_relay(outbox.clone(), dispatcher(&log, always_ok())));
+    eventually("both events handled", WAIT, || async { log.len() == 2 }).await;
+    relay.stop().await;
+    let ids: Vec<_> = log.snapshot().iter().map(|h| h.event_id).collect();
+    assert_eq!(ids, vec![first.id(), other.id()]);
+
+    // Retention forgets keys with the delivered rows.
+    let removed = outbox
+        .purge(&Retention::delete_after(Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(removed, 2);
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let after_retention = outbox
+        .enqueue_once(&mut *tx, &item(1, 1), "request-1")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert!(after_retention.is_new());
+    DB::drop_tables(&outbox).await;
+}
+
+/// Two transactions enqueue one key at once: the second waits for the first; it finds the
+/// first's event if that committed, and writes its own if that rolled back.
+pub async fn concurrent_idempotency_keys<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    for commit_first in [true, false] {
+        let key = format!("concurrent-{commit_first}");
+        let mut first_tx = outbox.pool().begin().await.unwrap();
+        let first = outbox
+            .enqueue_once(&mut *first_tx, &item(7, 1), key.clone())
+            .await
+            .unwrap();
+        assert!(first.is_new());
+        let second = tokio::spawn({
+            let outbox = outbox.clone();
+            let key = key.clone();
+            async move {
+                let mut tx = outbox.pool().begin().await.unwrap();
+                let second = outbox
+                    .enqueue_once(&mut *tx, &item(7, 2), key)
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+                second
+            }
+        });
+        // The second is held by the first's uncommitted key (a negative condition: give it
+        // time to go wrong).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!second.is_finished(), "the second enqueue did not wait");
+        if commit_first {
+            first_tx.commit().await.unwrap();
+        } else {
+            first_tx.rollback().await.unwrap();
+        }
+        let second = tokio::time::timeout(WAIT, second).await.unwrap().unwrap();
+        if commit_first {
+            assert_eq!(second, outbox::Enqueued::Duplicate(first.id()));
+        } else {
+            assert!(second.is_new(), "{second:?}");
+            assert!(outbox.get(second.id()).await.unwrap().is_some());
+        }
+    }
+    assert_eq!(DB::count_outbox_rows(&outbox).await, 2);
+    DB::drop_tables(&outbox).await;
+}

@@ -86,12 +86,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// The schema, as `(version, description, SQL)` steps.
     fn migration_sql(&self) -> Vec<(i64, &'static str, String)>;
 
-    /// Writes `messages` on the caller's connection, inside its transaction.
+    /// Writes `messages` on the caller's connection, inside its transaction; a message whose
+    /// idempotency key this outbox has seen is not written. One result per message, in order.
     fn insert<'a>(
         &'a self,
         conn: &'a mut Self::Connection,
         messages: &'a [Message],
-    ) -> impl Future<Output = Result<()>> + Send + 'a;
+    ) -> impl Future<Output = Result<Vec<Enqueued>>> + Send + 'a;
 
     /// Takes in what writers announced apart from the relay's bookkeeping (PostgreSQL's
     /// `<table>_new`), before a claim; returns how many announcements it took. The relay
@@ -319,6 +320,29 @@ pub struct Fate {
     pub attempts: u32,
     /// Already cleaned (see `relay::settle::clean_reason`).
     pub reason: Option<String>,
+}
+
+/// What an enqueue did with one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Written, with this id.
+    New(Uuid),
+    /// Not written: its idempotency key was enqueued before, by the event with this id.
+    Duplicate(Uuid),
+}
+
+impl Enqueued {
+    /// The id of the event now in the outbox for this enqueue.
+    pub fn id(&self) -> Uuid {
+        match *self {
+            Self::New(id) | Self::Duplicate(id) => id,
+        }
+    }
+
+    /// Whether this enqueue wrote the event.
+    pub fn is_new(&self) -> bool {
+        matches!(self, Self::New(_))
+    }
 }
 
 /// An aggregate whose relay bookkeeping disagrees with its event rows, found by
@@ -550,7 +574,8 @@ impl<DB: Backend> Outbox<DB> {
             .await
     }
 
-    /// Like [`enqueue`](Self::enqueue), with a delay and headers.
+    /// Like [`enqueue`](Self::enqueue), with a delay, headers or an idempotency key. With a key
+    /// seen before, nothing is written and the id is the first event's.
     pub async fn enqueue_with<E: OutboxEvent>(
         &self,
         conn: &mut DB::Connection,
@@ -558,10 +583,47 @@ impl<DB: Backend> Outbox<DB> {
         options: EnqueueOptions,
     ) -> Result<Uuid> {
         let message = Message::with_options(event, options)?;
-        let id = message.id;
-        self.enqueue_messages(conn, std::slice::from_ref(&message))
+        Ok(self.enqueue_message(conn, message).await?.id())
+    }
+
+    /// Enqueues `event` once for `key` (see [`EnqueueOptions::idempotency_key`]) and says
+    /// whether this call wrote it: an HTTP handler answers a retried request with the first
+    /// one's result.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "postgres")]
+    /// # async fn demo(outbox: outbox_core::Outbox<sqlx::Postgres>, pool: sqlx::PgPool,
+    /// #     event: outbox_core::Receipt) -> Result<(), outbox_core::Error> {
+    /// let mut tx = pool.begin().await?;
+    /// let enqueued = outbox.enqueue_once(&mut *tx, &event, "request-7f3a").await?;
+    /// if enqueued.is_new() {
+    ///     // first time: the business change goes into the same transaction
+    /// }
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn enqueue_once<E: OutboxEvent>(
+        &self,
+        conn: &mut DB::Connection,
+        event: &E,
+        key: impl Into<String>,
+    ) -> Result<Enqueued> {
+        let message = Message::with_options(event, EnqueueOptions::new().idempotency_key(key))?;
+        self.enqueue_message(conn, message).await
+    }
+
+    async fn enqueue_message(
+        &self,
+        conn: &mut DB::Connection,
+        message: Message,
+    ) -> Result<Enqueued> {
+        let enqueued = self
+            .enqueue_messages(conn, std::slice::from_ref(&message))
             .await?;
-        Ok(id)
+        Ok(enqueued
+            .first()
+            .copied()
+            .unwrap_or(Enqueued::New(message.id)))
     }
 
     /// Writes several events of one type in one round trip (PostgreSQL) and returns their ids
@@ -579,14 +641,15 @@ impl<DB: Backend> Outbox<DB> {
         Ok(messages.iter().map(Message::id).collect())
     }
 
-    /// Writes prepared [`Message`]s, of any event types, in one round trip (PostgreSQL).
+    /// Writes prepared [`Message`]s, of any event types, in one round trip (PostgreSQL; one
+    /// more per message with an idempotency key). One result per message, in order.
     pub async fn enqueue_messages(
         &self,
         conn: &mut DB::Connection,
         messages: &[Message],
-    ) -> Result<()> {
+    ) -> Result<Vec<Enqueued>> {
         if messages.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let span = match messages {
             [one] => tracing::debug_span!(

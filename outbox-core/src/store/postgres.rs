@@ -1,10 +1,10 @@
 use super::sql::{self, duration_ms};
 use super::{
-    clamp_i32, clamp_u32, parse_headers, Backend, Check, Claim, Discard, EventRecord, ExplainClaim,
-    InboxStore, Inconsistency, Lookup, MarkConsumed, Requeue, Run, RunEvent, Settlement, Store,
-    StoreOptions,
+    clamp_i32, clamp_u32, parse_headers, Backend, Check, Claim, Discard, Enqueued, EventRecord,
+    ExplainClaim, InboxStore, Inconsistency, Lookup, MarkConsumed, Requeue, Run, RunEvent,
+    Settlement, Store, StoreOptions,
 };
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::event::{Deliver, Envelope, Message};
 use crate::retention::Retention;
 use crate::table::TableName;
@@ -25,6 +25,9 @@ struct PgStatements {
     settle: String,
     purge_delete: String,
     purge_archive: String,
+    purge_keys: String,
+    take_key: String,
+    find_key: String,
     get: String,
     requeue: String,
     discard: String,
@@ -234,6 +237,28 @@ DELETE FROM "{t}" o USING doomed WHERE o.id = doomed.id"#
 )
 INSERT INTO "{t}_archive" SELECT * FROM moved"#
             ),
+            // Keys live as long as delivered rows do.
+            purge_keys: format!(
+                r#"DELETE FROM "{t}_keys" WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM "{t}_keys" WHERE created_at < now() - $1 * interval '1 millisecond'
+    LIMIT $2 FOR UPDATE SKIP LOCKED))"#
+            ),
+            // The key row is taken in the writer's transaction: a concurrent writer of the same
+            // key waits on it, and finds it (the event id it returns) once it commits. The
+            // second branch sees an earlier event of this transaction with the key.
+            take_key: format!(
+                r#"WITH taken AS (
+    INSERT INTO "{t}_keys" (key, event_id) VALUES ($1, $2)
+    ON CONFLICT (key) DO NOTHING
+    RETURNING event_id
+)
+SELECT event_id FROM taken
+UNION ALL
+SELECT event_id FROM "{t}_keys" WHERE key = $1
+LIMIT 1"#
+            ),
+            // A key committed by another writer after this statement's snapshot was taken.
+            find_key: format!(r#"SELECT event_id FROM "{t}_keys" WHERE key = $1"#),
             get: format!(
                 r#"SELECT {COLUMNS}, o.status, o.last_error, o.available_at, o.delivered_at, o.dead_at, o.consumed_at
 FROM "{t}" o WHERE o.id = $1"#
@@ -424,6 +449,19 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
     ADD COLUMN IF NOT EXISTS content_type text NOT NULL DEFAULT 'application/json';"#
                 ),
             ),
+            (
+                4,
+                "idempotency keys",
+                format!(
+                    r#"-- Enqueue with an idempotency key writes the event once per key.
+CREATE TABLE IF NOT EXISTS "{t}_keys" (
+    key        text PRIMARY KEY,
+    event_id   uuid NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS "{t}_keys_created_at" ON "{t}_keys" (created_at);"#
+                ),
+            ),
         ]
     }
 
@@ -468,65 +506,21 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
         &'a self,
         conn: &'a mut sqlx::PgConnection,
         messages: &'a [Message],
-    ) -> Result<()> {
-        let statements = &self.statements;
-        if let [m] = messages {
-            let (at, delay) = deliver_at(m);
-            let inserted: i64 = sqlx::query_scalar(&statements.insert_one)
-                .bind(m.id)
-                .bind(m.aggregate_type)
-                .bind(m.aggregate_id.as_str())
-                .bind(m.event_type)
-                .bind(m.schema_version as i32)
-                .bind(m.topic)
-                .bind(m.payload.as_str())
-                .bind(m.headers_json())
-                .bind(at)
-                .bind(delay)
-                .fetch_one(conn)
-                .await?;
-            debug_assert_eq!(inserted, 1);
-            return Ok(());
-        }
-        let n = messages.len();
-        let mut ids = Vec::with_capacity(n);
-        let mut aggregate_types = Vec::with_capacity(n);
-        let mut aggregate_ids = Vec::with_capacity(n);
-        let mut event_types = Vec::with_capacity(n);
-        let mut versions = Vec::with_capacity(n);
-        let mut topics = Vec::with_capacity(n);
-        let mut payloads = Vec::with_capacity(n);
-        let mut headers = Vec::with_capacity(n);
-        let mut available_at = Vec::with_capacity(n);
-        let mut delays = Vec::with_capacity(n);
+    ) -> Result<Vec<Enqueued>> {
+        let mut outcomes = Vec::with_capacity(messages.len());
+        let mut fresh = Vec::with_capacity(messages.len());
         for m in messages {
-            ids.push(m.id);
-            aggregate_types.push(m.aggregate_type);
-            aggregate_ids.push(m.aggregate_id.as_str());
-            event_types.push(m.event_type);
-            versions.push(m.schema_version as i32);
-            topics.push(m.topic);
-            payloads.push(m.payload.as_str());
-            headers.push(m.headers_json());
-            let (at, delay) = deliver_at(m);
-            available_at.push(at);
-            delays.push(delay);
+            let outcome = match m.idempotency_key() {
+                None => Enqueued::New(m.id),
+                Some(key) => self.take_key(&mut *conn, key, m.id).await?,
+            };
+            if outcome.is_new() {
+                fresh.push(m);
+            }
+            outcomes.push(outcome);
         }
-        let inserted: i64 = sqlx::query_scalar(&statements.insert)
-            .bind(ids)
-            .bind(aggregate_types)
-            .bind(aggregate_ids)
-            .bind(event_types)
-            .bind(versions)
-            .bind(topics)
-            .bind(payloads)
-            .bind(headers)
-            .bind(available_at)
-            .bind(delays)
-            .fetch_one(conn)
-            .await?;
-        debug_assert_eq!(inserted as usize, n);
-        Ok(())
+        self.insert_rows(conn, &fresh).await?;
+        Ok(outcomes)
     }
 
     async fn absorb(&self) -> Result<u64> {
@@ -666,6 +660,11 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
             .bind(retention.batch_size as i64)
             .execute(pool)
             .await?;
+        sqlx::query(&statements.purge_keys)
+            .bind(duration_ms(retention.keep))
+            .bind(retention.batch_size as i64)
+            .execute(pool)
+            .await?;
         Ok(done.rows_affected())
     }
 
@@ -718,6 +717,107 @@ ALTER TABLE "{t}_archive" DROP COLUMN IF EXISTS head, DROP COLUMN IF EXISTS lock
                 }
             }
         }
+    }
+}
+
+impl PgStore {
+    /// Takes `key` for event `id`: [`Enqueued::New`] if no event had it, else the first one.
+    async fn take_key(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        key: &str,
+        id: Uuid,
+    ) -> Result<Enqueued> {
+        let found: Option<Uuid> = match sqlx::query_scalar(&self.statements.take_key)
+            .bind(key)
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?
+        {
+            Some(found) => Some(found),
+            None => {
+                sqlx::query_scalar(&self.statements.find_key)
+                    .bind(key)
+                    .fetch_optional(&mut *conn)
+                    .await?
+            }
+        };
+        match found {
+            Some(first) if first == id => Ok(Enqueued::New(id)),
+            Some(first) => Ok(Enqueued::Duplicate(first)),
+            None => Err(Error::InvalidField {
+                field: format!("idempotency key {key:?}"),
+                reason: "it was removed (by retention) while being enqueued; try again",
+            }),
+        }
+    }
+
+    async fn insert_rows(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        messages: &[&Message],
+    ) -> Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let statements = &self.statements;
+        if let [m] = messages {
+            let (at, delay) = deliver_at(m);
+            let inserted: i64 = sqlx::query_scalar(&statements.insert_one)
+                .bind(m.id)
+                .bind(m.aggregate_type)
+                .bind(m.aggregate_id.as_str())
+                .bind(m.event_type)
+                .bind(m.schema_version as i32)
+                .bind(m.topic)
+                .bind(m.payload.as_str())
+                .bind(m.headers_json())
+                .bind(at)
+                .bind(delay)
+                .fetch_one(conn)
+                .await?;
+            debug_assert_eq!(inserted, 1);
+            return Ok(());
+        }
+        let n = messages.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut aggregate_types = Vec::with_capacity(n);
+        let mut aggregate_ids = Vec::with_capacity(n);
+        let mut event_types = Vec::with_capacity(n);
+        let mut versions = Vec::with_capacity(n);
+        let mut topics = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        let mut headers = Vec::with_capacity(n);
+        let mut available_at = Vec::with_capacity(n);
+        let mut delays = Vec::with_capacity(n);
+        for m in messages {
+            ids.push(m.id);
+            aggregate_types.push(m.aggregate_type);
+            aggregate_ids.push(m.aggregate_id.as_str());
+            event_types.push(m.event_type);
+            versions.push(m.schema_version as i32);
+            topics.push(m.topic);
+            payloads.push(m.payload.as_str());
+            headers.push(m.headers_json());
+            let (at, delay) = deliver_at(m);
+            available_at.push(at);
+            delays.push(delay);
+        }
+        let inserted: i64 = sqlx::query_scalar(&statements.insert)
+            .bind(ids)
+            .bind(aggregate_types)
+            .bind(aggregate_ids)
+            .bind(event_types)
+            .bind(versions)
+            .bind(topics)
+            .bind(payloads)
+            .bind(headers)
+            .bind(available_at)
+            .bind(delays)
+            .fetch_one(conn)
+            .await?;
+        debug_assert_eq!(inserted as usize, n);
+        Ok(())
     }
 }
 

@@ -1,8 +1,8 @@
 use super::sql::{self, duration_ms};
 use super::{
-    clamp_i32, clamp_u32, parse_headers, Backend, Check, Claim, Discard, EventRecord, ExplainClaim,
-    InboxStore, Inconsistency, Lookup, MarkConsumed, Requeue, Run, RunEvent, Settlement, Store,
-    StoreOptions,
+    clamp_i32, clamp_u32, parse_headers, Backend, Check, Claim, Discard, Enqueued, EventRecord,
+    ExplainClaim, InboxStore, Inconsistency, Lookup, MarkConsumed, Requeue, Run, RunEvent,
+    Settlement, Store, StoreOptions,
 };
 use crate::error::{Error, Result};
 use crate::event::{Deliver, Envelope, Message};
@@ -31,6 +31,8 @@ struct SqliteStatements {
     purge_select: String,
     purge_archive: String,
     purge_delete: String,
+    purge_keys: String,
+    take_key: String,
     get: String,
     consumed: String,
     check: String,
@@ -136,6 +138,17 @@ ORDER BY delivered_at LIMIT ?2"#
             ),
             purge_delete: format!(
                 r#"DELETE FROM "{t}" WHERE id IN (SELECT value FROM json_each(?1))"#
+            ),
+            // Keys live as long as delivered rows do.
+            purge_keys: format!(
+                r#"DELETE FROM "{t}_keys" WHERE rowid IN (
+    SELECT rowid FROM "{t}_keys" WHERE created_at < ?1 LIMIT ?2)"#
+            ),
+            // One writer at a time: the key is either there (another event has it) or taken now.
+            take_key: format!(
+                r#"INSERT INTO "{t}_keys" (key, event_id, created_at) VALUES (?1, ?2, ?3)
+ON CONFLICT (key) DO UPDATE SET key = excluded.key
+RETURNING event_id"#
             ),
             get: format!(
                 r#"SELECT {COLUMNS}, status, last_error, available_at, delivered_at, dead_at, consumed_at
@@ -259,6 +272,18 @@ ALTER TABLE "{t}_archive" DROP COLUMN locked_by;
 ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'application/json';"#
                 ),
             ),
+            (
+                3,
+                "idempotency keys",
+                format!(
+                    r#"CREATE TABLE IF NOT EXISTS "{t}_keys" (
+    key        TEXT PRIMARY KEY NOT NULL,
+    event_id   TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS "{t}_keys_created_at" ON "{t}_keys" (created_at);"#
+                ),
+            ),
         ]
     }
 
@@ -305,10 +330,28 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
         &'a self,
         conn: &'a mut sqlx::SqliteConnection,
         messages: &'a [Message],
-    ) -> Result<()> {
+    ) -> Result<Vec<Enqueued>> {
         let statements = &self.statements;
         let now = now_ms();
+        let mut outcomes = Vec::with_capacity(messages.len());
         for m in messages {
+            if let Some(key) = m.idempotency_key() {
+                let raw: String = sqlx::query_scalar(&statements.take_key)
+                    .bind(key)
+                    .bind(m.id.to_string())
+                    .bind(now)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                let first = Uuid::parse_str(&raw).map_err(|e| Error::CorruptRow {
+                    id: raw.clone(),
+                    reason: format!("idempotency key {key:?} names no UUID: {e}"),
+                })?;
+                if first != m.id {
+                    outcomes.push(Enqueued::Duplicate(first));
+                    continue;
+                }
+            }
+            outcomes.push(Enqueued::New(m.id));
             let seq: i64 = sqlx::query_scalar(&statements.next_seq)
                 .bind(m.aggregate_type)
                 .bind(&m.aggregate_id)
@@ -341,7 +384,7 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
                 .execute(&mut *conn)
                 .await?;
         }
-        Ok(())
+        Ok(outcomes)
     }
 
     async fn claim<'a>(&'a self, claim: &'a Claim) -> Result<Vec<Run>> {
@@ -441,12 +484,18 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
     async fn purge_batch<'a>(&'a self, retention: &'a Retention) -> Result<u64> {
         let (pool, statements) = (&self.pool, &self.statements);
         let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(&statements.purge_keys)
+            .bind(now_ms().saturating_sub(duration_ms(retention.keep)))
+            .bind(retention.batch_size as i64)
+            .execute(&mut *tx)
+            .await?;
         let ids: Vec<String> = sqlx::query_scalar(&statements.purge_select)
             .bind(now_ms().saturating_sub(duration_ms(retention.keep)))
             .bind(retention.batch_size as i64)
             .fetch_all(&mut *tx)
             .await?;
         if ids.is_empty() {
+            tx.commit().await?;
             return Ok(0);
         }
         let ids = serde_json::to_string(&ids).expect("strings serialise");
