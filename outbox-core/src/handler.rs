@@ -190,6 +190,10 @@ impl HandlerContext {
     pub fn correlation_id(&self) -> Option<&str> {
         self.headers.get(header::CORRELATION_ID).map(String::as_str)
     }
+    /// The causation id header, if any.
+    pub fn causation_id(&self) -> Option<&str> {
+        self.headers.get(header::CAUSATION_ID).map(String::as_str)
+    }
 
     /// The shared value of type `T` given to [`Dispatcher::state`].
     ///
