@@ -291,7 +291,12 @@ impl Gateway {
         event: &PaymentCreated,
     ) -> Result<(), ChargeError> {
         let unavailable = |e: sqlx::Error| ChargeError::Unavailable(format!("gateway: {e}"));
-        if self.ledger.charged(idempotency_key).await.map_err(unavailable)? {
+        if self
+            .ledger
+            .charged(idempotency_key)
+            .await
+            .map_err(unavailable)?
+        {
             tracing::info!(payment_id = %event.payment_id, key = %idempotency_key,
                 "gateway: key already charged, not charging again");
             return Ok(());

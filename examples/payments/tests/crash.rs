@@ -157,7 +157,10 @@ async fn worker_killed_mid_burst_charges_no_payment_twice() {
         client.await.unwrap();
     }
     let accepted: Vec<String> = accepted.lock().unwrap().clone();
-    assert_eq!(accepted.iter().collect::<HashSet<_>>().len(), accepted.len());
+    assert_eq!(
+        accepted.iter().collect::<HashSet<_>>().len(),
+        accepted.len()
+    );
 
     // Every payment settles, and every payment.created event is settled too (none stuck).
     eventually("every payment and its event settled", || async {
@@ -220,7 +223,10 @@ async fn worker_killed_mid_burst_charges_no_payment_twice() {
     .unwrap()
     .into_iter()
     .collect();
-    assert!(dead.is_subset(&rejected), "dead events of paid payments: {dead:?}");
+    assert!(
+        dead.is_subset(&rejected),
+        "dead events of paid payments: {dead:?}"
+    );
 
     api.stop().await.unwrap();
     pool.close().await;

@@ -221,7 +221,10 @@ async fn burst_of_200_payments_ends_paid_or_rejected_with_one_confirmation_per_p
             .unwrap();
     assert!(charged.iter().all(|(_, n)| *n == 1), "{charged:?}");
     assert_eq!(
-        charged.into_iter().map(|(id, _)| id).collect::<HashSet<_>>(),
+        charged
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect::<HashSet<_>>(),
         paid
     );
     // The outbox rows of rejected payments are dead with the reason.
