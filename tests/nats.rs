@@ -852,10 +852,7 @@ async fn correlation_headers_use_outbox_names_and_old_names_are_still_read() {
     let options = outbox::EnqueueOptions::new()
         .correlation_id("req-1")
         .causation_id("cmd-1");
-    outbox
-        .enqueue_with(&mut *tx, &item, options)
-        .await
-        .unwrap();
+    outbox.enqueue_with(&mut *tx, &item, options).await.unwrap();
     tx.commit().await.unwrap();
     let relay = RunningRelay::start(
         Relay::builder(
@@ -896,15 +893,11 @@ async fn correlation_headers_use_outbox_names_and_old_names_are_still_read() {
     old.insert("outbox-id", old_id.as_str());
     old.insert("correlation_id", "req-2");
     old.insert("causation_id", "cmd-2");
-    js.publish_with_headers(
-        published.subject.clone(),
-        old,
-        published.payload.clone(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    js.publish_with_headers(published.subject.clone(), old, published.payload.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
 
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
     let registry = outbox::Registry::builder()

@@ -509,7 +509,6 @@ mod tests {
             envelope.created_at.timestamp_millis() / 1000
         );
 
-
         // A message from a producer that still writes the old names.
         let mut old = wire.clone();
         for (name, _) in &mut old {

@@ -458,7 +458,7 @@ pub async fn start(
                 .max_connections(4)
                 .connect_with(
                     sqlx::sqlite::SqliteConnectOptions::new()
-                        .filename(&path)
+                        .filename(path)
                         .create_if_missing(true)
                         .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
                         .busy_timeout(Duration::from_secs(10)),
