@@ -831,3 +831,116 @@ async fn a_cluster_node_restart_kills_no_event() {
     assert_eq!(stored.load(Ordering::SeqCst), 1500);
     Postgres::drop_tables(&outbox).await;
 }
+
+/// The correlation and causation ids travel as `outbox-correlation-id` / `outbox-causation-id`;
+/// a message from a producer that still writes the old names (`correlation_id`,
+/// `causation_id`) gives the handler the same ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn correlation_headers_use_outbox_names_and_old_names_are_still_read() {
+    init_tracing();
+    let (prefix, stream_name) = names();
+    let js = jetstream(&nats_url()).await;
+    let stream = ensure_stream(&js, &stream_name, vec![format!("{prefix}.>")])
+        .await
+        .unwrap();
+    let outbox = Postgres::fresh().await;
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let item = ItemChanged {
+        item: "corr".into(),
+        n: 1,
+    };
+    let options = outbox::EnqueueOptions::new()
+        .correlation_id("req-1")
+        .causation_id("cmd-1");
+    outbox.enqueue_with(&mut *tx, &item, options).await.unwrap();
+    tx.commit().await.unwrap();
+    let relay = RunningRelay::start(
+        Relay::builder(
+            outbox.clone(),
+            NatsTransport::new(js.clone()).subject_prefix(&prefix),
+        )
+        .poll_interval(Duration::from_millis(50)),
+    );
+    let published = read_all(&js, &stream_name, 1).await.remove(0);
+    relay.stop().await;
+    let headers = published.headers.clone().unwrap();
+    assert_eq!(
+        headers.get("outbox-correlation-id").map(|v| v.as_str()),
+        Some("req-1")
+    );
+    assert_eq!(
+        headers.get("outbox-causation-id").map(|v| v.as_str()),
+        Some("cmd-1")
+    );
+    assert!(headers.get("correlation_id").is_none());
+    assert!(headers.get("causation_id").is_none());
+
+    // The same message as a 0.1 producer wrote it: the old names, a new id (NATS would
+    // deduplicate on the same one).
+    let mut old = async_nats::HeaderMap::new();
+    for (name, values) in headers.iter() {
+        let name = match name.as_ref() {
+            "outbox-correlation-id" => "correlation_id",
+            "outbox-causation-id" => "causation_id",
+            "outbox-id" | "Nats-Msg-Id" => continue,
+            other => other,
+        };
+        for value in values {
+            old.append(name, value.as_str());
+        }
+    }
+    let old_id = uuid::Uuid::now_v7().to_string();
+    old.insert("outbox-id", old_id.as_str());
+    old.insert("correlation_id", "req-2");
+    old.insert("causation_id", "cmd-2");
+    js.publish_with_headers(published.subject.clone(), old, published.payload.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let registry = outbox::Registry::builder()
+        .handler::<ItemChanged, _, _>("ids", move |_: ItemChanged, ctx: outbox::HandlerContext| {
+            let seen_tx = seen_tx.clone();
+            async move {
+                let ids = (
+                    ctx.correlation_id().map(str::to_owned),
+                    ctx.causation_id().map(str::to_owned),
+                );
+                let _ = seen_tx.send(ids);
+                Ok(())
+            }
+        })
+        .unwrap()
+        .build();
+    let pull = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("ids".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let consumer = NatsConsumer::new(pull, outbox::Dispatcher::new(registry));
+    let shutdown = outbox::CancellationToken::new();
+    let consuming = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { consumer.run(shutdown).await.unwrap() }
+    });
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let ids = tokio::time::timeout(WAIT, seen.recv())
+            .await
+            .expect("the consumer handled both messages")
+            .unwrap();
+        got.push(ids);
+    }
+    shutdown.cancel();
+    consuming.await.unwrap();
+    got.sort();
+    let some = |a: &str, b: &str| (Some(a.to_owned()), Some(b.to_owned()));
+    assert_eq!(got, vec![some("req-1", "cmd-1"), some("req-2", "cmd-2")]);
+    js.delete_stream(&stream_name).await.unwrap();
+    Postgres::drop_tables(&outbox).await;
+}

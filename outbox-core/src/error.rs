@@ -43,9 +43,16 @@ pub enum Error {
     /// Handlers the application expects are missing from the registry.
     ///
     /// With `inventory`, a handler defined in a library crate that the binary never references can
-    /// be dropped by the linker; [`Registry::require`](crate::Registry::require) turns that into
-    /// this start-up error instead of events that silently go dead.
-    #[error("no handler registered for {}", missing.join(", "))]
+    /// be dropped by the linker (`use that_crate as _;` in the binary keeps it);
+    /// [`Registry::require`](crate::Registry::require) turns that into this start-up error
+    /// instead of events that silently go dead.
+    #[error(
+        "no handler registered for {}. If these handlers are written with \
+         #[outbox::handler] in a library crate, the linker most likely dropped their \
+         registrations because the binary never references that crate: add \
+         `use that_crate as _;` to the binary (main.rs), naming the crate that defines them",
+        missing.join(", ")
+    )]
     MissingHandlers {
         /// `event_type vN` of every missing handler.
         missing: Vec<String>,

@@ -30,11 +30,15 @@ pub trait OutboxEvent: Serialize {
     fn aggregate_id(&self) -> String;
 }
 
-/// Well-known header names. Transports copy them onto broker messages.
+/// Well-known keys of an event's stored headers ([`Envelope::headers`], the `headers` column).
+///
+/// On broker messages the transports carry the correlation and causation ids under the
+/// library's `outbox-` names ([`wire::CORRELATION_ID`], [`wire::CAUSATION_ID`]); the trace
+/// context keeps its W3C names, which tracing tools look for.
 pub mod header {
-    /// Correlates every event caused by one request.
+    /// Correlates every event caused by one request (on the wire: `outbox-correlation-id`).
     pub const CORRELATION_ID: &str = "correlation_id";
-    /// The id of the event or command that caused this one.
+    /// The id of the event or command that caused this one (on the wire: `outbox-causation-id`).
     pub const CAUSATION_ID: &str = "causation_id";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
@@ -279,21 +283,29 @@ impl Envelope {
         self.headers.get(header::CORRELATION_ID).map(String::as_str)
     }
 
+    /// The causation id header, if any.
+    pub fn causation_id(&self) -> Option<&str> {
+        self.headers.get(header::CAUSATION_ID).map(String::as_str)
+    }
+
     /// Every header a transport should put on the broker message: the stored headers plus the
     /// outbox metadata (`outbox-id`, `outbox-event-type`, `outbox-aggregate-type`,
     /// `outbox-aggregate-id`, `outbox-sequence`, `outbox-schema-version`, `content-type`).
     ///
-    /// Stored headers with a reserved name (see [`is_reserved_header`]; enqueue refuses them,
-    /// but rows may come from elsewhere) are left out, and the metadata comes last, so nothing
-    /// can override it.
+    /// The stored correlation and causation ids go out as `outbox-correlation-id` and
+    /// `outbox-causation-id` (see [`wire`]). Other stored headers with a reserved name (see
+    /// [`is_reserved_header`]; enqueue refuses them, but rows may come from elsewhere) are left
+    /// out, and the metadata comes last, so nothing can override it.
     pub fn wire_headers(&self) -> Vec<(String, String)> {
         let mut out = Vec::with_capacity(self.headers.len() + 7);
-        out.extend(
-            self.headers
-                .iter()
-                .filter(|(k, _)| !is_reserved_header(k))
-                .map(|(k, v)| (k.clone(), v.clone())),
-        );
+        out.extend(self.headers.iter().filter_map(|(k, v)| {
+            let name = match wire::renamed(k) {
+                Some(name) => name.to_owned(),
+                None if is_reserved_header(k) => return None,
+                None => k.clone(),
+            };
+            Some((name, v.clone()))
+        }));
         out.push((wire::ID.to_owned(), self.id.to_string()));
         out.push((wire::EVENT_TYPE.to_owned(), self.event_type.clone()));
         out.push((wire::AGGREGATE_TYPE.to_owned(), self.aggregate_type.clone()));
@@ -313,7 +325,10 @@ impl Envelope {
     /// [`wire_headers`](Self::wire_headers)) and payload: what consumers hand to the
     /// [`Dispatcher`](crate::Dispatcher). `attempt` is the broker's delivery count.
     ///
-    /// Headers that are not outbox metadata become the envelope's headers again.
+    /// Headers that are not outbox metadata become the envelope's headers again, the
+    /// correlation and causation ids under their stored names ([`header`]). The names used
+    /// in 0.1 (`correlation_id`, `causation_id` on the wire) are still read, for messages
+    /// from producers not yet upgraded; the `outbox-` names win when both are present.
     pub fn from_wire<'a>(
         headers: impl IntoIterator<Item = (&'a str, &'a str)>,
         payload: String,
@@ -326,6 +341,7 @@ impl Envelope {
         let mut sequence = None;
         let mut schema_version = None;
         let mut rest = Headers::new();
+        let mut ids = Headers::new();
         for (key, value) in headers {
             match key {
                 wire::ID => {
@@ -341,11 +357,20 @@ impl Envelope {
                     schema_version = Some(value.parse().map_err(|e| format!("bad {key}: {e}"))?)
                 }
                 wire::CONTENT_TYPE => {}
+                wire::CORRELATION_ID => {
+                    ids.insert(header::CORRELATION_ID.to_owned(), value.to_owned());
+                }
+                wire::CAUSATION_ID => {
+                    ids.insert(header::CAUSATION_ID.to_owned(), value.to_owned());
+                }
+                // The old names (`correlation_id`, `causation_id`) land here, under the
+                // stored names they already are.
                 _ => {
                     rest.insert(key.to_owned(), value.to_owned());
                 }
             }
         }
+        rest.extend(ids);
         let missing = |name: &str| format!("message has no {name} header");
         let id = id.ok_or_else(|| missing(wire::ID))?;
         Ok(Self {
@@ -370,8 +395,18 @@ impl Envelope {
     }
 }
 
-/// Header names the transports put on broker messages.
+/// Header names the transports put on broker messages: everything the library sets is named
+/// `outbox-…` (kebab case), except `content-type` and the W3C trace context (`traceparent`,
+/// `tracestate`), whose names are standard.
 pub mod wire {
+    use super::header;
+
+    /// The correlation id (stored as [`header::CORRELATION_ID`], `correlation_id` on the wire
+    /// in 0.1).
+    pub const CORRELATION_ID: &str = "outbox-correlation-id";
+    /// The causation id (stored as [`header::CAUSATION_ID`], `causation_id` on the wire in
+    /// 0.1).
+    pub const CAUSATION_ID: &str = "outbox-causation-id";
     /// The outbox row id.
     pub const ID: &str = "outbox-id";
     /// The event type.
@@ -388,6 +423,15 @@ pub mod wire {
     pub const CONTENT_TYPE: &str = "content-type";
     /// The only content type written today.
     pub const JSON: &str = "application/json";
+
+    /// The wire name of a stored header that the library renames on the wire.
+    pub(crate) fn renamed(stored: &str) -> Option<&'static str> {
+        match stored {
+            header::CORRELATION_ID => Some(CORRELATION_ID),
+            header::CAUSATION_ID => Some(CAUSATION_ID),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -443,6 +487,8 @@ mod tests {
     fn wire_headers_round_trip() {
         let mut headers = Headers::new();
         headers.insert(header::CORRELATION_ID.into(), "req-1".into());
+        headers.insert(header::CAUSATION_ID.into(), "cmd-9".into());
+        headers.insert("tenant".into(), "acme".into());
         let envelope = Envelope {
             id: Uuid::now_v7(),
             created_at: Utc::now(),
@@ -457,6 +503,14 @@ mod tests {
             attempt: 1,
         };
         let wire = envelope.wire_headers();
+        let names: Vec<&str> = wire.iter().map(|(k, _)| k.as_str()).collect();
+        // Everything the library sets is `outbox-…`, the user's own header as it was.
+        assert!(
+            names.contains(&"outbox-correlation-id") && names.contains(&"outbox-causation-id"),
+            "{names:?}"
+        );
+        assert!(!names.contains(&"correlation_id") && !names.contains(&"causation_id"));
+        assert!(names.contains(&"tenant"), "{names:?}");
         let back = Envelope::from_wire(
             wire.iter().map(|(k, v)| (k.as_str(), v.as_str())),
             "{}".into(),
@@ -470,10 +524,48 @@ mod tests {
         assert_eq!(back.schema_version, 2);
         assert_eq!(back.attempt, 3);
         assert_eq!(back.correlation_id(), Some("req-1"));
+        assert_eq!(back.causation_id(), Some("cmd-9"));
+        assert_eq!(back.headers, envelope.headers);
         assert_eq!(
             back.created_at.timestamp_millis() / 1000,
             envelope.created_at.timestamp_millis() / 1000
         );
+
+        // A message from a producer that still writes the old names.
+        let mut old = wire.clone();
+        for (name, _) in &mut old {
+            match name.as_str() {
+                "outbox-correlation-id" => *name = "correlation_id".into(),
+                "outbox-causation-id" => *name = "causation_id".into(),
+                _ => {}
+            }
+        }
+        let from_old = Envelope::from_wire(
+            old.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            "{}".into(),
+            1,
+        )
+        .unwrap();
+        assert_eq!(from_old.correlation_id(), Some("req-1"));
+        assert_eq!(from_old.causation_id(), Some("cmd-9"));
+        assert_eq!(from_old.headers, envelope.headers);
+
+        // Both names present (whatever their order): the new one wins.
+        for pairs in [
+            [("correlation_id", "old"), ("outbox-correlation-id", "new")],
+            [("outbox-correlation-id", "new"), ("correlation_id", "old")],
+        ] {
+            let both = Envelope::from_wire(
+                wire.iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .filter(|(k, _)| *k != "outbox-correlation-id")
+                    .chain(pairs),
+                "{}".into(),
+                1,
+            )
+            .unwrap();
+            assert_eq!(both.correlation_id(), Some("new"));
+        }
 
         let err = Envelope::from_wire([("outbox-id", "nope")], String::new(), 1).unwrap_err();
         assert!(err.contains("bad outbox-id"), "{err}");

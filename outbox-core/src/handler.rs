@@ -190,6 +190,10 @@ impl HandlerContext {
     pub fn correlation_id(&self) -> Option<&str> {
         self.headers.get(header::CORRELATION_ID).map(String::as_str)
     }
+    /// The causation id header, if any.
+    pub fn causation_id(&self) -> Option<&str> {
+        self.headers.get(header::CAUSATION_ID).map(String::as_str)
+    }
 
     /// The shared value of type `T` given to [`Dispatcher::state`].
     ///
@@ -304,8 +308,9 @@ impl Registry {
     /// version.
     ///
     /// Registrations in a library crate that the binary never otherwise references can be
-    /// dropped by the linker (a known limit of `inventory`): reference something from that crate
-    /// in the binary, and check with [`require`](Self::require) at start-up.
+    /// dropped by the linker (a known limit of `inventory`): reference the crate from the binary
+    /// (`use my_handlers as _;` in `main.rs` is enough), and check with
+    /// [`require`](Self::require) at start-up.
     pub fn from_inventory() -> Result<Self> {
         let mut builder = Self::builder();
         for registration in inventory::iter::<HandlerRegistration> {
@@ -775,10 +780,15 @@ mod tests {
         let err = registry
             .require(&[("ping", 1), ("ping", 2), ("pong", 1)])
             .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "no handler registered for ping v2, pong v1"
+        let message = err.to_string();
+        assert!(
+            message.starts_with("no handler registered for ping v2, pong v1. "),
+            "{message}"
         );
+        // The message names the usual cause and the remedy as code.
+        assert!(message.contains("library crate"), "{message}");
+        assert!(message.contains("linker"), "{message}");
+        assert!(message.contains("`use that_crate as _;`"), "{message}");
     }
 
     #[tokio::test]

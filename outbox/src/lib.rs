@@ -57,8 +57,9 @@
 //!
 //! `#[outbox::handler]` registers a handler at compile time through `inventory`. A handler
 //! defined in a library crate that your binary never otherwise references can be dropped by the
-//! linker; check at start-up with [`Registry::require`] (or [`Registry::require_event`]) so a
-//! missing handler is an error at boot rather than events going dead later.
+//! linker: name the crate in the binary (`use my_handlers as _;` in `main.rs`), and check at
+//! start-up with [`Registry::require`] (or [`Registry::require_event`]) so a missing handler is
+//! an error at boot rather than events going dead later.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use outbox_core::*;

@@ -2,8 +2,9 @@
 
 use crate::{App, PaymentCreated, Store};
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
@@ -14,6 +15,16 @@ use uuid::Uuid;
 /// ISO 4217 codes the service accepts (lowercase, as in the seed's requests).
 const CURRENCIES: &[&str] = &["usd", "eur", "gbp", "mxn", "cad", "jpy", "chf", "aud"];
 
+/// The largest request body accepted (413 beyond).
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// The longest accepted value of each text field, in characters (422 beyond).
+pub const MAX_FIELD_CHARS: &[(&str, usize)] = &[
+    ("tokenCard", 64),
+    ("cardHolderName", 200),
+    // RFC 5321's limit on a forward path.
+    ("cardHolderEmail", 254),
+];
+
 pub(crate) fn router<DB: Store>(app: Arc<App<DB>>) -> axum::Router {
     axum::Router::new()
         .route("/api/payment", post(create_payment::<DB>))
@@ -21,7 +32,29 @@ pub(crate) fn router<DB: Store>(app: Arc<App<DB>>) -> axum::Router {
             "/api/payment/status/{payment_id}",
             get(payment_status::<DB>),
         )
+        // Every answer is the documented JSON error shape, also for what axum answers itself.
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(app)
+}
+
+async fn no_route(method: Method, uri: Uri) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        None,
+        format!("no route for {method} {}", uri.path()),
+    )
+    .into_response()
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        None,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+    .into_response()
 }
 
 /// A JSON error: `{"error": "...", "field": "..."}`.
@@ -78,7 +111,14 @@ fn validate(body: &[u8]) -> Result<PaymentCreated, ApiError> {
                 Some(name),
                 format!("{name} must not be empty"),
             )),
-            Some(Value::String(s)) => Ok(s.trim().to_owned()),
+            Some(Value::String(s)) => match too_long(name, s.trim()) {
+                Some(max) => Err(error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    Some(name),
+                    format!("{name} must be at most {max} characters"),
+                )),
+                None => Ok(s.trim().to_owned()),
+            },
             Some(_) => Err(error(
                 StatusCode::BAD_REQUEST,
                 Some(name),
@@ -143,6 +183,15 @@ fn validate(body: &[u8]) -> Result<PaymentCreated, ApiError> {
     })
 }
 
+/// The limit `value` exceeds, if it has one and exceeds it.
+fn too_long(field: &str, value: &str) -> Option<usize> {
+    MAX_FIELD_CHARS
+        .iter()
+        .find(|(name, _)| *name == field)
+        .map(|(_, max)| *max)
+        .filter(|max| value.chars().count() > *max)
+}
+
 fn plausible_email(email: &str) -> bool {
     let Some((local, domain)) = email.split_once('@') else {
         return false;
@@ -155,7 +204,36 @@ fn plausible_email(email: &str) -> bool {
         && !email.chars().any(char::is_whitespace)
 }
 
-async fn create_payment<DB: Store>(State(app): State<Arc<App<DB>>>, body: Bytes) -> Response {
+async fn create_payment<DB: Store>(
+    State(app): State<Arc<App<DB>>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            None,
+            "content-type must be application/json",
+        )
+        .into_response();
+    }
+    // Over MAX_BODY_BYTES (413), or a body that could not be read: axum's status, our shape.
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            let message = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                format!("the body is larger than {MAX_BODY_BYTES} bytes")
+            } else {
+                rejection.body_text()
+            };
+            return error(rejection.status(), None, message).into_response();
+        }
+    };
     let payment = match validate(&body) {
         Ok(p) => p,
         Err(error) => return error.into_response(),

@@ -7,6 +7,11 @@
 //!   payment is `Rejected` and the outbox row records why. On success the payment is `Paid`
 //!   and a `PaymentConfirmed` event (the confirmation e-mail) is enqueued in the same
 //!   transaction; the relay publishes it to the configured broker.
+//! - The handler is idempotent, because the relay delivers at least once (a worker killed
+//!   after charging, before its outcome was recorded, gets the event again): it re-reads the
+//!   payment first and does nothing unless it is still `Pending`, and it charges with the
+//!   event id as the gateway's idempotency key, so a key the gateway already charged is
+//!   answered "charged" without charging again.
 //! - `GET /api/payment/status/{paymentId}` reports `Pending`, `Paid` or `Rejected`.
 
 mod api;
@@ -24,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
+pub use api::{MAX_BODY_BYTES, MAX_FIELD_CHARS};
 pub use store::Store;
 
 /// A payment request was accepted.
@@ -79,10 +85,14 @@ pub enum Broker {
     Nats { url: String, prefix: Option<String> },
 }
 
+/// The database when `DATABASE_URL` is unset: a SQLite file in the working directory.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://payments.db";
+
 /// The service's settings, from the environment in `main`.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// PostgreSQL URL, or `None` for a SQLite file.
+    /// `postgres://…`, or `sqlite://<path>` for a SQLite file (created if missing); `None` is
+    /// [`DEFAULT_DATABASE_URL`].
     pub database_url: Option<String>,
     /// Where to listen.
     pub listen: SocketAddr,
@@ -90,6 +100,9 @@ pub struct Config {
     pub failure_rate: f64,
     /// Gateway attempts before a payment is rejected (the seed uses 3).
     pub max_attempts: u32,
+    /// How long the simulated gateway takes to answer after charging: the window in which a
+    /// worker that dies has charged a card without recording it.
+    pub gateway_latency: Duration,
     /// First retry delay; it doubles per attempt.
     pub retry_base: Duration,
     /// Where confirmations go.
@@ -97,8 +110,8 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads `DATABASE_URL`, `PORT`, `FAILURE_RATE`, `MAX_ATTEMPTS`, `BROKER` (`log` or `nats`),
-    /// `NATS_URL` and `NATS_SUBJECT_PREFIX`.
+    /// Reads `DATABASE_URL`, `PORT`, `FAILURE_RATE`, `MAX_ATTEMPTS`, `GATEWAY_LATENCY_MS`,
+    /// `BROKER` (`log` or `nats`), `NATS_URL` and `NATS_SUBJECT_PREFIX` (see the README).
     pub fn from_env() -> Result<Self, String> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let port: u16 =
@@ -111,6 +124,9 @@ impl Config {
         }
         let max_attempts = var("MAX_ATTEMPTS").map_or(Ok(3), |r| {
             r.parse().map_err(|e| format!("MAX_ATTEMPTS: {e}"))
+        })?;
+        let gateway_latency = var("GATEWAY_LATENCY_MS").map_or(Ok(0), |r| {
+            r.parse().map_err(|e| format!("GATEWAY_LATENCY_MS: {e}"))
         })?;
         let broker = match var("BROKER").as_deref() {
             None | Some("log") => Broker::Log,
@@ -125,6 +141,7 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], port)),
             failure_rate,
             max_attempts,
+            gateway_latency: Duration::from_millis(gateway_latency),
             retry_base: Duration::from_millis(500),
             broker,
         })
@@ -133,6 +150,12 @@ impl Config {
 
 /// What the worker's handler needs from the service, whatever the database.
 pub trait Payments: Send + Sync + 'static {
+    /// The payment's status (`Pending`, `Paid`, `Rejected`), `None` if there is no such payment.
+    fn status(
+        &self,
+        payment_id: Uuid,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<String>, HandlerError>> + Send + '_>>;
+
     /// Marks the payment `Paid` and enqueues its confirmation, in one transaction. Does nothing
     /// if the payment is no longer pending (a redelivered event).
     fn mark_paid<'a>(
@@ -156,6 +179,16 @@ pub struct App<DB: Store> {
 }
 
 impl<DB: Store> Payments for App<DB> {
+    fn status(
+        &self,
+        payment_id: Uuid,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<String>, HandlerError>> + Send + '_>> {
+        Box::pin(async move {
+            let row = DB::payment(self.outbox.pool(), payment_id).await?;
+            Ok(row.map(|row| row.status))
+        })
+    }
+
     fn mark_paid<'a>(
         &'a self,
         event: &'a PaymentCreated,
@@ -193,24 +226,98 @@ impl<DB: Store> Payments for App<DB> {
     }
 }
 
-/// The simulated payment gateway: declines at random.
-#[derive(Debug, Clone, Copy)]
+/// The simulated gateway's memory: the idempotency key of every charge it made. It lives in
+/// the table `gateway_charges` of the service's database, standing for the gateway's own
+/// records (which survive a crash of the worker).
+pub trait ChargeLedger: Send + Sync + 'static {
+    /// Whether a charge was made under `key`.
+    fn charged(&self, key: Uuid) -> Pin<Box<dyn Future<Output = sqlx::Result<bool>> + Send + '_>>;
+
+    /// Records a charge under `key`, unless one exists; `false` if it did.
+    fn record_charge<'a>(
+        &'a self,
+        key: Uuid,
+        event: &'a PaymentCreated,
+    ) -> Pin<Box<dyn Future<Output = sqlx::Result<bool>> + Send + 'a>>;
+}
+
+impl<DB: Store> ChargeLedger for App<DB> {
+    fn charged(&self, key: Uuid) -> Pin<Box<dyn Future<Output = sqlx::Result<bool>> + Send + '_>> {
+        DB::charged(self.outbox.pool(), key)
+    }
+
+    fn record_charge<'a>(
+        &'a self,
+        key: Uuid,
+        event: &'a PaymentCreated,
+    ) -> Pin<Box<dyn Future<Output = sqlx::Result<bool>> + Send + 'a>> {
+        DB::record_charge(self.outbox.pool(), key, event)
+    }
+}
+
+/// Why the gateway did not charge.
+#[derive(Debug)]
+pub enum ChargeError {
+    /// The card was declined: counts towards rejecting the payment.
+    Declined(String),
+    /// The gateway could not be asked (its records were unreachable): try again later.
+    Unavailable(String),
+}
+
+/// The simulated payment gateway: declines at random, and charges an idempotency key at most
+/// once (a repeated key that was charged is answered with success, and nothing is charged).
+/// A declined attempt charges nothing, so it is not remembered: retrying it may succeed.
+#[derive(Clone)]
 pub struct Gateway {
     pub failure_rate: f64,
+    pub latency: Duration,
+    pub ledger: Arc<dyn ChargeLedger>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("failure_rate", &self.failure_rate)
+            .field("latency", &self.latency)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Gateway {
-    fn charge(&self, event: &PaymentCreated) -> Result<(), String> {
+    /// Charges the card of `event` once per `idempotency_key`.
+    pub async fn charge(
+        &self,
+        idempotency_key: Uuid,
+        event: &PaymentCreated,
+    ) -> Result<(), ChargeError> {
+        let unavailable = |e: sqlx::Error| ChargeError::Unavailable(format!("gateway: {e}"));
+        if self
+            .ledger
+            .charged(idempotency_key)
+            .await
+            .map_err(unavailable)?
+        {
+            tracing::info!(payment_id = %event.payment_id, key = %idempotency_key,
+                "gateway: key already charged, not charging again");
+            return Ok(());
+        }
         if fastrand::f64() < self.failure_rate {
-            Err(format!(
+            return Err(ChargeError::Declined(format!(
                 "gateway declined card {} for {} {}",
                 mask(&event.token_card),
                 event.amount,
                 event.currency
-            ))
-        } else {
-            Ok(())
+            )));
         }
+        // The primary key on the idempotency key makes the charge happen at most once, even
+        // if two deliveries of the event raced here.
+        self.ledger
+            .record_charge(idempotency_key, event)
+            .await
+            .map_err(unavailable)?;
+        // The answer travels back: a worker killed now has charged without knowing it.
+        tokio::time::sleep(self.latency).await;
+        Ok(())
     }
 }
 
@@ -238,14 +345,30 @@ async fn on_payment_created(
     let payments = ctx.state::<Arc<dyn Payments>>()?;
     let gateway = ctx.state::<Gateway>()?;
     let MaxAttempts(max_attempts) = *ctx.state::<MaxAttempts>()?;
-    match gateway.charge(&event) {
+    // At-least-once delivery: this event may have been handled already (the worker died before
+    // the relay recorded it). A payment that is no longer pending is done; charging it again
+    // would charge a paid payment twice, or a rejected one at all.
+    match payments.status(event.payment_id).await?.as_deref() {
+        Some("Pending") => {}
+        Some(status) => {
+            tracing::info!(payment_id = %event.payment_id, status, "already settled; nothing to do");
+            return Ok(());
+        }
+        None => return Err(HandlerError::fatal("no such payment")),
+    }
+    // The event id is the idempotency key: every delivery of this event asks for the same
+    // charge, and the gateway makes it once.
+    match gateway.charge(ctx.event_id(), &event).await {
         Ok(()) => {
             payments.mark_paid(&event).await?;
             tracing::info!(payment_id = %event.payment_id, attempt = ctx.attempt(), "payment paid");
             Ok(())
         }
-        Err(reason) if ctx.attempt() < max_attempts => Err(HandlerError::retry(reason)),
-        Err(reason) => {
+        Err(ChargeError::Unavailable(reason)) => Err(HandlerError::retry(reason)),
+        Err(ChargeError::Declined(reason)) if ctx.attempt() < max_attempts => {
+            Err(HandlerError::retry(reason))
+        }
+        Err(ChargeError::Declined(reason)) => {
             let reason = format!("rejected after {} attempts: {reason}", ctx.attempt());
             payments.mark_rejected(event.payment_id, &reason).await?;
             tracing::info!(payment_id = %event.payment_id, %reason, "payment rejected");
@@ -313,23 +436,29 @@ pub async fn start(
     role: Role,
     shutdown: outbox::CancellationToken,
 ) -> Result<Running, String> {
-    match config.database_url.clone() {
-        Some(url) if url.starts_with("postgres") => {
-            let pool = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(16)
-                .connect(&url)
-                .await
-                .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
-            start_with(pool, config, role, shutdown).await
-        }
-        Some(_) => Err("DATABASE_URL must be a postgres:// URL (or unset, for SQLite)".into()),
-        None => {
-            let path = std::env::temp_dir().join("outbox-payments.db");
+    let url = config
+        .database_url
+        .clone()
+        .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(16)
+            .connect(&url)
+            .await
+            .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+        return start_with(pool, config, role, shutdown).await;
+    }
+    match url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    {
+        Some(path) if !path.is_empty() => {
+            let path = std::path::Path::new(path);
             let pool = sqlx::sqlite::SqlitePoolOptions::new()
                 .max_connections(4)
                 .connect_with(
                     sqlx::sqlite::SqliteConnectOptions::new()
-                        .filename(&path)
+                        .filename(path)
                         .create_if_missing(true)
                         .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
                         .busy_timeout(Duration::from_secs(10)),
@@ -339,6 +468,9 @@ pub async fn start(
             tracing::info!(database = %path.display(), "using SQLite");
             start_with(pool, config, role, shutdown).await
         }
+        _ => Err(format!(
+            "DATABASE_URL must be postgres://… or sqlite://<path> (or unset, for {DEFAULT_DATABASE_URL})"
+        )),
     }
 }
 
@@ -383,6 +515,8 @@ async fn start_with<DB: Store>(
             .state(payments)
             .state(Gateway {
                 failure_rate: config.failure_rate,
+                latency: config.gateway_latency,
+                ledger: app.clone(),
             })
             .state(MaxAttempts(config.max_attempts));
         let router = match &config.broker {
@@ -390,10 +524,10 @@ async fn start_with<DB: Store>(
                 .transport(handlers)
                 .transport(LogTransport),
             Broker::Nats { url, prefix } => {
-                let client = async_nats::connect(url)
+                let client = outbox::nats::async_nats::connect(url)
                     .await
                     .map_err(|e| format!("cannot reach NATS at {url}: {e}"))?;
-                let js = async_nats::jetstream::new(client);
+                let js = outbox::nats::async_nats::jetstream::new(client);
                 let (stream, subjects, transport) = match prefix {
                     Some(p) => (
                         format!("{}_PAYMENTS", p.to_uppercase()),

@@ -1,8 +1,9 @@
 //! `cargo run -p payments [all|api|worker]`: the payments API and worker (seeds 001 and 004).
 //!
-//! Environment: `DATABASE_URL` (PostgreSQL; a SQLite file when unset), `PORT` (8080),
-//! `FAILURE_RATE` (0.3), `MAX_ATTEMPTS` (3), `BROKER` (`log`, the default, or `nats` with
-//! `NATS_URL`).
+//! Environment (defaults and meanings in the README's Examples section): `DATABASE_URL`
+//! (`sqlite://payments.db`, or `postgres://…`), `PORT` (8080), `FAILURE_RATE` (0.3),
+//! `MAX_ATTEMPTS` (3), `GATEWAY_LATENCY_MS` (0), `BROKER` (`log`, or `nats` with `NATS_URL` and
+//! `NATS_SUBJECT_PREFIX`).
 
 #[tokio::main]
 async fn main() -> Result<(), String> {

@@ -14,7 +14,7 @@ pub struct PaymentRow {
 
 /// The business queries of the service.
 pub trait Store: Backend {
-    /// Creates the `payments` table if missing.
+    /// Creates the `payments` table and the gateway's `gateway_charges` if missing.
     fn create_schema(pool: &sqlx::Pool<Self>) -> BoxFuture<'_, sqlx::Result<()>>;
 
     /// Inserts a `Pending` payment in the caller's transaction.
@@ -36,6 +36,16 @@ pub trait Store: Backend {
         pool: &sqlx::Pool<Self>,
         payment_id: Uuid,
     ) -> BoxFuture<'_, sqlx::Result<Option<PaymentRow>>>;
+
+    /// Whether the gateway made a charge under `key`.
+    fn charged(pool: &sqlx::Pool<Self>, key: Uuid) -> BoxFuture<'_, sqlx::Result<bool>>;
+
+    /// Records the gateway's charge under `key`, unless one exists; `false` if it did.
+    fn record_charge<'a>(
+        pool: &'a sqlx::Pool<Self>,
+        key: Uuid,
+        payment: &'a crate::PaymentCreated,
+    ) -> BoxFuture<'a, sqlx::Result<bool>>;
 }
 
 // PostgreSQL and SQLite both read `$1`-style parameters, so one body serves both.
@@ -58,7 +68,52 @@ macro_rules! store {
                     )
                     .execute(pool)
                     .await?;
+                    // The simulated gateway's own records: one row per charge it made, keyed
+                    // by the idempotency key the worker sent.
+                    sqlx::query(
+                        "CREATE TABLE IF NOT EXISTS gateway_charges (
+                            idempotency_key TEXT PRIMARY KEY,
+                            payment_id TEXT NOT NULL,
+                            amount BIGINT NOT NULL,
+                            currency TEXT NOT NULL
+                        )",
+                    )
+                    .execute(pool)
+                    .await?;
                     Ok(())
+                })
+            }
+
+            fn charged(pool: &sqlx::Pool<Self>, key: Uuid) -> BoxFuture<'_, sqlx::Result<bool>> {
+                Box::pin(async move {
+                    let found: Option<i32> = sqlx::query_scalar(
+                        "SELECT 1 FROM gateway_charges WHERE idempotency_key = $1",
+                    )
+                    .bind(key.to_string())
+                    .fetch_optional(pool)
+                    .await?;
+                    Ok(found.is_some())
+                })
+            }
+
+            fn record_charge<'a>(
+                pool: &'a sqlx::Pool<Self>,
+                key: Uuid,
+                p: &'a crate::PaymentCreated,
+            ) -> BoxFuture<'a, sqlx::Result<bool>> {
+                Box::pin(async move {
+                    let done = sqlx::query(
+                        "INSERT INTO gateway_charges (idempotency_key, payment_id, amount, currency)
+                         VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (idempotency_key) DO NOTHING",
+                    )
+                    .bind(key.to_string())
+                    .bind(p.payment_id.to_string())
+                    .bind(p.amount)
+                    .bind(&p.currency)
+                    .execute(pool)
+                    .await?;
+                    Ok(done.rows_affected() == 1)
                 })
             }
 

@@ -2,6 +2,7 @@
 //! (`OUTBOX_TEST_DATABASE_URL`, `OUTBOX_TEST_NATS_URL`).
 
 use futures_util::StreamExt;
+use outbox::nats::async_nats;
 use payments::{Broker, Config, Role};
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -61,6 +62,7 @@ async fn burst_of_200_payments_ends_paid_or_rejected_with_one_confirmation_per_p
         listen: "127.0.0.1:0".parse().unwrap(),
         failure_rate: 0.3,
         max_attempts: 3,
+        gateway_latency: Duration::ZERO,
         retry_base: Duration::from_millis(20),
         broker: Broker::Nats {
             url: nats_url(),
@@ -116,6 +118,7 @@ async fn burst_of_200_payments_ends_paid_or_rejected_with_one_confirmation_per_p
     assert_eq!(count_payments().await, 0);
     let not_json = http
         .post(format!("{base}/api/payment"))
+        .header("content-type", "application/json")
         .body("{")
         .send()
         .await
@@ -210,6 +213,20 @@ async fn burst_of_200_payments_ends_paid_or_rejected_with_one_confirmation_per_p
             "{r}"
         );
     }
+    // The gateway charged each paid payment once, and no rejected one.
+    let charged: Vec<(String, i64)> =
+        sqlx::query_as("SELECT payment_id, count(*) FROM gateway_charges GROUP BY payment_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(charged.iter().all(|(_, n)| *n == 1), "{charged:?}");
+    assert_eq!(
+        charged
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect::<HashSet<_>>(),
+        paid
+    );
     // The outbox rows of rejected payments are dead with the reason.
     let dead: Vec<(String, String)> = sqlx::query_as(
         "SELECT aggregate_id, last_error FROM outbox WHERE event_type = 'payment.created' AND status = 'dead'",

@@ -1,5 +1,6 @@
 //! End to end over HTTP against PostgreSQL (`OUTBOX_TEST_DATABASE_URL`): nothing is cancelled
-//! before its effective date, and everything is cancelled after it.
+//! before its effective date, everything is cancelled after it, and a restart of the service
+//! (its relay stopped and started again) before the dates loses nothing.
 
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ fn admin_url() -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancellations_happen_at_their_effective_date_and_not_before() {
+async fn cancellations_happen_at_their_effective_date_not_before_and_survive_a_restart() {
     let name = format!("subs_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
     let admin = sqlx::PgPool::connect(&admin_url()).await.unwrap();
     sqlx::query(&format!("CREATE DATABASE {name}"))
@@ -20,14 +21,14 @@ async fn cancellations_happen_at_their_effective_date_and_not_before() {
     let url = format!("{}/{name}", admin_url().rsplit_once('/').unwrap().0);
 
     let shutdown = outbox::CancellationToken::new();
-    let running = subscriptions::start(Some(url), "127.0.0.1:0".parse().unwrap(), shutdown)
+    let running = subscriptions::start(Some(url.clone()), "127.0.0.1:0".parse().unwrap(), shutdown)
         .await
         .unwrap();
     let base = format!("http://{}", running.addr);
     let http = reqwest::Client::new();
 
     let mut subscriptions = Vec::new();
-    for (n, delay) in [2u64, 3, 4].into_iter().enumerate() {
+    for (n, delay) in [3u64, 4, 5].into_iter().enumerate() {
         let created: Value = http
             .post(format!("{base}/api/subscriptions"))
             .json(&json!({ "customer": format!("customer-{n}") }))
@@ -67,6 +68,23 @@ async fn cancellations_happen_at_their_effective_date_and_not_before() {
         .await
         .unwrap();
     assert_eq!(unknown.status().as_u16(), 404);
+
+    // Stop the service (API and relay) and start it again before anything is due: the
+    // deferred events are rows in the database, not timers in the process that scheduled them.
+    running.stop().await.unwrap();
+    let running = subscriptions::start(
+        Some(url),
+        "127.0.0.1:0".parse().unwrap(),
+        outbox::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let base = format!("http://{}", running.addr);
+    let earliest = subscriptions.iter().map(|(_, at)| *at).min().unwrap();
+    assert!(
+        chrono::Utc::now() < earliest,
+        "the restart took until a cancellation was due; the test proves nothing"
+    );
 
     // Watch every subscription until all are cancelled: while it reads as scheduled its date
     // has not passed... and once cancelled, the recorded time is not before the date.
