@@ -201,3 +201,8 @@ async fn an_idempotency_key_enqueues_once() {
 async fn concurrent_enqueues_of_one_idempotency_key_write_one_event() {
     scenarios::concurrent_idempotency_keys::<Sqlite>().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn republish_delivers_delivered_and_archived_events_again_in_order() {
+    scenarios::republish_delivers_again_in_order::<Sqlite>().await;
+}

@@ -38,9 +38,9 @@ pub use store::postgres::{PgInbox, PgStore};
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use store::sqlite::{SqliteInbox, SqliteStore};
 pub use store::{
-    Backend, Check, Claim, Discard, Enqueued, EventRecord, EventStatus, ExplainClaim, Fate,
-    FullStore, InboxStore, Inconsistency, Lookup, MarkConsumed, Outbox, OutboxBuilder, Requeue,
-    Run, RunEvent, Settlement, Store, StoreOptions,
+    Backend, Check, Claim, Discard, Enqueued, EventFilter, EventRecord, EventStatus, ExplainClaim,
+    Fate, FullStore, InboxStore, Inconsistency, Lookup, MarkConsumed, Outbox, OutboxBuilder,
+    Republish, Requeue, Run, RunEvent, Settlement, Store, StoreOptions,
 };
 pub use table::{TableName, MAX_TABLE_NAME_LEN};
 

@@ -1124,3 +1124,93 @@ pub async fn concurrent_idempotency_keys<DB: TestDb>() {
     assert_eq!(DB::count_outbox_rows(&outbox).await, 2);
     DB::drop_tables(&outbox).await;
 }
+
+/// `republish` puts delivered events back, archived ones included, and the relay delivers each
+/// aggregate again from its earliest republished event, in order; a dry run counts and changes
+/// nothing; filters narrow; a filter without conditions is refused.
+pub async fn republish_delivers_again_in_order<DB: TestDb>() {
+    init_tracing();
+    let outbox = DB::fresh().await;
+    let log = Log::default();
+    let enqueue = |events: Vec<ItemChanged>| {
+        let outbox = outbox.clone();
+        async move {
+            let mut tx = outbox.pool().begin().await.unwrap();
+            let ids = outbox.enqueue_batch(&mut *tx, &events).await.unwrap();
+            tx.commit().await.unwrap();
+            ids
+        }
+    };
+    let deliver_until = |n: usize| {
+        let (outbox, log) = (outbox.clone(), log.clone());
+        async move {
+            let relay = RunningRelay::start(quick_relay(outbox, dispatcher(&log, always_ok())));
+            eventually(&format!("{n} handled"), WAIT, || async { log.len() == n }).await;
+            relay.stop().await;
+        }
+    };
+
+    // a: 1..3 and b: 1, delivered and archived; then a: 4 and c: 1, delivered.
+    let first = enqueue(vec![item(1, 1), item(1, 2), item(1, 3), item(2, 1)]).await;
+    deliver_until(4).await;
+    let archived = outbox
+        .purge(&Retention::archive_after(Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(archived, 4);
+    assert_eq!(DB::count_archived(&outbox).await, 4);
+    tokio::time::sleep(Duration::from_millis(5)).await; // a creation-time boundary
+    let boundary = chrono::Utc::now();
+    let later = enqueue(vec![item(1, 4), item(3, 1)]).await;
+    deliver_until(6).await;
+
+    let a = outbox::EventFilter::new().aggregate("item", "item-1");
+    assert_eq!(outbox.republish_dry_run(&a).await.unwrap(), 4);
+    assert_eq!(
+        DB::count_archived(&outbox).await,
+        4,
+        "a dry run changes nothing"
+    );
+    assert_eq!(DB::count_status(&outbox, "pending").await, 0);
+
+    assert_eq!(outbox.republish(&a).await.unwrap(), 4);
+    assert_eq!(DB::count_archived(&outbox).await, 1, "b stays archived");
+    deliver_until(10).await;
+    let again: Vec<u64> = log.snapshot()[6..].iter().map(|h| h.event.n).collect();
+    assert_eq!(again, vec![1, 2, 3, 4], "aggregate a again, in order");
+    assert!(log.snapshot()[6..].iter().all(|h| h.event.item == "item-1"));
+
+    // By id (an archived one), and by event type and creation time.
+    let by_id = outbox::EventFilter::new().id(first[3]);
+    assert_eq!(outbox.republish(&by_id).await.unwrap(), 1);
+    deliver_until(11).await;
+    assert_eq!(log.snapshot()[10].event_id, first[3]);
+    let recent = outbox::EventFilter::new()
+        .event_type("test.item_changed")
+        .created_between(boundary, chrono::Utc::now() + chrono::Duration::seconds(1));
+    assert_eq!(outbox.republish_dry_run(&recent).await.unwrap(), 2);
+    assert_eq!(outbox.republish(&recent).await.unwrap(), 2);
+    deliver_until(13).await;
+    let recent_ids: HashSet<_> = log.snapshot()[11..].iter().map(|h| h.event_id).collect();
+    assert_eq!(recent_ids, later.iter().copied().collect::<HashSet<_>>());
+
+    // Pending events are not "delivered": nothing to republish while they wait.
+    let pending = enqueue(vec![item(4, 1)]).await;
+    assert_eq!(
+        outbox
+            .republish(&outbox::EventFilter::new().id(pending[0]))
+            .await
+            .unwrap(),
+        0
+    );
+    let refused = outbox
+        .republish(&outbox::EventFilter::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, outbox::Error::InvalidField { field, .. } if field == "event filter"),
+        "{refused}"
+    );
+    assert!(outbox.check().await.unwrap().is_empty());
+    DB::drop_tables(&outbox).await;
+}

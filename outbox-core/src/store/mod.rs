@@ -74,7 +74,7 @@ impl Default for StoreOptions {
 /// the contract is tested through the relay, on every store.
 ///
 /// Operator actions are extra abilities, one trait each ([`Lookup`], [`Requeue`], [`Discard`],
-/// [`Check`], [`MarkConsumed`], [`ExplainClaim`]): [`Outbox`] offers each method where its
+/// [`Republish`], [`Check`], [`MarkConsumed`], [`ExplainClaim`]): [`Outbox`] offers each method where its
 /// store has the ability.
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// What the application's transaction dereferences to (`&mut *tx`).
@@ -152,6 +152,98 @@ pub trait Discard: Store {
     fn discard(&self, id: Uuid) -> impl Future<Output = Result<bool>> + Send + '_;
 }
 
+/// Puts delivered (or archived) events back to pending ([`Outbox::republish`]).
+pub trait Republish: Store {
+    /// Republishes the delivered events `filter` selects, in the archive too, each aggregate
+    /// from its earliest one on, in `seq` order; with `dry_run`, only counts them. Returns how
+    /// many.
+    fn republish<'a>(
+        &'a self,
+        filter: &'a EventFilter,
+        dry_run: bool,
+    ) -> impl Future<Output = Result<u64>> + Send + 'a;
+}
+
+/// Which events an operator action applies to: every condition set must hold.
+///
+/// ```
+/// use outbox_core::EventFilter;
+/// # let (yesterday, today) = (chrono::Utc::now(), chrono::Utc::now());
+/// let lost = EventFilter::new()
+///     .event_type("billing.invoice_issued")
+///     .created_between(yesterday, today);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EventFilter {
+    /// These events.
+    pub ids: Option<Vec<Uuid>>,
+    /// The events of this aggregate: type and id.
+    pub aggregate: Option<(String, String)>,
+    /// Events of this type.
+    pub event_type: Option<String>,
+    /// Events created at or after this time ...
+    pub created_from: Option<DateTime<Utc>>,
+    /// ... and before this one.
+    pub created_until: Option<DateTime<Utc>>,
+}
+
+impl EventFilter {
+    /// No condition yet (an operator action refuses a filter without one).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Also event `id` (conditions on ids add up; the others narrow).
+    pub fn id(mut self, id: Uuid) -> Self {
+        self.ids.get_or_insert_with(Vec::new).push(id);
+        self
+    }
+
+    /// Only the events of this aggregate.
+    pub fn aggregate(
+        mut self,
+        aggregate_type: impl Into<String>,
+        aggregate_id: impl Into<String>,
+    ) -> Self {
+        self.aggregate = Some((aggregate_type.into(), aggregate_id.into()));
+        self
+    }
+
+    /// Only events of this type.
+    pub fn event_type(mut self, event_type: impl Into<String>) -> Self {
+        self.event_type = Some(event_type.into());
+        self
+    }
+
+    /// Only events created in `[from, until)`.
+    pub fn created_between(mut self, from: DateTime<Utc>, until: DateTime<Utc>) -> Self {
+        self.created_from = Some(from);
+        self.created_until = Some(until);
+        self
+    }
+
+    /// Whether it sets no condition: it would select every event.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_none()
+            && self.aggregate.is_none()
+            && self.event_type.is_none()
+            && self.created_from.is_none()
+            && self.created_until.is_none()
+    }
+
+    fn refuse_empty(&self) -> Result<()> {
+        if self.is_empty() {
+            return Err(crate::Error::InvalidField {
+                field: "event filter".into(),
+                reason: "it sets no condition and would select every event; name ids, an \
+                         aggregate, an event type or a time range",
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Finds aggregates whose relay bookkeeping disagrees with their rows ([`Outbox::check`]).
 pub trait Check: Store {
     /// Every aggregate with a pending event no relay would ever claim.
@@ -177,12 +269,12 @@ pub trait ExplainClaim: Store {
 /// `fn admin<DB: Backend<Store: FullStore>>(outbox: &Outbox<DB>)`. Both stores of this crate
 /// have it.
 pub trait FullStore:
-    Store + Lookup + Requeue + Discard + Check + MarkConsumed + ExplainClaim
+    Store + Lookup + Requeue + Discard + Republish + Check + MarkConsumed + ExplainClaim
 {
 }
 
 impl<S> FullStore for S where
-    S: Store + Lookup + Requeue + Discard + Check + MarkConsumed + ExplainClaim
+    S: Store + Lookup + Requeue + Discard + Republish + Check + MarkConsumed + ExplainClaim
 {
 }
 
@@ -744,6 +836,31 @@ where
     /// delivered next. Returns whether the aggregate was parked at this event.
     pub async fn discard(&self, id: Uuid) -> Result<bool> {
         self.store().discard(id).await
+    }
+}
+
+impl<DB: Backend> Outbox<DB>
+where
+    DB::Store: Republish,
+{
+    /// Puts the delivered events `filter` selects back to pending, archived ones included,
+    /// for consumers that lost what they had; returns how many. Each aggregate is delivered
+    /// again from its earliest republished event on, in its original `seq` order (events in
+    /// between that `filter` leaves out are not sent again). The events keep their ids: a
+    /// consumer's inbox skips the ones it still has, and JetStream drops those republished
+    /// within the stream's duplicate window. A filter without conditions is refused.
+    pub async fn republish(&self, filter: &EventFilter) -> Result<u64> {
+        filter.refuse_empty()?;
+        self.store()
+            .republish(filter, false)
+            .instrument(tracing::info_span!("outbox.republish", table = %self.inner.table))
+            .await
+    }
+
+    /// How many events [`republish`](Self::republish) would put back, changing nothing.
+    pub async fn republish_dry_run(&self, filter: &EventFilter) -> Result<u64> {
+        filter.refuse_empty()?;
+        self.store().republish(filter, true).await
     }
 }
 

@@ -1,8 +1,8 @@
 use super::sql::{self, duration_ms};
 use super::{
-    clamp_i32, clamp_u32, parse_headers, Backend, Check, Claim, Discard, Enqueued, EventRecord,
-    ExplainClaim, InboxStore, Inconsistency, Lookup, MarkConsumed, Requeue, Run, RunEvent,
-    Settlement, Store, StoreOptions,
+    clamp_i32, clamp_u32, parse_headers, Backend, Check, Claim, Discard, Enqueued, EventFilter,
+    EventRecord, ExplainClaim, InboxStore, Inconsistency, Lookup, MarkConsumed, Republish, Requeue,
+    Run, RunEvent, Settlement, Store, StoreOptions,
 };
 use crate::error::{Error, Result};
 use crate::event::{Deliver, Envelope, Message};
@@ -29,6 +29,9 @@ struct PgStatements {
     take_key: String,
     find_key: String,
     get: String,
+    republish_count: String,
+    republish_restore: String,
+    republish: String,
     requeue: String,
     discard: String,
     consumed: String,
@@ -45,6 +48,14 @@ const COLUMNS: &str = "o.id, o.created_at, o.aggregate_type, o.aggregate_id, o.s
 // events concerned are then delivered again (at least once, never lost), while the events
 // themselves are as durable as the application's transaction that enqueued them. Waiting for
 // the flush would add a disk sync to every claim and every batch.
+
+/// The delivered events an `EventFilter` selects; see `republish_count`.
+const REPUBLISHABLE: &str = "status = 'delivered'
+    AND ($1::uuid[] IS NULL OR id = ANY($1))
+    AND ($2::text IS NULL OR (aggregate_type = $2 AND aggregate_id = $3))
+    AND ($4::text IS NULL OR event_type = $4)
+    AND ($5::timestamptz IS NULL OR created_at >= $5)
+    AND ($6::timestamptz IS NULL OR created_at < $6)";
 
 /// The NOTIFY channel: the table name, so relays of different tables do not wake each other.
 fn channel(table: &TableName) -> String {
@@ -259,6 +270,43 @@ LIMIT 1"#
             ),
             // A key committed by another writer after this statement's snapshot was taken.
             find_key: format!(r#"SELECT event_id FROM "{t}_keys" WHERE key = $1"#),
+            // Which delivered events an `EventFilter` selects ($1 ids, $2/$3 aggregate, $4 event
+            // type, $5/$6 creation time range), in the table or its archive.
+            republish_count: format!(
+                r#"SELECT (SELECT count(*) FROM "{t}" WHERE {REPUBLISHABLE})
+     + (SELECT count(*) FROM "{t}_archive" WHERE {REPUBLISHABLE})"#
+            ),
+            republish_restore: format!(
+                r#"WITH moved AS (
+    DELETE FROM "{t}_archive" WHERE {REPUBLISHABLE} RETURNING *
+)
+INSERT INTO "{t}" SELECT * FROM moved"#
+            ),
+            // Pending again, and each aggregate's cursor back to just before its earliest one:
+            // the relay delivers them in `seq` order, skipping what is still delivered between
+            // them. The version bump keeps the move if a relay holds the lease right now.
+            republish: format!(
+                r#"WITH again AS (
+    UPDATE "{t}" SET status = 'pending', attempts = 0, available_at = now(), delivered_at = NULL,
+        consumed_at = NULL, last_error = NULL
+    WHERE {REPUBLISHABLE}
+    RETURNING aggregate_type, aggregate_id, seq
+), bounds AS (
+    SELECT aggregate_type, aggregate_id, min(seq) AS first, max(seq) AS last, count(*) AS n
+    FROM again GROUP BY aggregate_type, aggregate_id
+), moved AS (
+    INSERT INTO "{t}_cursors" AS c (aggregate_type, aggregate_id, known_seq, done_seq)
+    SELECT aggregate_type, aggregate_id, last, first - 1 FROM bounds
+    ORDER BY aggregate_type, aggregate_id
+    ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET
+        known_seq = GREATEST(c.known_seq, EXCLUDED.known_seq),
+        done_seq = LEAST(c.done_seq, EXCLUDED.done_seq),
+        attempts = CASE WHEN EXCLUDED.done_seq < c.done_seq THEN 0 ELSE c.attempts END,
+        due_at = CASE WHEN c.leased_by IS NULL THEN LEAST(c.due_at, now()) ELSE c.due_at END,
+        version = c.version + 1
+)
+SELECT coalesce(sum(n), 0)::int8 FROM bounds"#
+            ),
             get: format!(
                 r#"SELECT {COLUMNS}, o.status, o.last_error, o.available_at, o.delivered_at, o.dead_at, o.consumed_at
 FROM "{t}" o WHERE o.id = $1"#
@@ -861,6 +909,38 @@ impl Discard for PgStore {
             .execute(pool)
             .await?;
         Ok(done.rows_affected() == 1)
+    }
+}
+
+impl Republish for PgStore {
+    async fn republish<'a>(&'a self, filter: &'a EventFilter, dry_run: bool) -> Result<u64> {
+        let bind = |sql: &'a str| {
+            let (aggregate_type, aggregate_id) = filter
+                .aggregate
+                .as_ref()
+                .map(|(t, id)| (Some(t.as_str()), Some(id.as_str())))
+                .unwrap_or_default();
+            sqlx::query_scalar::<_, i64>(sql)
+                .bind(filter.ids.as_deref())
+                .bind(aggregate_type)
+                .bind(aggregate_id)
+                .bind(filter.event_type.as_deref())
+                .bind(filter.created_from)
+                .bind(filter.created_until)
+        };
+        if dry_run {
+            let n = bind(&self.statements.republish_count)
+                .fetch_one(&self.pool)
+                .await?;
+            return Ok(n.max(0) as u64);
+        }
+        let mut tx = self.pool.begin().await?;
+        let restore = &self.statements.republish_restore;
+        // `query_scalar` for the shared binding; the restore returns no row.
+        bind(restore).fetch_optional(&mut *tx).await?;
+        let n = bind(&self.statements.republish).fetch_one(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(n.max(0) as u64)
     }
 }
 

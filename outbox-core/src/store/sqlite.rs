@@ -1,8 +1,8 @@
 use super::sql::{self, duration_ms};
 use super::{
-    clamp_i32, clamp_u32, parse_headers, Backend, Check, Claim, Discard, Enqueued, EventRecord,
-    ExplainClaim, InboxStore, Inconsistency, Lookup, MarkConsumed, Requeue, Run, RunEvent,
-    Settlement, Store, StoreOptions,
+    clamp_i32, clamp_u32, parse_headers, Backend, Check, Claim, Discard, Enqueued, EventFilter,
+    EventRecord, ExplainClaim, InboxStore, Inconsistency, Lookup, MarkConsumed, Republish, Requeue,
+    Run, RunEvent, Settlement, Store, StoreOptions,
 };
 use crate::error::{Error, Result};
 use crate::event::{Deliver, Envelope, Message};
@@ -34,9 +34,22 @@ struct SqliteStatements {
     purge_keys: String,
     take_key: String,
     get: String,
+    republish_count: String,
+    republish_restore: String,
+    republish_unarchive: String,
+    republish_events: String,
+    republish_cursor: String,
     consumed: String,
     check: String,
 }
+
+/// The delivered events an `EventFilter` selects; see `republish_count`.
+const REPUBLISHABLE: &str = "status = 'delivered'
+    AND (?1 IS NULL OR id IN (SELECT value FROM json_each(?1)))
+    AND (?2 IS NULL OR (aggregate_type = ?2 AND aggregate_id = ?3))
+    AND (?4 IS NULL OR event_type = ?4)
+    AND (?5 IS NULL OR created_at >= ?5)
+    AND (?6 IS NULL OR created_at < ?6)";
 
 const COLUMNS: &str = "id, created_at, aggregate_type, aggregate_id, seq, event_type, \
      schema_version, topic, payload, headers, attempts";
@@ -149,6 +162,32 @@ ORDER BY delivered_at LIMIT ?2"#
                 r#"INSERT INTO "{t}_keys" (key, event_id, created_at) VALUES (?1, ?2, ?3)
 ON CONFLICT (key) DO UPDATE SET key = excluded.key
 RETURNING event_id"#
+            ),
+            // As on PostgreSQL; ?1 ids (a JSON array), ?2/?3 aggregate, ?4 event type, ?5/?6
+            // creation time range (ms), ?7 now.
+            republish_count: format!(
+                r#"SELECT (SELECT count(*) FROM "{t}" WHERE {REPUBLISHABLE})
+     + (SELECT count(*) FROM "{t}_archive" WHERE {REPUBLISHABLE})"#
+            ),
+            republish_restore: format!(
+                r#"INSERT INTO "{t}" SELECT * FROM "{t}_archive" WHERE {REPUBLISHABLE}"#
+            ),
+            republish_unarchive: format!(r#"DELETE FROM "{t}_archive" WHERE {REPUBLISHABLE}"#),
+            republish_events: format!(
+                r#"UPDATE "{t}" SET status = 'pending', attempts = 0, available_at = ?7,
+    delivered_at = NULL, consumed_at = NULL, last_error = NULL
+WHERE {REPUBLISHABLE}
+RETURNING aggregate_type, aggregate_id, seq"#
+            ),
+            republish_cursor: format!(
+                r#"INSERT INTO "{t}_cursors" (aggregate_type, aggregate_id, known_seq, done_seq, due_at)
+VALUES (?1, ?2, ?3, ?4, ?5)
+ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET
+    known_seq = max(known_seq, excluded.known_seq),
+    done_seq = min(done_seq, excluded.done_seq),
+    attempts = CASE WHEN excluded.done_seq < done_seq THEN 0 ELSE attempts END,
+    due_at = CASE WHEN leased_by IS NULL THEN min(due_at, excluded.due_at) ELSE due_at END,
+    version = version + 1"#
             ),
             get: format!(
                 r#"SELECT {COLUMNS}, status, last_error, available_at, delivered_at, dead_at, consumed_at
@@ -577,6 +616,70 @@ impl Discard for SqliteStore {
             .execute(pool)
             .await?;
         Ok(done.rows_affected() == 1)
+    }
+}
+
+impl Republish for SqliteStore {
+    async fn republish<'a>(&'a self, filter: &'a EventFilter, dry_run: bool) -> Result<u64> {
+        let now = now_ms();
+        let ids = filter.ids.as_deref().map(json_ids);
+        let (aggregate_type, aggregate_id) = filter
+            .aggregate
+            .as_ref()
+            .map(|(t, id)| (Some(t.as_str()), Some(id.as_str())))
+            .unwrap_or_default();
+        let from = filter.created_from.map(|t| t.timestamp_millis());
+        let until = filter.created_until.map(|t| t.timestamp_millis());
+        let bind = |sql: &'a str| {
+            sqlx::query(sql)
+                .bind(ids.clone())
+                .bind(aggregate_type)
+                .bind(aggregate_id)
+                .bind(filter.event_type.as_deref())
+                .bind(from)
+                .bind(until)
+                .bind(now)
+        };
+        if dry_run {
+            let n: i64 = bind(&self.statements.republish_count)
+                .fetch_one(&self.pool)
+                .await?
+                .try_get(0)?;
+            return Ok(n.max(0) as u64);
+        }
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        bind(&self.statements.republish_restore)
+            .execute(&mut *tx)
+            .await?;
+        bind(&self.statements.republish_unarchive)
+            .execute(&mut *tx)
+            .await?;
+        let rows = bind(&self.statements.republish_events)
+            .fetch_all(&mut *tx)
+            .await?;
+        // Each aggregate's earliest and latest republished sequence.
+        let mut bounds: std::collections::BTreeMap<(String, String), (i64, i64)> =
+            Default::default();
+        for row in &rows {
+            let seq: i64 = row.try_get("seq")?;
+            let bound = bounds
+                .entry((row.try_get("aggregate_type")?, row.try_get("aggregate_id")?))
+                .or_insert((seq, seq));
+            bound.0 = bound.0.min(seq);
+            bound.1 = bound.1.max(seq);
+        }
+        for ((aggregate_type, aggregate_id), (first, last)) in &bounds {
+            sqlx::query(&self.statements.republish_cursor)
+                .bind(aggregate_type)
+                .bind(aggregate_id)
+                .bind(last)
+                .bind(first - 1)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(rows.len() as u64)
     }
 }
 
