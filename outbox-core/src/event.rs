@@ -115,8 +115,11 @@ impl EnqueueOptions {
     /// client retrying its HTTP request with the same `Idempotency-Key`) writes nothing and
     /// gives the first event's id ([`Outbox::enqueue_once`](crate::Outbox::enqueue_once) says
     /// which happened). Two transactions enqueueing one key at once: the second waits for the
-    /// first, and finds its event if it committed. Keys are kept as long as
-    /// [`Retention`](crate::Retention) keeps delivered rows.
+    /// first, and finds its event if it committed (at `REPEATABLE READ` or `SERIALIZABLE`,
+    /// PostgreSQL fails the second with a serialization error, SQLSTATE 40001, instead: retry
+    /// that transaction and it finds the event). A key is kept while its event is in the table
+    /// and not delivered, and as long as [`Retention`](crate::Retention) keeps it once
+    /// delivered. An empty key is refused.
     pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
         self.idempotency_key = Some(key.into());
         self
@@ -152,6 +155,13 @@ impl Message {
         let aggregate_id = event.aggregate_id();
         check_field("aggregate id", &aggregate_id, MAX_AGGREGATE_ID_BYTES)?;
         if let Some(key) = &options.idempotency_key {
+            // An absent request header mapped to "" would merge every such request into one.
+            if key.is_empty() {
+                return Err(Error::InvalidField {
+                    field: "idempotency key".into(),
+                    reason: "it is empty",
+                });
+            }
             check_field("idempotency key", key, MAX_IDEMPOTENCY_KEY_BYTES)?;
         }
         for (key, value) in &options.headers {

@@ -249,9 +249,15 @@ DELETE FROM "{t}" o USING doomed WHERE o.id = doomed.id"#
 INSERT INTO "{t}_archive" SELECT * FROM moved"#
             ),
             // Keys live as long as delivered rows do.
+            // A key goes once its event is gone from the table (purged or archived) or was
+            // delivered before the cutoff: never while the event waits, is parked or is dead.
             purge_keys: format!(
                 r#"DELETE FROM "{t}_keys" WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM "{t}_keys" WHERE created_at < now() - $1 * interval '1 millisecond'
+    SELECT k.ctid FROM "{t}_keys" k
+    WHERE k.created_at < now() - $1 * interval '1 millisecond'
+      AND NOT EXISTS (SELECT 1 FROM "{t}" o WHERE o.id = k.event_id
+                      AND (o.status <> 'delivered'
+                           OR o.delivered_at >= now() - $1 * interval '1 millisecond'))
     LIMIT $2 FOR UPDATE SKIP LOCKED))"#
             ),
             // The key row is taken in the writer's transaction: a concurrent writer of the same
@@ -263,9 +269,9 @@ INSERT INTO "{t}_archive" SELECT * FROM moved"#
     ON CONFLICT (key) DO NOTHING
     RETURNING event_id
 )
-SELECT event_id FROM taken
+SELECT event_id, true AS taken FROM taken
 UNION ALL
-SELECT event_id FROM "{t}_keys" WHERE key = $1
+SELECT event_id, false FROM "{t}_keys" WHERE key = $1
 LIMIT 1"#
             ),
             // A key committed by another writer after this statement's snapshot was taken.
@@ -776,23 +782,24 @@ impl PgStore {
         key: &str,
         id: Uuid,
     ) -> Result<Enqueued> {
-        let found: Option<Uuid> = match sqlx::query_scalar(&self.statements.take_key)
+        let found: Option<(Uuid, bool)> = match sqlx::query_as(&self.statements.take_key)
             .bind(key)
             .bind(id)
             .fetch_optional(&mut *conn)
             .await?
         {
             Some(found) => Some(found),
-            None => {
-                sqlx::query_scalar(&self.statements.find_key)
-                    .bind(key)
-                    .fetch_optional(&mut *conn)
-                    .await?
-            }
+            None => sqlx::query_scalar(&self.statements.find_key)
+                .bind(key)
+                .fetch_optional(&mut *conn)
+                .await?
+                .map(|first| (first, false)),
         };
+        // Taken by this statement, or found: even with this message's own id, a retry of a
+        // message that was committed before.
         match found {
-            Some(first) if first == id => Ok(Enqueued::New(id)),
-            Some(first) => Ok(Enqueued::Duplicate(first)),
+            Some((_, true)) => Ok(Enqueued::New(id)),
+            Some((first, false)) => Ok(Enqueued::Duplicate(first)),
             None => Err(Error::InvalidField {
                 field: format!("idempotency key {key:?}"),
                 reason: "it was removed (by retention) while being enqueued; try again",

@@ -33,6 +33,7 @@ struct SqliteStatements {
     purge_delete: String,
     purge_keys: String,
     take_key: String,
+    find_key: String,
     get: String,
     republish_count: String,
     republish_restore: String,
@@ -153,16 +154,22 @@ ORDER BY delivered_at LIMIT ?2"#
                 r#"DELETE FROM "{t}" WHERE id IN (SELECT value FROM json_each(?1))"#
             ),
             // Keys live as long as delivered rows do.
+            // As on PostgreSQL: never the key of an event that waits, is parked or is dead.
             purge_keys: format!(
                 r#"DELETE FROM "{t}_keys" WHERE rowid IN (
-    SELECT rowid FROM "{t}_keys" WHERE created_at < ?1 LIMIT ?2)"#
+    SELECT k.rowid FROM "{t}_keys" k
+    WHERE k.created_at < ?1
+      AND NOT EXISTS (SELECT 1 FROM "{t}" o WHERE o.id = k.event_id
+                      AND (o.status <> 'delivered' OR o.delivered_at >= ?1))
+    LIMIT ?2)"#
             ),
-            // One writer at a time: the key is either there (another event has it) or taken now.
+            // One writer at a time: the key is either taken now (a row returned) or there.
             take_key: format!(
                 r#"INSERT INTO "{t}_keys" (key, event_id, created_at) VALUES (?1, ?2, ?3)
-ON CONFLICT (key) DO UPDATE SET key = excluded.key
+ON CONFLICT (key) DO NOTHING
 RETURNING event_id"#
             ),
+            find_key: format!(r#"SELECT event_id FROM "{t}_keys" WHERE key = ?1"#),
             // As on PostgreSQL; ?1 ids (a JSON array), ?2/?3 aggregate, ?4 event type, ?5/?6
             // creation time range (ms), ?7 now.
             republish_count: format!(
@@ -375,17 +382,22 @@ CREATE INDEX IF NOT EXISTS "{t}_keys_created_at" ON "{t}_keys" (created_at);"#
         let mut outcomes = Vec::with_capacity(messages.len());
         for m in messages {
             if let Some(key) = m.idempotency_key() {
-                let raw: String = sqlx::query_scalar(&statements.take_key)
+                let taken: Option<String> = sqlx::query_scalar(&statements.take_key)
                     .bind(key)
                     .bind(m.id.to_string())
                     .bind(now)
-                    .fetch_one(&mut *conn)
+                    .fetch_optional(&mut *conn)
                     .await?;
-                let first = Uuid::parse_str(&raw).map_err(|e| Error::CorruptRow {
-                    id: raw.clone(),
-                    reason: format!("idempotency key {key:?} names no UUID: {e}"),
-                })?;
-                if first != m.id {
+                if taken.is_none() {
+                    // Found: even with this message's own id, a retry of a committed message.
+                    let raw: String = sqlx::query_scalar(&statements.find_key)
+                        .bind(key)
+                        .fetch_one(&mut *conn)
+                        .await?;
+                    let first = Uuid::parse_str(&raw).map_err(|e| Error::CorruptRow {
+                        id: raw.clone(),
+                        reason: format!("idempotency key {key:?} names no UUID: {e}"),
+                    })?;
                     outcomes.push(Enqueued::Duplicate(first));
                     continue;
                 }
