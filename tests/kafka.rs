@@ -316,3 +316,42 @@ async fn consumer_applies_once_with_the_inbox_and_dead_letters_poison() {
     applier.drop_tables().await;
     Postgres::drop_tables(&outbox).await;
 }
+
+/// librdkafka retries a message on its own until `message.timeout.ms`: a relay whose lease is
+/// shorter than four thirds of it could see a delivery it gave up on confirmed after another
+/// relay took the aggregate over. `build` refuses it, naming the setting; a shorter client
+/// timeout makes the short lease fine, and the default settings suit the default lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_shorter_than_the_kafka_message_timeout_is_refused() {
+    let outbox = Postgres::fresh().await;
+    let refused = Relay::builder(outbox.clone(), KafkaTransport::new(&brokers()).unwrap())
+        .lease(Duration::from_secs(2))
+        .build()
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        matches!(&refused, outbox::Error::Config(m) if m.contains("message.timeout.ms")),
+        "{refused}"
+    );
+    let mut config = producer_config(&brokers());
+    config.set("message.timeout.ms", "1500");
+    Relay::builder(outbox.clone(), KafkaTransport::from_config(config).unwrap())
+        .lease(Duration::from_secs(2))
+        .build()
+        .expect("1.5 s of client timeout fits a 2 s lease");
+    let mut config = producer_config(&brokers());
+    config.remove("message.timeout.ms");
+    let librdkafka_default =
+        Relay::builder(outbox.clone(), KafkaTransport::from_config(config).unwrap())
+            .build()
+            .map(|_| ())
+            .unwrap_err();
+    assert!(
+        librdkafka_default.to_string().contains("300s"),
+        "{librdkafka_default}"
+    );
+    Relay::builder(outbox.clone(), KafkaTransport::new(&brokers()).unwrap())
+        .build()
+        .expect("the transport's 20 s fit the default 30 s lease");
+    Postgres::drop_tables(&outbox).await;
+}

@@ -115,6 +115,15 @@ pub trait Destination: Send + Sync + 'static {
         let _ = budget;
         self.deliver(batch)
     }
+
+    /// How long a delivery can still complete after it started, whatever the budget: a broker
+    /// client that keeps retrying on its own (Kafka's `message.timeout.ms`). The relay refuses
+    /// a lease shorter than four thirds of it: a delivery it gave up on must not be confirmed
+    /// after another relay took the aggregate over. `None` (the default): deliveries end with
+    /// their budget.
+    fn delivery_timeout(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// A message broker the relay publishes to. Broker crates (`outbox-kafka`, `outbox-amqp`,
@@ -140,6 +149,11 @@ pub trait Transport: Send + Sync + 'static {
         let _ = budget;
         self.publish(batch)
     }
+
+    /// See [`Destination::delivery_timeout`].
+    fn delivery_timeout(&self) -> Option<Duration> {
+        None
+    }
 }
 
 impl<T: Transport> Destination for T {
@@ -153,5 +167,9 @@ impl<T: Transport> Destination for T {
         budget: Duration,
     ) -> impl Future<Output = Vec<DeliveryResult>> + Send {
         self.publish_within(batch, budget)
+    }
+
+    fn delivery_timeout(&self) -> Option<Duration> {
+        Transport::delivery_timeout(self)
     }
 }

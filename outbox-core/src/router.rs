@@ -19,11 +19,16 @@ trait ErasedTransport: Send + Sync {
         batch: &'a [Envelope],
         budget: Option<Duration>,
     ) -> BoxFuture<'a, Vec<DeliveryResult>>;
+    fn delivery_timeout(&self) -> Option<Duration>;
 }
 
 impl<T: Transport> ErasedTransport for T {
     fn name(&self) -> &str {
         Transport::name(self)
+    }
+
+    fn delivery_timeout(&self) -> Option<Duration> {
+        Transport::delivery_timeout(self)
     }
 
     fn publish<'a>(
@@ -190,6 +195,14 @@ impl Destination for Router {
 
     async fn deliver_within(&self, batch: &[Envelope], budget: Duration) -> Vec<DeliveryResult> {
         self.deliver_in_rounds(batch, Some(budget)).await
+    }
+
+    /// The longest of its transports'.
+    fn delivery_timeout(&self) -> Option<Duration> {
+        self.transports
+            .iter()
+            .filter_map(|t| t.delivery_timeout())
+            .max()
     }
 }
 

@@ -73,7 +73,8 @@ pub const DEAD_REASON: &str = "outbox-dead-reason";
 /// The producer settings the transport starts from: idempotent, `acks=all`, `linger.ms=0`,
 /// `message.timeout.ms=20000`. The message timeout must stay below three quarters of the
 /// relay's lease (30 s by default): a delivery the relay has given up on must not be confirmed
-/// later, behind events another relay delivered meanwhile. Lower it with a shorter lease.
+/// later, behind events another relay delivered meanwhile. Lower it with a shorter lease:
+/// [`RelayBuilder::build`](outbox_core::RelayBuilder::build) refuses a lease it does not fit.
 /// Lingering buys nothing when the relay hands over whole batches; on the benchmark
 /// (`BENCHMARKS.md`) 5 ms of linger added 10 ms to the median commit-to-confirmation latency
 /// and no throughput.
@@ -206,6 +207,17 @@ fn failure(error: &KafkaError) -> DeliveryError {
 impl Transport for KafkaTransport {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    /// librdkafka retries a message on its own until `message.timeout.ms` (its alias
+    /// `delivery.timeout.ms`; librdkafka's default is 300 s): the relay's lease must outlast it.
+    fn delivery_timeout(&self) -> Option<Duration> {
+        let ms = ["message.timeout.ms", "delivery.timeout.ms"]
+            .iter()
+            .find_map(|key| self.config.get(key))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(300_000);
+        Some(Duration::from_millis(ms))
     }
 
     async fn publish(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {

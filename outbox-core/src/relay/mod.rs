@@ -222,6 +222,17 @@ impl<DB: Backend, D: Destination> RelayBuilder<DB, D> {
                 c.lease, MAX_LEASE
             )));
         }
+        if let Some(timeout) = self.destination.delivery_timeout() {
+            if timeout > c.lease * 3 / 4 {
+                return Err(Error::Config(format!(
+                    "the destination can still confirm a delivery {timeout:?} after it started \
+                     (a broker client's own timeout, such as Kafka's message.timeout.ms), longer \
+                     than three quarters of the lease {:?}: a relay that took an aggregate over \
+                     could be overtaken; lengthen the lease or shorten that timeout",
+                    c.lease
+                )));
+            }
+        }
         Ok(Relay {
             shared: Arc::new(Shared {
                 outbox: self.outbox,
