@@ -40,6 +40,21 @@ pub enum Error {
         /// The handler registered second.
         second: String,
     },
+    /// Two upcasters were registered for the same step of an event type.
+    #[error(
+        "two upcasters from version {from} of event type {event_type:?}: {first} and {second}; \
+         keep one of them"
+    )]
+    DuplicateUpcaster {
+        /// The event type.
+        event_type: String,
+        /// The version both start from.
+        from: u32,
+        /// The upcaster registered first.
+        first: String,
+        /// The upcaster registered second.
+        second: String,
+    },
     /// Handlers the application expects are missing from the registry.
     ///
     /// With `inventory`, a handler defined in a library crate that the binary never references can

@@ -4,11 +4,13 @@
 use crate::destination::{DeliveryError, DeliveryResult, Transport};
 use crate::error::{Error, Result};
 use crate::event::{header, Envelope, Headers, OutboxEvent};
+use crate::upcast::{upcast_json, upcast_with_from, Upcaster, UpcasterRegistration};
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 use serde::de::DeserializeOwned;
 use std::any::{Any, TypeId};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -287,6 +289,8 @@ struct Entry {
 #[derive(Clone, Default)]
 pub struct Registry {
     handlers: HashMap<String, Vec<(u32, Entry)>>,
+    /// Schema steps, by event type and the version they start from.
+    upcasters: HashMap<(String, u32), Upcaster>,
 }
 
 impl fmt::Debug for Registry {
@@ -296,6 +300,12 @@ impl fmt::Debug for Registry {
             for (version, entry) in versions {
                 list.entry(&format_args!("{event_type} v{version} -> {}", entry.name));
             }
+        }
+        for ((event_type, from), step) in &self.upcasters {
+            list.entry(&format_args!(
+                "{event_type} v{from} => v{} ({})",
+                step.to, step.name
+            ));
         }
         list.finish()
     }
@@ -311,6 +321,9 @@ impl Registry {
     /// dropped by the linker (a known limit of `inventory`): reference the crate from the binary
     /// (`use my_handlers as _;` in `main.rs` is enough), and check with
     /// [`require`](Self::require) at start-up.
+    ///
+    /// Upcasters registered with `#[outbox(upcast_from = Old)]` come along; two for one step
+    /// are an [`Error::DuplicateUpcaster`].
     pub fn from_inventory() -> Result<Self> {
         let mut builder = Self::builder();
         for registration in inventory::iter::<HandlerRegistration> {
@@ -320,6 +333,24 @@ impl Registry {
                 registration.version,
                 registration.name.to_owned(),
                 Arc::new(call),
+            )?;
+        }
+        for registration in inventory::iter::<UpcasterRegistration> {
+            if registration.from_event_type != registration.event_type {
+                return Err(Error::Config(format!(
+                    "upcaster {} turns {:?} into {:?}: an upcaster changes the version of one event type",
+                    registration.name, registration.from_event_type, registration.event_type
+                )));
+            }
+            let call = registration.call;
+            builder = builder.insert_upcaster(
+                registration.event_type,
+                registration.from,
+                Upcaster {
+                    to: registration.to,
+                    name: registration.name.to_owned(),
+                    call: Arc::new(call),
+                },
             )?;
         }
         Ok(builder.build())
@@ -369,6 +400,47 @@ impl Registry {
             .map(|(_, entry)| entry)
     }
 
+    /// Brings `payload` of `version` to a version with a handler, step by step. `Ok(None)`:
+    /// the event type has no handler at all.
+    fn upcast<'p>(
+        &self,
+        event_type: &str,
+        version: u32,
+        payload: &'p str,
+    ) -> std::result::Result<Option<Upcast<'_, 'p>>, String> {
+        let known = self.versions_of(event_type);
+        if known.is_empty() {
+            return Ok(None);
+        }
+        let (mut version, mut payload) = (version, Cow::Borrowed(payload));
+        loop {
+            if let Some(entry) = self.get(event_type, version) {
+                return Ok(Some((entry, version, payload)));
+            }
+            let Some(step) = self.upcasters.get(&(event_type.to_owned(), version)) else {
+                return Err(if known.iter().all(|k| *k < version) {
+                    format!(
+                        "event type {event_type:?} version {version} is newer than any this \
+                         binary handles (handlers for versions {known:?}): deploy the consumer first"
+                    )
+                } else {
+                    format!(
+                        "no handler for event type {event_type:?} version {version} and no \
+                         upcaster from it (handlers for versions {known:?}): a gap in the chain"
+                    )
+                });
+            };
+            payload = Cow::Owned((step.call)(&payload).map_err(|reason| {
+                format!(
+                    "upcaster {} (v{version} to v{}) failed: {reason}",
+                    step.name, step.to
+                )
+            })?);
+            // Registration checks that each step raises the version: the loop ends.
+            version = step.to;
+        }
+    }
+
     fn versions_of(&self, event_type: &str) -> Vec<u32> {
         self.handlers
             .get(event_type)
@@ -376,6 +448,9 @@ impl Registry {
             .unwrap_or_default()
     }
 }
+
+/// A payload brought to a version with a handler: the handler, the version, the payload.
+type Upcast<'r, 'p> = (&'r Entry, u32, Cow<'p, str>);
 
 /// Builds a [`Registry`] by hand.
 #[derive(Debug)]
@@ -398,13 +473,92 @@ impl RegistryBuilder {
         self.insert(E::EVENT_TYPE, E::SCHEMA_VERSION, name.into(), call)
     }
 
-    /// Adds every `#[outbox::handler]` registration (see [`Registry::from_inventory`]).
+    /// Adds every `#[outbox::handler]` and `#[outbox(upcast_from = ...)]` registration (see
+    /// [`Registry::from_inventory`]).
     pub fn with_inventory(mut self) -> Result<Self> {
-        for (event_type, versions) in Registry::from_inventory()?.handlers {
+        let found = Registry::from_inventory()?;
+        for (event_type, versions) in found.handlers {
             for (version, entry) in versions {
                 self = self.insert(&event_type, version, entry.name, entry.call)?;
             }
         }
+        for ((event_type, from), step) in found.upcasters {
+            self = self.insert_upcaster(&event_type, from, step)?;
+        }
+        Ok(self)
+    }
+
+    /// Registers `From<Old> for New` as the step from `Old::SCHEMA_VERSION` to
+    /// `New::SCHEMA_VERSION` of their event type (what `#[outbox(upcast_from = Old)]` on `New`
+    /// does at compile time).
+    pub fn upcast_from<Old, New>(self, name: impl Into<String>) -> Result<Self>
+    where
+        Old: OutboxEvent + DeserializeOwned + 'static,
+        New: OutboxEvent + From<Old> + 'static,
+    {
+        if Old::EVENT_TYPE != New::EVENT_TYPE {
+            return Err(Error::Config(format!(
+                "upcaster {} turns {:?} into {:?}: an upcaster changes the version of one event type",
+                name.into(),
+                Old::EVENT_TYPE,
+                New::EVENT_TYPE
+            )));
+        }
+        self.insert_upcaster(
+            New::EVENT_TYPE,
+            Old::SCHEMA_VERSION,
+            Upcaster {
+                to: New::SCHEMA_VERSION,
+                name: name.into(),
+                call: Arc::new(upcast_with_from::<Old, New>),
+            },
+        )
+    }
+
+    /// Registers a step written on JSON values: payloads of `event_type` at version `from`
+    /// become version `to` (for old versions that have no struct any more).
+    pub fn upcast_json<F>(
+        self,
+        event_type: &str,
+        from: u32,
+        to: u32,
+        name: impl Into<String>,
+        step: F,
+    ) -> Result<Self>
+    where
+        F: Fn(serde_json::Value) -> std::result::Result<serde_json::Value, String>
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.insert_upcaster(
+            event_type,
+            from,
+            Upcaster {
+                to,
+                name: name.into(),
+                call: upcast_json(step),
+            },
+        )
+    }
+
+    fn insert_upcaster(mut self, event_type: &str, from: u32, step: Upcaster) -> Result<Self> {
+        if step.to <= from {
+            return Err(Error::Config(format!(
+                "upcaster {} goes from version {from} to {} of {event_type:?}: a step must raise the version",
+                step.name, step.to
+            )));
+        }
+        let key = (event_type.to_owned(), from);
+        if let Some(existing) = self.registry.upcasters.get(&key) {
+            return Err(Error::DuplicateUpcaster {
+                event_type: event_type.to_owned(),
+                from,
+                first: existing.name.clone(),
+                second: step.name,
+            });
+        }
+        self.registry.upcasters.insert(key, step);
         Ok(self)
     }
 
@@ -497,37 +651,44 @@ impl Dispatcher {
     }
 
     async fn dispatch_inner(&self, envelope: &Envelope) -> DeliveryResult {
-        let Some(entry) = self
-            .registry
-            .get(&envelope.event_type, envelope.schema_version)
-        else {
-            let known = self.registry.versions_of(&envelope.event_type);
-            let reason = if known.is_empty() {
-                format!(
-                    "no handler for event type {:?} (is it registered, and linked into this binary?)",
-                    envelope.event_type
-                )
-            } else {
-                format!(
-                    "no handler for event type {:?} version {} (handlers exist for versions {known:?})",
-                    envelope.event_type, envelope.schema_version
-                )
-            };
-            return Err(DeliveryError::retry(reason));
+        // Upcasters are user code too: a panic in one is this event's failure.
+        let upcast = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.registry.upcast(
+                &envelope.event_type,
+                envelope.schema_version,
+                &envelope.payload,
+            )
+        }));
+        let (entry, version, payload) = match upcast {
+            Ok(Ok(Some(found))) => found,
+            // The handler may arrive with the next deploy.
+            Ok(Ok(None)) => {
+                return Err(DeliveryError::retry(format!(
+                "no handler for event type {:?} (is it registered, and linked into this binary?)",
+                envelope.event_type
+            )))
+            }
+            Ok(Err(reason)) => return Err(DeliveryError::permanent(reason)),
+            Err(panic) => {
+                return Err(DeliveryError::retry(format!(
+                    "an upcaster of {:?} panicked: {}",
+                    envelope.event_type,
+                    panic_message(&*panic)
+                )))
+            }
         };
         let ctx = HandlerContext::new(envelope, self.state.clone());
         // The handler is user code: a panic must become this event's failure, not the relay's.
-        let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| {
-            (entry.call)(&envelope.payload, ctx)
-        })) {
-            Ok(future) => AssertUnwindSafe(future).catch_unwind().await,
-            Err(panic) => Err(panic),
-        };
+        let outcome =
+            match std::panic::catch_unwind(AssertUnwindSafe(|| (entry.call)(&payload, ctx))) {
+                Ok(future) => AssertUnwindSafe(future).catch_unwind().await,
+                Err(panic) => Err(panic),
+            };
         match outcome {
             Ok(Ok(())) => Ok(()),
             Ok(Err(CallError::Decode(error))) => Err(DeliveryError::permanent(format!(
-                "payload does not deserialise into {} v{} (handler {}): {error}",
-                envelope.event_type, envelope.schema_version, entry.name
+                "payload does not deserialise into {} v{version} (handler {}): {error}",
+                envelope.event_type, entry.name
             ))),
             Ok(Err(CallError::Handler(error))) => Err(error.into()),
             Err(panic) => Err(DeliveryError::retry(format!(
@@ -654,6 +815,7 @@ impl Dispatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Retry;
     use serde::{Deserialize, Serialize};
 
     #[derive(Serialize, Deserialize)]
@@ -807,5 +969,146 @@ mod tests {
         let err = result.unwrap_err();
         assert_eq!(err.retry, crate::Retry::Never);
         assert!(err.reason.contains("no state of type u8"), "{err}");
+    }
+    /// Versions of one event type: v1 kept the amount as text (no struct left: a JSON step),
+    /// v2 as cents, v3 (the current struct) adds a currency.
+    mod versions {
+        use super::*;
+
+        #[derive(Serialize, Deserialize)]
+        pub struct V2 {
+            pub amount_cents: i64,
+        }
+        #[derive(Debug, Serialize, Deserialize, PartialEq)]
+        pub struct V3 {
+            pub amount_cents: i64,
+            pub currency: String,
+        }
+        macro_rules! event {
+            ($t:ty, $v:expr) => {
+                impl OutboxEvent for $t {
+                    const EVENT_TYPE: &'static str = "order.placed";
+                    const AGGREGATE_TYPE: &'static str = "order";
+                    const SCHEMA_VERSION: u32 = $v;
+                    const TOPIC: &'static str = "orders";
+                    fn aggregate_id(&self) -> String {
+                        "o".into()
+                    }
+                }
+            };
+        }
+        event!(V2, 2);
+        event!(V3, 3);
+        impl From<super::Ping> for V3 {
+            fn from(_: super::Ping) -> Self {
+                V3 {
+                    amount_cents: 0,
+                    currency: String::new(),
+                }
+            }
+        }
+        impl From<V2> for V3 {
+            fn from(v2: V2) -> Self {
+                V3 {
+                    amount_cents: v2.amount_cents,
+                    currency: "EUR".into(),
+                }
+            }
+        }
+    }
+
+    fn versioned(seen: Arc<std::sync::Mutex<Vec<versions::V3>>>) -> RegistryBuilder {
+        Registry::builder()
+            .handler::<versions::V3, _, _>("on_order", move |order, _ctx| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().unwrap().push(order);
+                    Ok(())
+                }
+            })
+            .unwrap()
+    }
+
+    /// v1 → v2 (JSON: text to cents) → v3 (`From`): the handler is written for v3 only.
+    #[tokio::test]
+    async fn old_versions_are_upcast_step_by_step_before_the_handler() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let registry = versioned(seen.clone())
+            .upcast_from::<versions::V2, versions::V3>("v2 to v3")
+            .unwrap()
+            .upcast_json("order.placed", 1, 2, "v1 to v2", |mut v| {
+                let amount = v["amount"].as_str().ok_or("no amount")?.to_owned();
+                let cents = (amount.parse::<f64>().map_err(|e| e.to_string())? * 100.0).round();
+                v["amount_cents"] = serde_json::json!(cents as i64);
+                Ok(v)
+            })
+            .unwrap()
+            .build();
+        let d = Dispatcher::new(registry);
+        let results = crate::Destination::deliver(
+            &d,
+            &[
+                envelope("order.placed", 1, r#"{"amount":"12.50"}"#),
+                envelope("order.placed", 2, r#"{"amount_cents":700}"#),
+                envelope("order.placed", 3, r#"{"amount_cents":1,"currency":"USD"}"#),
+            ],
+        )
+        .await;
+        assert_eq!(results, vec![Ok(()), Ok(()), Ok(())]);
+        let seen = seen.lock().unwrap();
+        let cents: Vec<i64> = seen.iter().map(|o| o.amount_cents).collect();
+        assert_eq!(cents, vec![1250, 700, 1]);
+        assert_eq!(seen[0].currency, "EUR");
+    }
+
+    /// A gap in the chain, a version newer than any handled, and a failing step are dead at
+    /// once with their reason; an unknown event type is retried (its handler may come later).
+    #[tokio::test]
+    async fn gaps_newer_versions_and_failing_steps_are_permanent() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let registry = versioned(seen)
+            .upcast_from::<versions::V2, versions::V3>("v2 to v3")
+            .unwrap()
+            .build();
+        let d = Dispatcher::new(registry);
+        let results = crate::Destination::deliver(
+            &d,
+            &[
+                envelope("order.placed", 1, r#"{"amount":"1"}"#),
+                envelope("order.placed", 4, r#"{}"#),
+                envelope("order.placed", 2, r#"{"amount_cents":"not a number"}"#),
+                envelope("order.unknown", 1, r#"{}"#),
+            ],
+        )
+        .await;
+        let reason = |i: usize| results[i].as_ref().unwrap_err().clone();
+        assert_eq!(reason(0).retry, Retry::Never, "{:?}", reason(0));
+        assert!(reason(0).reason.contains("gap"), "{:?}", reason(0));
+        assert_eq!(reason(1).retry, Retry::Never);
+        assert!(reason(1).reason.contains("newer"), "{:?}", reason(1));
+        assert_eq!(reason(2).retry, Retry::Never);
+        assert!(reason(2).reason.contains("v2 to v3"), "{:?}", reason(2));
+        assert_ne!(reason(3).retry, Retry::Never, "{:?}", reason(3));
+    }
+
+    #[test]
+    fn duplicate_and_backward_upcasters_are_refused() {
+        let err = Registry::builder()
+            .upcast_from::<versions::V2, versions::V3>("first")
+            .unwrap()
+            .upcast_json("order.placed", 2, 3, "second", Ok)
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::DuplicateUpcaster { from: 2, first, second, .. } if first == "first" && second == "second"),
+            "{err}"
+        );
+        let err = Registry::builder()
+            .upcast_json("order.placed", 3, 2, "backwards", Ok)
+            .unwrap_err();
+        assert!(err.to_string().contains("must raise the version"), "{err}");
+        let err = Registry::builder()
+            .upcast_from::<Ping, versions::V3>("other type")
+            .unwrap_err();
+        assert!(err.to_string().contains("one event type"), "{err}");
     }
 }

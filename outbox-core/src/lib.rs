@@ -16,6 +16,7 @@ mod retry;
 mod router;
 mod store;
 mod table;
+mod upcast;
 
 pub use destination::{DeliveryError, DeliveryResult, Destination, Retry, Transport};
 pub use error::{Error, Result};
@@ -50,6 +51,7 @@ pub use tokio_util::sync::CancellationToken;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::handler::{call_handler, CallError, HandlerRegistration};
+    pub use crate::upcast::UpcasterRegistration;
     pub use futures_util::future::BoxFuture;
     pub use inventory;
     pub use serde::Serialize;

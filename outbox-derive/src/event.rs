@@ -11,6 +11,7 @@ struct StructAttrs {
     version: Option<LitInt>,
     topic: Option<LitStr>,
     krate: Option<syn::Path>,
+    upcast_from: Option<syn::Type>,
 }
 
 pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
@@ -107,8 +108,39 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
         #krate::__private::ToString::to_string(&self.#field_ident)
     };
 
+    // `#[outbox(upcast_from = Old)]`: `From<Old>` for this struct is the step from `Old`'s
+    // version to this one, registered like handlers. Spanned on `Old`, so a missing `From`
+    // impl or `Deserialize` points at the attribute.
+    let upcaster = match &attrs.upcast_from {
+        Some(old) if !input.generics.params.is_empty() => {
+            return Err(syn::Error::new(
+                old.span(),
+                "`upcast_from` is not supported on generic events",
+            ))
+        }
+        Some(old) => {
+            let register = quote_spanned! {old.span()=>
+                #krate::__private::UpcasterRegistration::new::<#old, #ident>(
+                    #krate::__private::concat!(
+                        #krate::__private::module_path!(),
+                        "::",
+                        #krate::__private::stringify!(#ident),
+                        " from ",
+                        #krate::__private::stringify!(#old)
+                    )
+                )
+            };
+            quote! {
+                #krate::__private::inventory::submit! { #register }
+            }
+        }
+        None => quote! {},
+    };
+
     Ok(quote! {
         const _: () = {
+            #upcaster
+
             #[automatically_derived]
             impl #impl_generics #krate::__private::OutboxEvent for #ident #ty_generics #where_clause {
                 const EVENT_TYPE: &'static str = #event_type;
@@ -171,6 +203,18 @@ fn parse_struct_attrs(input: &DeriveInput, errors: &mut Errors) -> StructAttrs {
                         Err(e) => errors.push(e),
                     }
                 }
+                "upcast_from" => {
+                    let value = meta.value()?;
+                    if value.peek(syn::Lit) {
+                        let lit: syn::Lit = value.parse()?;
+                        errors.push(syn::Error::new(
+                            lit.span(),
+                            "`upcast_from` takes the older struct's type, not a string: for instance `upcast_from = OrderPlacedV1`",
+                        ));
+                    } else {
+                        once!(attrs.upcast_from, value.parse::<syn::Type>()?);
+                    }
+                }
                 "aggregate_id" => {
                     return Err(meta.error(
                         "`aggregate_id` goes on the field that holds the id: #[outbox(aggregate_id)]",
@@ -178,7 +222,7 @@ fn parse_struct_attrs(input: &DeriveInput, errors: &mut Errors) -> StructAttrs {
                 }
                 _ => {
                     return Err(meta.error(
-                        "unknown outbox attribute; expected one of `event_type`, `aggregate_type`, `version`, `topic`, `crate`",
+                        "unknown outbox attribute; expected one of `event_type`, `aggregate_type`, `version`, `topic`, `upcast_from`, `crate`",
                     ))
                 }
             }
