@@ -944,3 +944,149 @@ async fn correlation_headers_use_outbox_names_and_old_names_are_still_read() {
     js.delete_stream(&stream_name).await.unwrap();
     Postgres::drop_tables(&outbox).await;
 }
+
+/// Events written by an "old producer" at versions 1 and 2 of an event type cross a real
+/// JetStream stream and reach a consumer whose only handler is for version 3: the upcasters
+/// chain before it, and every event is handled once, converted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_versions_reach_a_current_handler_across_nats() {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize, outbox::OutboxEvent)]
+    #[outbox(event_type = "test.price_set", aggregate_type = "item", version = 1)]
+    struct PriceSetV1 {
+        #[outbox(aggregate_id)]
+        item: String,
+        price: String,
+    }
+    #[derive(Serialize, Deserialize, outbox::OutboxEvent)]
+    #[outbox(event_type = "test.price_set", aggregate_type = "item", version = 2)]
+    struct PriceSetV2 {
+        #[outbox(aggregate_id)]
+        item: String,
+        cents: i64,
+    }
+    #[derive(Debug, Serialize, Deserialize, outbox::OutboxEvent)]
+    #[outbox(event_type = "test.price_set", aggregate_type = "item", version = 3)]
+    struct PriceSet {
+        #[outbox(aggregate_id)]
+        item: String,
+        cents: i64,
+        currency: String,
+    }
+    impl From<PriceSetV1> for PriceSetV2 {
+        fn from(v1: PriceSetV1) -> Self {
+            let cents = v1
+                .price
+                .parse::<f64>()
+                .map_or(-1, |p| (p * 100.0).round() as i64);
+            Self {
+                item: v1.item,
+                cents,
+            }
+        }
+    }
+    impl From<PriceSetV2> for PriceSet {
+        fn from(v2: PriceSetV2) -> Self {
+            Self {
+                item: v2.item,
+                cents: v2.cents,
+                currency: "EUR".into(),
+            }
+        }
+    }
+
+    init_tracing();
+    let (prefix, stream_name) = names();
+    let js = jetstream(&nats_url()).await;
+    let stream = ensure_stream(&js, &stream_name, vec![format!("{prefix}.>")])
+        .await
+        .unwrap();
+    let outbox = Postgres::fresh().await;
+    let mut tx = outbox.pool().begin().await.unwrap();
+    for (item, price) in [("a", "1.25"), ("b", "3")] {
+        let event = PriceSetV1 {
+            item: item.into(),
+            price: price.into(),
+        };
+        outbox.enqueue(&mut *tx, &event).await.unwrap();
+    }
+    let v2 = PriceSetV2 {
+        item: "a".into(),
+        cents: 150,
+    };
+    outbox.enqueue(&mut *tx, &v2).await.unwrap();
+    let v3 = PriceSet {
+        item: "b".into(),
+        cents: 999,
+        currency: "USD".into(),
+    };
+    outbox.enqueue(&mut *tx, &v3).await.unwrap();
+    tx.commit().await.unwrap();
+    let relay = RunningRelay::start(
+        Relay::builder(
+            outbox.clone(),
+            NatsTransport::new(js.clone()).subject_prefix(&prefix),
+        )
+        .poll_interval(Duration::from_millis(50)),
+    );
+
+    /// Item, cents, currency, the version it was written with.
+    type Handled = (String, i64, String, u32);
+    let seen: Arc<std::sync::Mutex<Vec<Handled>>> = Arc::default();
+    let registry = outbox::Registry::builder()
+        .handler::<PriceSet, _, _>("on_price_set", {
+            let seen = seen.clone();
+            move |price: PriceSet, ctx: outbox::HandlerContext| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().unwrap().push((
+                        price.item,
+                        price.cents,
+                        price.currency,
+                        ctx.schema_version(),
+                    ));
+                    Ok(())
+                }
+            }
+        })
+        .unwrap()
+        .upcast_from::<PriceSetV1, PriceSetV2>("v1 to v2")
+        .unwrap()
+        .upcast_from::<PriceSetV2, PriceSet>("v2 to v3")
+        .unwrap()
+        .build();
+    let pull = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("prices".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let consumer = NatsConsumer::new(pull, outbox::Dispatcher::new(registry));
+    let shutdown = outbox::CancellationToken::new();
+    let consuming = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { consumer.run(shutdown).await.unwrap() }
+    });
+    eventually("four events handled", WAIT, || async {
+        seen.lock().unwrap().len() == 4
+    })
+    .await;
+    shutdown.cancel();
+    consuming.await.unwrap();
+    relay.stop().await;
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("a".into(), 125, "EUR".into(), 1),
+            ("a".into(), 150, "EUR".into(), 2),
+            ("b".into(), 300, "EUR".into(), 1),
+            ("b".into(), 999, "USD".into(), 3),
+        ]
+    );
+    Postgres::drop_tables(&outbox).await;
+}
