@@ -334,11 +334,28 @@ async fn a_lease_shorter_than_the_kafka_message_timeout_is_refused() {
         "{refused}"
     );
     let mut config = producer_config(&brokers());
-    config.set("message.timeout.ms", "1500");
+    config.set("message.timeout.ms", "1200");
     Relay::builder(outbox.clone(), KafkaTransport::from_config(config).unwrap())
         .lease(Duration::from_secs(2))
         .build()
-        .expect("1.5 s of client timeout fits a 2 s lease");
+        .expect("1.2 s of client timeout fits the 1.35 s a delivery gets of a 2 s lease");
+    // 0 is "for ever" to librdkafka: no lease fits it.
+    let mut config = producer_config(&brokers());
+    config.set("message.timeout.ms", "0");
+    assert!(
+        Relay::builder(outbox.clone(), KafkaTransport::from_config(config).unwrap())
+            .lease(outbox::MAX_LEASE)
+            .build()
+            .is_err()
+    );
+    // The alias set after `producer_config` is what counts.
+    let mut config = producer_config(&brokers());
+    config.set("delivery.timeout.ms", "600000");
+    let alias = Relay::builder(outbox.clone(), KafkaTransport::from_config(config).unwrap())
+        .build()
+        .map(|_| ())
+        .unwrap_err();
+    assert!(alias.to_string().contains("600s"), "{alias}");
     let mut config = producer_config(&brokers());
     config.remove("message.timeout.ms");
     let librdkafka_default =

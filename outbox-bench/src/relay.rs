@@ -46,6 +46,10 @@ impl<D: Destination> Destination for Probe<D> {
         }
         results
     }
+
+    fn delivery_timeout(&self) -> Option<std::time::Duration> {
+        self.inner.delivery_timeout()
+    }
 }
 
 /// Sequence numbers seen per aggregate by the handler: the proof that handlers saw each

@@ -117,10 +117,11 @@ pub trait Destination: Send + Sync + 'static {
     }
 
     /// How long a delivery can still complete after it started, whatever the budget: a broker
-    /// client that keeps retrying on its own (Kafka's `message.timeout.ms`). The relay refuses
-    /// a lease shorter than four thirds of it: a delivery it gave up on must not be confirmed
-    /// after another relay took the aggregate over. `None` (the default): deliveries end with
-    /// their budget.
+    /// client that keeps retrying on its own (Kafka's `message.timeout.ms`). A delivery the
+    /// relay gave up on must not be confirmed after another relay took the aggregate over, so
+    /// the relay refuses a lease whose delivery budget is shorter, and starts no delivery with
+    /// less time left than this. Wrappers of a destination must pass it on. `None` (the
+    /// default): deliveries end with their budget.
     fn delivery_timeout(&self) -> Option<Duration> {
         None
     }

@@ -172,7 +172,7 @@ impl HandlerContext {
     pub fn sequence(&self) -> i64 {
         self.sequence
     }
-    /// The payload's schema version.
+    /// The schema version the event was written with (before any upcasting).
     pub fn schema_version(&self) -> u32 {
         self.schema_version
     }
@@ -363,11 +363,12 @@ impl Registry {
         }
     }
 
-    /// Checks that a handler exists for each `(event_type, version)`.
+    /// Checks that events of each `(event_type, version)` reach a handler: one for that
+    /// version, or one that upcasters lead to.
     pub fn require(&self, expected: &[(&str, u32)]) -> Result<()> {
         let missing: Vec<String> = expected
             .iter()
-            .filter(|(event_type, version)| self.get(event_type, *version).is_none())
+            .filter(|(event_type, version)| !self.handles(event_type, *version))
             .map(|(event_type, version)| format!("{event_type} v{version}"))
             .collect();
         if missing.is_empty() {
@@ -400,8 +401,9 @@ impl Registry {
             .map(|(_, entry)| entry)
     }
 
-    /// Brings `payload` of `version` to a version with a handler, step by step. `Ok(None)`:
-    /// the event type has no handler at all.
+    /// Brings `payload` of `version` to a version with a handler, step by step (the first
+    /// version with a handler wins). `Ok(None)`: the event type has no handler at all. A step
+    /// that fails or panics is a reason: it would fail the same way on every attempt.
     fn upcast<'p>(
         &self,
         event_type: &str,
@@ -412,10 +414,15 @@ impl Registry {
         if known.is_empty() {
             return Ok(None);
         }
-        let (mut version, mut payload) = (version, Cow::Borrowed(payload));
+        let (mut version, mut payload, mut steps) = (version, Cow::Borrowed(payload), Vec::new());
         loop {
             if let Some(entry) = self.get(event_type, version) {
-                return Ok(Some((entry, version, payload)));
+                return Ok(Some(Upcast {
+                    entry,
+                    version,
+                    payload,
+                    steps,
+                }));
             }
             let Some(step) = self.upcasters.get(&(event_type.to_owned(), version)) else {
                 return Err(if known.iter().all(|k| *k < version) {
@@ -430,14 +437,32 @@ impl Registry {
                     )
                 });
             };
-            payload = Cow::Owned((step.call)(&payload).map_err(|reason| {
+            let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| (step.call)(&payload)))
+                .unwrap_or_else(|panic| Err(format!("panicked: {}", panic_message(&*panic))));
+            payload = Cow::Owned(stepped.map_err(|reason| {
                 format!(
                     "upcaster {} (v{version} to v{}) failed: {reason}",
                     step.name, step.to
                 )
             })?);
+            steps.push(step.name.as_str());
             // Registration checks that each step raises the version: the loop ends.
             version = step.to;
+        }
+    }
+
+    /// Whether events of `event_type` at `version` reach a handler, through upcasters if need
+    /// be.
+    fn handles(&self, event_type: &str, version: u32) -> bool {
+        let mut version = version;
+        loop {
+            if self.get(event_type, version).is_some() {
+                return true;
+            }
+            match self.upcasters.get(&(event_type.to_owned(), version)) {
+                Some(step) => version = step.to,
+                None => return false,
+            }
         }
     }
 
@@ -449,8 +474,14 @@ impl Registry {
     }
 }
 
-/// A payload brought to a version with a handler: the handler, the version, the payload.
-type Upcast<'r, 'p> = (&'r Entry, u32, Cow<'p, str>);
+/// A payload brought to a version with a handler.
+struct Upcast<'r, 'p> {
+    entry: &'r Entry,
+    version: u32,
+    payload: Cow<'p, str>,
+    /// The upcasters it went through, in order.
+    steps: Vec<&'r str>,
+}
 
 /// Builds a [`Registry`] by hand.
 #[derive(Debug)]
@@ -483,6 +514,15 @@ impl RegistryBuilder {
             }
         }
         for ((event_type, from), step) in found.upcasters {
+            self = self.insert_upcaster(&event_type, from, step)?;
+        }
+        Ok(self)
+    }
+
+    /// Adds only the upcasters registered with `#[outbox(upcast_from = ...)]`: for a registry
+    /// whose handlers are registered by hand.
+    pub fn with_inventory_upcasters(mut self) -> Result<Self> {
+        for ((event_type, from), step) in Registry::from_inventory()?.upcasters {
             self = self.insert_upcaster(&event_type, from, step)?;
         }
         Ok(self)
@@ -651,31 +691,26 @@ impl Dispatcher {
     }
 
     async fn dispatch_inner(&self, envelope: &Envelope) -> DeliveryResult {
-        // Upcasters are user code too: a panic in one is this event's failure.
-        let upcast = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            self.registry.upcast(
-                &envelope.event_type,
-                envelope.schema_version,
-                &envelope.payload,
-            )
-        }));
-        let (entry, version, payload) = match upcast {
-            Ok(Ok(Some(found))) => found,
+        let upcast = self.registry.upcast(
+            &envelope.event_type,
+            envelope.schema_version,
+            &envelope.payload,
+        );
+        let Upcast {
+            entry,
+            version,
+            payload,
+            steps,
+        } = match upcast {
+            Ok(Some(found)) => found,
             // The handler may arrive with the next deploy.
-            Ok(Ok(None)) => {
+            Ok(None) => {
                 return Err(DeliveryError::retry(format!(
                 "no handler for event type {:?} (is it registered, and linked into this binary?)",
                 envelope.event_type
             )))
             }
-            Ok(Err(reason)) => return Err(DeliveryError::permanent(reason)),
-            Err(panic) => {
-                return Err(DeliveryError::retry(format!(
-                    "an upcaster of {:?} panicked: {}",
-                    envelope.event_type,
-                    panic_message(&*panic)
-                )))
-            }
+            Err(reason) => return Err(DeliveryError::permanent(reason)),
         };
         let ctx = HandlerContext::new(envelope, self.state.clone());
         // The handler is user code: a panic must become this event's failure, not the relay's.
@@ -686,10 +721,21 @@ impl Dispatcher {
             };
         match outcome {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(CallError::Decode(error))) => Err(DeliveryError::permanent(format!(
-                "payload does not deserialise into {} v{version} (handler {}): {error}",
-                envelope.event_type, entry.name
-            ))),
+            Ok(Err(CallError::Decode(error))) => {
+                let upcast = if steps.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ", upcast from v{} by {}",
+                        envelope.schema_version,
+                        steps.join(", ")
+                    )
+                };
+                Err(DeliveryError::permanent(format!(
+                    "payload does not deserialise into {} v{version} (handler {}{upcast}): {error}",
+                    envelope.event_type, entry.name
+                )))
+            }
             Ok(Err(CallError::Handler(error))) => Err(error.into()),
             Err(panic) => Err(DeliveryError::retry(format!(
                 "handler {} panicked: {}",

@@ -51,7 +51,7 @@ pub use tokio_util::sync::CancellationToken;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::handler::{call_handler, CallError, HandlerRegistration};
-    pub use crate::upcast::UpcasterRegistration;
+    pub use crate::upcast::{same_str, UpcasterRegistration};
     pub use futures_util::future::BoxFuture;
     pub use inventory;
     pub use serde::Serialize;

@@ -266,6 +266,25 @@ impl Router {
                 break;
             }
             let left = budget.map(|b| b.saturating_sub(started.elapsed()));
+            // A later round starts late in the lease: a transport whose client keeps retrying
+            // on its own for longer than what is left is not started (see
+            // `Destination::delivery_timeout`); its runs stop here, to be delivered again.
+            if let Some(left) = left {
+                for (i, positions) in parts.iter_mut().enumerate() {
+                    let Some(timeout) = self.transports[i].delivery_timeout() else {
+                        continue;
+                    };
+                    if timeout > left && !positions.is_empty() {
+                        for &p in positions.iter() {
+                            results[p] = Some(Err(DeliveryError::not_attempted(format!(
+                                "not published: {left:?} left of the delivery budget, less than transport {:?}'s own timeout {timeout:?}",
+                                self.transports[i].name()
+                            ))));
+                        }
+                        positions.clear();
+                    }
+                }
+            }
             let published = join_all(
                 parts
                     .iter()

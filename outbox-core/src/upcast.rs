@@ -82,3 +82,20 @@ pub(crate) fn upcast_json(
         serde_json::to_string(&step(value)?).map_err(|e| e.to_string())
     })
 }
+
+/// `a == b` at compile time: the derive checks that an upcaster keeps its event type.
+#[doc(hidden)]
+pub const fn same_str(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}

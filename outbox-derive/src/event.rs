@@ -130,7 +130,26 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
                     )
                 )
             };
+            // A step must go from an older version to this one, of the same event type:
+            // checked at compile time, not at start-up.
+            let checks = quote_spanned! {old.span()=>
+                const _: () = {
+                    ::core::assert!(
+                        <#old as #krate::__private::OutboxEvent>::SCHEMA_VERSION
+                            < <#ident as #krate::__private::OutboxEvent>::SCHEMA_VERSION,
+                        "`upcast_from` must name an older version of this event: its `version` is not lower"
+                    );
+                    ::core::assert!(
+                        #krate::__private::same_str(
+                            <#old as #krate::__private::OutboxEvent>::EVENT_TYPE,
+                            <#ident as #krate::__private::OutboxEvent>::EVENT_TYPE,
+                        ),
+                        "`upcast_from` must name a version of the same event type"
+                    );
+                };
+            };
             quote! {
+                #checks
                 #krate::__private::inventory::submit! { #register }
             }
         }

@@ -95,6 +95,8 @@ pub struct KafkaTransport {
     producer: Mutex<Arc<FutureProducer>>,
     name: String,
     topic_prefix: Option<String>,
+    /// librdkafka's effective `message.timeout.ms` (`Duration::MAX`: for ever).
+    delivery_timeout: Duration,
 }
 
 impl fmt::Debug for KafkaTransport {
@@ -117,12 +119,30 @@ impl KafkaTransport {
     /// A transport producing with `config`, plus `enable.idempotence=true` and `acks=all`.
     pub fn from_config(mut config: ClientConfig) -> Result<Self, KafkaError> {
         config.set("enable.idempotence", "true").set("acks", "all");
+        // `delivery.timeout.ms` is an alias of `message.timeout.ms`: with both in the map
+        // librdkafka applies whichever it meets last. The alias, set after `producer_config`,
+        // is what the caller meant.
+        if let Some(alias) = config.get("delivery.timeout.ms").map(str::to_owned) {
+            config.remove("delivery.timeout.ms");
+            config.set("message.timeout.ms", alias);
+        }
+        // What librdkafka will really use; 0 means it retries for ever.
+        let ms: u64 = config
+            .create_native_config()?
+            .get("message.timeout.ms")?
+            .parse()
+            .unwrap_or(0);
+        let delivery_timeout = match ms {
+            0 => Duration::MAX,
+            ms => Duration::from_millis(ms),
+        };
         let producer = config.create::<FutureProducer>()?;
         Ok(Self {
             config,
             producer: Mutex::new(Arc::new(producer)),
             name: "kafka".to_owned(),
             topic_prefix: None,
+            delivery_timeout,
         })
     }
 
@@ -209,15 +229,11 @@ impl Transport for KafkaTransport {
         &self.name
     }
 
-    /// librdkafka retries a message on its own until `message.timeout.ms` (its alias
-    /// `delivery.timeout.ms`; librdkafka's default is 300 s): the relay's lease must outlast it.
+    /// librdkafka retries a message on its own until `message.timeout.ms` (or its alias
+    /// `delivery.timeout.ms`; librdkafka's default is 300 s, and 0 means for ever): the relay's
+    /// lease must outlast it.
     fn delivery_timeout(&self) -> Option<Duration> {
-        let ms = ["message.timeout.ms", "delivery.timeout.ms"]
-            .iter()
-            .find_map(|key| self.config.get(key))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(300_000);
-        Some(Duration::from_millis(ms))
+        Some(self.delivery_timeout)
     }
 
     async fn publish(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {

@@ -223,12 +223,13 @@ impl<DB: Backend, D: Destination> RelayBuilder<DB, D> {
             )));
         }
         if let Some(timeout) = self.destination.delivery_timeout() {
-            if timeout > c.lease * 3 / 4 {
+            let budget = (c.lease * 3 / 4).mul_f64(DESTINATION_SHARE);
+            if timeout > budget {
                 return Err(Error::Config(format!(
                     "the destination can still confirm a delivery {timeout:?} after it started \
                      (a broker client's own timeout, such as Kafka's message.timeout.ms), longer \
-                     than three quarters of the lease {:?}: a relay that took an aggregate over \
-                     could be overtaken; lengthen the lease or shorten that timeout",
+                     than the {budget:?} a delivery gets of the lease {:?}: a relay that took an \
+                     aggregate over could be overtaken; lengthen the lease or shorten that timeout",
                     c.lease
                 )));
             }
@@ -384,6 +385,10 @@ impl<DB: Backend, D: Destination> Relay<DB, D> {
         .await
     }
 }
+
+/// The share of the delivery budget (three quarters of the lease, less what has passed) that
+/// the destination gets: it answers before the relay gives up on the batch.
+const DESTINATION_SHARE: f64 = 0.9;
 
 /// The longest lease [`RelayBuilder::lease`] accepts: a day.
 pub const MAX_LEASE: Duration = Duration::from_secs(24 * 60 * 60);
@@ -559,7 +564,17 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
         batch: &[Envelope],
         budget: Duration,
     ) -> Option<Vec<DeliveryResult>> {
-        let inner = budget.mul_f64(0.9);
+        let inner = budget.mul_f64(DESTINATION_SHARE);
+        // A broker client that keeps retrying on its own for longer than what is left could
+        // confirm after the lease, behind a relay that took the aggregates over: not started.
+        if let Some(timeout) = self.destination.delivery_timeout() {
+            if timeout > inner {
+                let not_started = DeliveryError::not_attempted(format!(
+                    "not published: {inner:?} left of the lease, less than the destination's own delivery timeout {timeout:?}"
+                ));
+                return Some(vec![Err(not_started); batch.len()]);
+            }
+        }
         let delivery = std::panic::catch_unwind(AssertUnwindSafe(|| {
             self.destination.deliver_within(batch, inner)
         }))
