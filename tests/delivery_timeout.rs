@@ -6,53 +6,23 @@
 
 use outbox::kafka::rdkafka::config::ClientConfig;
 use outbox::kafka::{producer_config, KafkaTransport};
-use outbox::{DeliveryResult, Envelope, Outbox, OutboxEvent, Relay, Router, Transport};
+use outbox::{DeliveryResult, Envelope, OutboxEvent, Relay, Router, Transport};
+use outbox_tests::TestDb;
 use serde::{Deserialize, Serialize};
 use sqlx::Postgres;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn pg_url() -> String {
-    std::env::var("OUTBOX_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
 fn brokers() -> String {
     std::env::var("OUTBOX_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
-}
-
-async fn fresh() -> Outbox<Postgres> {
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
-        .connect(&pg_url())
-        .await
-        .unwrap();
-    let table = format!("rv_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let outbox = Outbox::builder(pool).table(table).build().unwrap();
-    outbox.migrate().await.unwrap();
-    outbox
-}
-
-async fn drop_tables(outbox: &Outbox<Postgres>) {
-    let names: Vec<String> =
-        sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE tablename LIKE $1 || '%'")
-            .bind(outbox.table().to_string())
-            .fetch_all(outbox.pool())
-            .await
-            .unwrap();
-    for name in names {
-        let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {name} CASCADE"))
-            .execute(outbox.pool())
-            .await;
-    }
 }
 
 /// librdkafka documents `message.timeout.ms = 0` as "infinite": a message is retried for ever.
 /// No lease fits that, yet the transport reports `Duration::ZERO` and the check passes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_message_timeout_zero_is_infinite_and_no_lease_fits_it() {
-    let outbox = fresh().await;
+    let outbox = Postgres::fresh().await;
     let mut config = producer_config(&brokers());
     config.set("message.timeout.ms", "0");
     // librdkafka takes it (a valid value: "0 = infinite").
@@ -64,7 +34,7 @@ async fn kafka_message_timeout_zero_is_infinite_and_no_lease_fits_it() {
         .lease(Duration::from_secs(2))
         .build()
         .map(|_| ());
-    drop_tables(&outbox).await;
+    Postgres::drop_tables(&outbox).await;
     assert!(
         built.is_err(),
         "a 2 s lease was accepted although message.timeout.ms=0 means librdkafka retries for \
@@ -78,7 +48,7 @@ async fn kafka_message_timeout_zero_is_infinite_and_no_lease_fits_it() {
 /// `message.timeout.ms` (20 s) and the relay accepts a 30 s lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_delivery_timeout_alias_set_after_producer_config_is_ignored() {
-    let outbox = fresh().await;
+    let outbox = Postgres::fresh().await;
     let user_config = || {
         let mut c: ClientConfig = producer_config(&brokers());
         c.set("delivery.timeout.ms", "600000");
@@ -96,7 +66,7 @@ async fn kafka_delivery_timeout_alias_set_after_producer_config_is_ignored() {
         .lease(Duration::from_secs(30))
         .build()
         .map(|_| ());
-    drop_tables(&outbox).await;
+    Postgres::drop_tables(&outbox).await;
     println!("librdkafka's effective message.timeout.ms over 32 configs: {effective:?}; transport reported {reported:?}");
     assert!(
         built.is_err(),
@@ -193,7 +163,7 @@ impl Transport for KafkaLike {
 /// land up to 2.4 s after the claim: after the lease, behind the next claim's deliveries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transport_started_late_in_the_lease_confirms_after_the_lease() {
-    let outbox = fresh().await;
+    let outbox = Postgres::fresh().await;
     let lease = Duration::from_secs(2);
     let first_call = Arc::new(Mutex::new(None));
     let confirmed: Confirmed = Arc::default();
@@ -258,7 +228,7 @@ async fn a_transport_started_late_in_the_lease_confirms_after_the_lease() {
     }
     shutdown.cancel();
     let _ = task.await;
-    drop_tables(&outbox).await;
+    Postgres::drop_tables(&outbox).await;
     let first_call = first_call
         .lock()
         .unwrap()

@@ -4,9 +4,10 @@
 //! `require` ignoring upcasters, by-hand registries without the derive's steps) guard the fixes.
 
 use outbox::{
-    Destination, Dispatcher, Envelope, Error, EventStatus, HandlerContext, HandlerError, Outbox,
+    Destination, Dispatcher, Envelope, Error, EventStatus, HandlerContext, HandlerError,
     OutboxEvent, Registry, Relay, Retry, RetryPolicy,
 };
+use outbox_tests::TestDb;
 use serde::{Deserialize, Serialize};
 use sqlx::Postgres;
 use std::sync::{Arc, Mutex};
@@ -295,43 +296,12 @@ fn review_require_counts_versions_reached_by_upcasting() {
 
 // ---- Through a real relay on PostgreSQL -----------------------------------------------------
 
-fn pg_url() -> String {
-    std::env::var("OUTBOX_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-async fn fresh() -> Outbox<Postgres> {
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
-        .connect(&pg_url())
-        .await
-        .unwrap();
-    let table = format!("rv_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let outbox = Outbox::builder(pool).table(table).build().unwrap();
-    outbox.migrate().await.unwrap();
-    outbox
-}
-
-async fn drop_tables(outbox: &Outbox<Postgres>) {
-    let names: Vec<String> =
-        sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE tablename LIKE $1 || '%'")
-            .bind(outbox.table().to_string())
-            .fetch_all(outbox.pool())
-            .await
-            .unwrap();
-    for name in names {
-        let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {name} CASCADE"))
-            .execute(outbox.pool())
-            .await;
-    }
-}
-
 /// An old binary wrote v1 events (the derive's own v1 struct, enqueued for real). Through the
 /// relay: a good one is handled at v2, a gap (v1 of a type whose chain starts at v2) is dead
 /// at its first attempt, and a panicking step is ... ?
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_on_postgres_upcast_outcomes() {
-    let outbox = fresh().await;
+    let outbox = Postgres::fresh().await;
     let mut tx = outbox.pool().begin().await.unwrap();
     let good = outbox
         .enqueue(
@@ -378,7 +348,7 @@ async fn relay_on_postgres_upcast_outcomes() {
     };
     shutdown.cancel();
     let _ = task.await;
-    drop_tables(&outbox).await;
+    Postgres::drop_tables(&outbox).await;
     println!("good: {good_row:?}\npanic: {panic_row:?}");
     assert_eq!(good_row.status, EventStatus::Delivered, "{good_row:?}");
     assert!(PAID.lock().unwrap().contains(&(300, 1)));
