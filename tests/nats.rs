@@ -2,9 +2,9 @@
 //! `OUTBOX_TEST_NATS_URL`), plus private `nats-server`s for the outage and cluster tests.
 
 use async_nats::jetstream::{self, consumer};
-use futures_util::StreamExt;
 use outbox::nats::{ensure_stream, NatsConsumer, NatsTransport};
 use outbox::{EventStatus, Inbox, Relay, RetryPolicy};
+use outbox_tests::nats::{jetstream, names, nats_url, read_stream};
 use outbox_tests::{assert_dead_at_once, wait_for_recorded_failure, PrivateServer};
 use outbox_tests::{
     broker_retry, eventually, init_tracing, AfterCommit, Applier, Huge, ItemChanged,
@@ -18,59 +18,21 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(120);
 
-fn nats_url() -> String {
-    std::env::var("OUTBOX_TEST_NATS_URL").unwrap_or_else(|_| "127.0.0.1:4222".to_owned())
-}
-
-async fn jetstream(url: &str) -> jetstream::Context {
-    let client = async_nats::connect(url)
-        .await
-        .unwrap_or_else(|e| panic!("cannot reach NATS at {url}: {e}"));
-    let mut js = jetstream::new(client);
-    js.set_timeout(Duration::from_secs(2));
-    js
-}
-
-/// A unique subject prefix and stream per test.
-fn names() -> (String, String) {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    (
-        format!("t{}", &id[..10]),
-        format!("T{}", &id[..10]).to_uppercase(),
-    )
-}
-
-/// Every message in `stream`, in stream order, read with a plain async-nats consumer.
+/// Every message in `stream`, in stream order: exactly `expected` of them.
 async fn read_all(
     js: &jetstream::Context,
     stream: &str,
     expected: usize,
 ) -> Vec<jetstream::Message> {
     let stream = js.get_stream(stream).await.unwrap();
-    let reader = stream
-        .create_consumer(consumer::pull::Config {
-            deliver_policy: consumer::DeliverPolicy::All,
-            ack_policy: consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut messages = reader.messages().await.unwrap();
-    let mut out = Vec::with_capacity(expected);
-    while out.len() < expected {
-        let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .expect("stream delivered fewer messages than expected");
-        out.push(next.unwrap().unwrap());
-    }
-    // Nothing more than expected.
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), messages.next())
-            .await
-            .is_err(),
+    let messages = read_stream(&stream, expected).await;
+    let mut info = stream.clone();
+    let stored = info.info().await.unwrap().state.messages;
+    assert_eq!(
+        stored, expected as u64,
         "the stream holds more messages than events"
     );
-    out
+    messages
 }
 
 fn header<'a>(message: &'a jetstream::Message, name: &str) -> &'a str {

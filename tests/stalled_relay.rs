@@ -7,10 +7,10 @@
 //! (`Nats-Msg-Id` is the event id, within the stream's duplicate window). Each event is stored
 //! once, every aggregate in order.
 
-use async_nats::jetstream::{self, consumer};
-use futures_util::StreamExt;
+use async_nats::jetstream;
 use outbox::nats::ensure_stream;
 use outbox::Outbox;
+use outbox_tests::nats::{nats_url, read_stored};
 use outbox_tests::{eventually, init_tracing, pg_url, ItemChanged, TestDb};
 use sqlx::Postgres;
 use std::collections::HashMap;
@@ -23,10 +23,6 @@ const WAIT: Duration = Duration::from_secs(120);
 const LEASE: Duration = Duration::from_millis(1000);
 const ITEMS: usize = 8;
 const BACKLOG: u64 = 4000;
-
-fn nats_url() -> String {
-    std::env::var("OUTBOX_TEST_NATS_URL").unwrap_or_else(|_| "127.0.0.1:4222".to_owned())
-}
 
 /// A relay in its own process (`src/bin/relay_process.rs`), killed on drop.
 struct RelayProcess(Child);
@@ -142,24 +138,11 @@ async fn nats_a_relay_stalled_past_its_lease_publishes_nothing_late() {
 
     // Read the stream back with a plain consumer: every event once, each aggregate in order.
     let stream = js.get_stream(&stream_name).await.unwrap();
-    let reader = stream
-        .create_consumer(consumer::pull::Config {
-            deliver_policy: consumer::DeliverPolicy::All,
-            ack_policy: consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let stored = stream.get_info().await.unwrap().state.messages;
-    let mut messages = reader.messages().await.unwrap();
+    let messages = read_stored(&stream).await;
+    let stored = messages.len() as u64;
     let mut last: HashMap<String, u64> = HashMap::new();
     let mut late = Vec::new();
-    for _ in 0..stored {
-        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .expect("the stream holds fewer messages than it says")
-            .unwrap()
-            .unwrap();
+    for message in &messages {
         let event: ItemChanged = serde_json::from_slice(&message.payload).unwrap();
         let previous = last.entry(event.item.clone()).or_insert(0);
         if event.n != *previous + 1 {

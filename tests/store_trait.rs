@@ -3,10 +3,10 @@
 //! (`publish_within`), and lease durations at the edge. Written as an outside review of the
 //! store refactor; the tests that failed then are regression tests now.
 
-use async_nats::jetstream::{self, consumer};
-use futures_util::StreamExt;
+use async_nats::jetstream;
 use outbox::nats::{ensure_stream, NatsTransport};
 use outbox::{Backend, Envelope, FullStore, Outbox, Relay, Retry, Transport};
+use outbox_tests::nats::{nats_url, read_stored};
 use outbox_tests::{
     always_ok, dispatcher, eventually, init_tracing, pg_pool, unique_table, ItemChanged, Log,
     RunningRelay, TestDb,
@@ -16,10 +16,6 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn nats_url() -> String {
-    std::env::var("OUTBOX_TEST_NATS_URL").unwrap_or_else(|_| "127.0.0.1:4222".to_owned())
-}
 
 async fn pg_outbox(notify: bool) -> Outbox<Postgres> {
     let outbox = Outbox::builder(pg_pool().await)
@@ -332,31 +328,17 @@ async fn stream_for(js: &jetstream::Context) -> (String, jetstream::stream::Stre
 }
 
 async fn read_all(stream: &jetstream::stream::Stream) -> Vec<(String, i64)> {
-    let mut stream = stream.clone();
-    let stored = stream.info().await.unwrap().state.messages;
-    let reader = stream
-        .create_consumer(consumer::pull::Config {
-            deliver_policy: consumer::DeliverPolicy::All,
-            ack_policy: consumer::AckPolicy::None,
-            ..Default::default()
-        })
+    read_stored(stream)
         .await
-        .unwrap();
-    let mut messages = reader.messages().await.unwrap();
-    let mut out = Vec::new();
-    for _ in 0..stored {
-        let m = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
-        out.push((
-            v["item"].as_str().unwrap().to_owned(),
-            v["n"].as_i64().unwrap(),
-        ));
-    }
-    out
+        .iter()
+        .map(|m| {
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            (
+                v["item"].as_str().unwrap().to_owned(),
+                v["n"].as_i64().unwrap(),
+            )
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
