@@ -28,7 +28,7 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
 use outbox_core::{
-    wire, DeliveryError, DeliveryResult, Dispatcher, Envelope, RetryPolicy, Transport,
+    wire, DeliveryError, DeliveryResult, Dispatcher, Envelope, RetryPolicy, StoppedRuns, Transport,
 };
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -310,13 +310,9 @@ impl Transport for AmqpTransport {
             let sent = self.publish_on(channel, &envelopes).await;
             let mut again = Vec::new();
             // Aggregates with a failure so far in this batch: their later messages wait.
-            let mut stopped: std::collections::HashSet<(&str, &str)> = Default::default();
+            let mut stopped = StoppedRuns::new();
             for (&i, sent) in todo.iter().zip(sent) {
                 let envelope = &batch[i];
-                let key = (
-                    envelope.aggregate_type.as_str(),
-                    envelope.aggregate_id.as_str(),
-                );
                 let result = match sent {
                     Sent::Confirmed(result) => result,
                     Sent::ChannelFailed(error) => {
@@ -324,7 +320,7 @@ impl Transport for AmqpTransport {
                         let (exchange, _) = self.destination(envelope);
                         if is_culprit(envelope, &exchange, &reason) {
                             Err(DeliveryError::permanent(reason))
-                        } else if round == 0 && !stopped.contains(&key) {
+                        } else if round == 0 && !stopped.contains(envelope) {
                             again.push(i);
                             continue;
                         } else {
@@ -333,7 +329,7 @@ impl Transport for AmqpTransport {
                     }
                 };
                 if result.is_err() {
-                    stopped.insert(key);
+                    stopped.stop(envelope);
                 }
                 results[i] = Some(result);
             }
@@ -349,13 +345,7 @@ impl Transport for AmqpTransport {
         }
         results
             .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    Err(DeliveryError::not_attempted(
-                        "not published: an earlier message of its aggregate failed",
-                    ))
-                })
-            })
+            .map(|r| r.unwrap_or_else(|| Err(DeliveryError::held_back())))
             .collect()
     }
 }

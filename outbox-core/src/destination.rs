@@ -1,4 +1,5 @@
 use crate::event::Envelope;
+use std::collections::HashSet;
 use std::future::Future;
 use std::time::Duration;
 
@@ -63,6 +64,17 @@ impl DeliveryError {
             retry: Retry::NotAttempted,
             reason: reason.into(),
         }
+    }
+
+    /// Not sent because an earlier event of its aggregate failed in this batch: what a
+    /// destination returns for the rest of a run after the run's first failure.
+    pub fn held_back() -> Self {
+        Self::not_attempted("not sent: an earlier event of its aggregate failed")
+    }
+
+    /// Not sent because the relay's delivery time ran out before its turn.
+    pub fn out_of_time() -> Self {
+        Self::not_attempted("not sent: the relay's delivery time ran out before its turn")
     }
 
     /// A failure that retrying cannot fix: the event goes dead with this reason.
@@ -173,4 +185,45 @@ impl<T: Transport> Destination for T {
     fn delivery_timeout(&self) -> Option<Duration> {
         Transport::delivery_timeout(self)
     }
+}
+
+/// The aggregates of a batch whose run has stopped at a failure: a destination sends nothing
+/// more of them in this batch, so that nothing overtakes the failed event.
+#[derive(Debug, Default)]
+pub struct StoppedRuns<'a>(HashSet<(&'a str, &'a str)>);
+
+impl<'a> StoppedRuns<'a> {
+    /// No run stopped yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the run of `envelope`'s aggregate has stopped.
+    pub fn contains(&self, envelope: &Envelope) -> bool {
+        self.0.contains(&(
+            envelope.aggregate_type.as_str(),
+            envelope.aggregate_id.as_str(),
+        ))
+    }
+
+    /// Stops the run of `envelope`'s aggregate.
+    pub fn stop(&mut self, envelope: &'a Envelope) {
+        self.0.insert((
+            envelope.aggregate_type.as_str(),
+            envelope.aggregate_id.as_str(),
+        ));
+    }
+}
+
+/// Why a delivery step with `left` of its budget is not started on a destination whose client
+/// keeps retrying on its own for `timeout` (see [`Destination::delivery_timeout`]): it could be
+/// confirmed after the lease, behind a relay that took the aggregates over.
+pub(crate) fn too_late_to_start(
+    timeout: Option<Duration>,
+    left: Duration,
+) -> Option<DeliveryError> {
+    let timeout = timeout.filter(|t| *t > left)?;
+    Some(DeliveryError::not_attempted(format!(
+        "not sent: {left:?} left of the lease, less than the destination's own delivery timeout {timeout:?}"
+    )))
 }

@@ -828,15 +828,11 @@ impl Dispatcher {
         for i in positions {
             let late = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
             let result = if failed {
-                Err(DeliveryError::not_attempted(
-                    "not handled: an earlier event of its aggregate failed",
-                ))
+                Err(DeliveryError::held_back())
             } else if late {
                 // Waited for a slot behind slow handlers until the time was up: not tried, so
                 // no attempt counts.
-                Err(DeliveryError::not_attempted(
-                    "not handled: the relay's delivery time ran out before its turn",
-                ))
+                Err(DeliveryError::out_of_time())
             } else {
                 let handled = self.dispatch(&batch[i]);
                 match deadline {

@@ -18,7 +18,7 @@ mod store;
 mod table;
 mod upcast;
 
-pub use destination::{DeliveryError, DeliveryResult, Destination, Retry, Transport};
+pub use destination::{DeliveryError, DeliveryResult, Destination, Retry, StoppedRuns, Transport};
 pub use error::{Error, Result};
 pub use event::{
     header, is_reserved_header, wire, EnqueueOptions, Envelope, Headers, Message, OutboxEvent,

@@ -1,6 +1,8 @@
 //! Routing event types to transports: one relay, several brokers.
 
-use crate::destination::{DeliveryError, DeliveryResult, Destination, Transport};
+use crate::destination::{
+    too_late_to_start, DeliveryError, DeliveryResult, Destination, Transport,
+};
 use crate::error::{Error, Result};
 use crate::event::{Envelope, OutboxEvent};
 use futures_util::future::{join_all, BoxFuture};
@@ -271,17 +273,11 @@ impl Router {
             // `Destination::delivery_timeout`); its runs stop here, to be delivered again.
             if let Some(left) = left {
                 for (i, positions) in parts.iter_mut().enumerate() {
-                    let Some(timeout) = self.transports[i].delivery_timeout() else {
-                        continue;
-                    };
-                    if timeout > left && !positions.is_empty() {
-                        for &p in positions.iter() {
-                            results[p] = Some(Err(DeliveryError::not_attempted(format!(
-                                "not published: {left:?} left of the delivery budget, less than transport {:?}'s own timeout {timeout:?}",
-                                self.transports[i].name()
-                            ))));
+                    let timeout = self.transports[i].delivery_timeout();
+                    if let Some(not_started) = too_late_to_start(timeout, left) {
+                        for p in positions.drain(..) {
+                            results[p] = Some(Err(not_started.clone()));
                         }
-                        positions.clear();
                     }
                 }
             }
@@ -332,13 +328,7 @@ impl Router {
         }
         results
             .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    Err(DeliveryError::not_attempted(
-                        "not published: an earlier event of its aggregate failed",
-                    ))
-                })
-            })
+            .map(|r| r.unwrap_or_else(|| Err(DeliveryError::held_back())))
             .collect()
     }
 }

@@ -26,7 +26,9 @@
 
 use futures_util::future::join_all;
 use futures_util::StreamExt;
-use outbox_core::{DeliveryError, DeliveryResult, Dispatcher, Envelope, RetryPolicy, Transport};
+use outbox_core::{
+    DeliveryError, DeliveryResult, Dispatcher, Envelope, RetryPolicy, StoppedRuns, Transport,
+};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -241,13 +243,9 @@ impl Transport for KafkaTransport {
         let mut pending = Vec::with_capacity(batch.len());
         // Aggregates whose run failed at send time (too large, say): nothing more of them is
         // produced, so nothing overtakes the failed event.
-        let mut stopped: std::collections::HashSet<(&str, &str)> = Default::default();
+        let mut stopped = StoppedRuns::new();
         for envelope in batch {
-            let key = (
-                envelope.aggregate_type.as_str(),
-                envelope.aggregate_id.as_str(),
-            );
-            if stopped.contains(&key) {
+            if stopped.contains(envelope) {
                 pending.push(Err(None));
                 continue;
             }
@@ -270,7 +268,7 @@ impl Transport for KafkaTransport {
                 .send_result(record)
                 .map_err(|(error, _)| Some(error));
             if sent.is_err() {
-                stopped.insert(key);
+                stopped.stop(envelope);
             }
             pending.push(sent);
         }
@@ -294,9 +292,7 @@ impl Transport for KafkaTransport {
             .map(|o| {
                 o.map_err(|e| match e {
                     Some(error) => failure(&error),
-                    None => DeliveryError::not_attempted(
-                        "not produced: an earlier event of its aggregate failed",
-                    ),
+                    None => DeliveryError::held_back(),
                 })
             })
             .collect()

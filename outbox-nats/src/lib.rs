@@ -28,7 +28,9 @@ use async_nats::jetstream::context::{GetStreamByNameErrorKind, PublishError, Pub
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use async_nats::HeaderMap;
 use futures_util::StreamExt;
-use outbox_core::{DeliveryError, DeliveryResult, Dispatcher, Envelope, RetryPolicy, Transport};
+use outbox_core::{
+    DeliveryError, DeliveryResult, Dispatcher, Envelope, RetryPolicy, StoppedRuns, Transport,
+};
 use std::str::FromStr;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -173,24 +175,7 @@ impl NatsTransport {
             Err(_) => {}
         }
     }
-}
 
-impl Transport for NatsTransport {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    async fn publish(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
-        self.publish_until(batch, None).await
-    }
-
-    async fn publish_within(&self, batch: &[Envelope], budget: Duration) -> Vec<DeliveryResult> {
-        self.publish_until(batch, tokio::time::Instant::now().checked_add(budget))
-            .await
-    }
-}
-
-impl NatsTransport {
     /// Publishes `batch`, sending nothing more once `deadline` (the relay's lease, less a
     /// margin) has passed: a relay frozen mid-batch (a GC pause, a stopped VM) stops sending when
     /// it resumes, and the relay that took its aggregates over publishes them. What the client
@@ -208,32 +193,20 @@ impl NatsTransport {
         let mut outcomes = Vec::with_capacity(batch.len());
         // Aggregates whose run failed at send time (a header NATS cannot carry, a message over
         // the server's max payload): nothing more of them is sent, so nothing overtakes it.
-        let mut stopped: std::collections::HashSet<(&str, &str)> = Default::default();
+        let mut stopped = StoppedRuns::new();
         for envelope in batch {
             if in_flight.len() >= ACKS_IN_FLIGHT {
                 outcomes.extend(in_flight.next().await);
             }
-            let key = (
-                envelope.aggregate_type.as_str(),
-                envelope.aggregate_id.as_str(),
-            );
-            let sent = if stopped.contains(&key) {
-                Err((
-                    None,
-                    DeliveryError::not_attempted(
-                        "not published: an earlier event of its aggregate failed",
-                    ),
-                ))
+            let sent = if stopped.contains(envelope) {
+                Err((None, DeliveryError::held_back()))
             } else if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-                Err((
-                    None,
-                    DeliveryError::not_attempted("not published: the relay's lease is ending"),
-                ))
+                Err((None, DeliveryError::out_of_time()))
             } else {
                 self.send(envelope).await
             };
             if sent.is_err() {
-                stopped.insert(key);
+                stopped.stop(envelope);
             }
             in_flight.push_back(acknowledged(sent));
         }
@@ -263,6 +236,21 @@ impl NatsTransport {
             results.push(result);
         }
         results
+    }
+}
+
+impl Transport for NatsTransport {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn publish(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
+        self.publish_until(batch, None).await
+    }
+
+    async fn publish_within(&self, batch: &[Envelope], budget: Duration) -> Vec<DeliveryResult> {
+        self.publish_until(batch, tokio::time::Instant::now().checked_add(budget))
+            .await
     }
 }
 

@@ -3,7 +3,7 @@
 
 mod settle;
 
-use crate::destination::{DeliveryError, DeliveryResult, Destination};
+use crate::destination::{too_late_to_start, DeliveryError, DeliveryResult, Destination};
 use crate::error::{Error, Result};
 use crate::event::Envelope;
 use crate::retention::Retention;
@@ -567,13 +567,8 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
         let inner = budget.mul_f64(DESTINATION_SHARE);
         // A broker client that keeps retrying on its own for longer than what is left could
         // confirm after the lease, behind a relay that took the aggregates over: not started.
-        if let Some(timeout) = self.destination.delivery_timeout() {
-            if timeout > inner {
-                let not_started = DeliveryError::not_attempted(format!(
-                    "not published: {inner:?} left of the lease, less than the destination's own delivery timeout {timeout:?}"
-                ));
-                return Some(vec![Err(not_started); batch.len()]);
-            }
+        if let Some(not_started) = too_late_to_start(self.destination.delivery_timeout(), inner) {
+            return Some(vec![Err(not_started); batch.len()]);
         }
         let delivery = std::panic::catch_unwind(AssertUnwindSafe(|| {
             self.destination.deliver_within(batch, inner)
