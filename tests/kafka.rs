@@ -2,7 +2,9 @@
 //! 127.0.0.1:9092, or `OUTBOX_TEST_KAFKA_BROKERS`), plus a private tansu for the outage test
 //! (`OUTBOX_TEST_TANSU`, default `/opt/outbox-tools/tansu-0.6.0/bin/tansu`).
 
-use outbox::kafka::{producer_config, KafkaConsumer, KafkaTransport, DEAD_REASON};
+use outbox::kafka::{
+    dead_letter_topic, producer_config, KafkaConsumer, KafkaSource, KafkaTransport, DEAD_REASON,
+};
 use outbox::{Relay, RetryPolicy};
 use outbox_tests::scenarios::enqueue_backlog;
 use outbox_tests::{assert_dead_at_once, enqueue_poison, wait_for_recorded_failure, PrivateServer};
@@ -260,7 +262,7 @@ async fn consumer_applies_once_with_the_inbox_and_dead_letters_poison() {
     init_tracing();
     let prefix = unique("t");
     let topic = format!("{prefix}.items");
-    let dlq = KafkaConsumer::dead_letter_topic(&topic);
+    let dlq = dead_letter_topic(&topic);
     create_topics(&brokers(), &[&topic, &dlq]).await;
     let outbox = Postgres::fresh().await;
     // The consuming service: the first delivery of each aggregate's first event loses its ack.
@@ -284,14 +286,11 @@ async fn consumer_applies_once_with_the_inbox_and_dead_letters_poison() {
     relay.stop().await;
 
     let consumer = KafkaConsumer::new(
-        &brokers(),
-        &unique("group"),
-        &[&topic],
+        KafkaSource::new(&brokers(), &unique("group"), &[&topic]).unwrap(),
         applier.dispatcher(AfterCommit::LoseFirstAck {
             first_events_only: true,
         }),
     )
-    .unwrap()
     .retry(RetryPolicy::exponential(Duration::from_millis(20)).max_attempts(3));
     let shutdown = outbox::CancellationToken::new();
     let consuming = tokio::spawn({

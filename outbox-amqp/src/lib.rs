@@ -8,10 +8,10 @@
 //!   batches of several relay workers publish side by side (up to [`AmqpTransport::channels`],
 //!   connected as needed). After a connection failure the transport reconnects on the next
 //!   batch.
-//! - [`AmqpConsumer`] consumes a queue into the same typed handlers as the relay, acking after
-//!   success; a retryable failure is retried in place with backoff (keeping the queue's order),
-//!   and a permanent one, or the last attempt, is rejected without requeue, which sends it to the
-//!   queue's dead-letter exchange.
+//! - [`AmqpConsumer`] consumes a queue into the same typed handlers as the relay: the core's
+//!   [`Consumer`] loop over an [`AmqpSource`], acking after success, retrying in place (later
+//!   messages of the aggregate wait, other aggregates flow), and rejecting without requeue a
+//!   message that failed for good, which sends it to the queue's dead-letter exchange.
 //! - [`Topology`] declares exchanges, queues, bindings and dead-lettering.
 //!
 //! TLS (`amqps://`) is behind the `tls` feature.
@@ -27,13 +27,11 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
-use outbox_core::{
-    wire, DeliveryError, DeliveryResult, Dispatcher, Envelope, RetryPolicy, StoppedRuns, Transport,
-};
+use outbox_core::consumer::{Consumer, Received, Source};
+use outbox_core::{wire, DeliveryError, DeliveryResult, Envelope, Error, StoppedRuns, Transport};
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::Mutex;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use lapin;
@@ -367,6 +365,7 @@ pub struct Topology {
     exchange: String,
     queues: Vec<(String, Vec<String>)>,
     dead_letters: bool,
+    quorum: bool,
 }
 
 impl Topology {
@@ -376,6 +375,7 @@ impl Topology {
             exchange: exchange.into(),
             queues: Vec::new(),
             dead_letters: false,
+            quorum: false,
         }
     }
 
@@ -394,6 +394,14 @@ impl Topology {
     /// that receives the messages consumers reject.
     pub fn with_dead_letters(mut self) -> Self {
         self.dead_letters = true;
+        self
+    }
+
+    /// Declares the queues as quorum queues (`x-queue-type: quorum`): replicated, and they
+    /// count deliveries (`x-delivery-count`), which the consumer uses as attempt counts that
+    /// survive a crash.
+    pub fn quorum(mut self) -> Self {
+        self.quorum = true;
         self
     }
 
@@ -446,6 +454,12 @@ impl Topology {
                     AMQPValue::LongString(dlx.as_str().into()),
                 );
             }
+            if self.quorum {
+                arguments.insert(
+                    "x-queue-type".into(),
+                    AMQPValue::LongString("quorum".into()),
+                );
+            }
             declare_queue(channel, queue, arguments).await?;
             for pattern in patterns {
                 channel
@@ -481,123 +495,161 @@ async fn declare_queue(
     Ok(())
 }
 
-/// Consumes a RabbitMQ queue into typed handlers.
+/// A RabbitMQ queue as the [`Source`] of a [`Consumer`].
 ///
-/// Deliveries are handled one at a time, in queue order, and acknowledged only after their
-/// handler succeeded. A retryable failure is retried in place after the retry policy's backoff,
-/// so later messages wait and the order of each aggregate holds; after the last attempt, or on a
-/// permanent failure, the message is rejected without requeue and goes to the queue's
-/// dead-letter exchange (see [`Topology::with_dead_letters`]). Use an
-/// [`Inbox`](outbox_core::Inbox) in handlers that change state: a message redelivered after a
-/// crash then changes it once.
-#[derive(Debug)]
-pub struct AmqpConsumer {
+/// Deliveries are acknowledged one by one after their handler succeeded. A message that failed
+/// for good is rejected without requeue, which moves it to the queue's dead-letter exchange
+/// (declare one: [`Topology::with_dead_letters`]; without it RabbitMQ drops the message). A
+/// quorum queue ([`Topology::quorum`]) counts deliveries (`x-delivery-count`), so a message whose
+/// handling kills the process is dead-lettered after the retry policy's last attempt; on a
+/// classic queue give the consumer an inbox for that
+/// ([`Consumer::attempts_in`](outbox_core::Consumer::attempts_in)). Messages held past
+/// RabbitMQ's `consumer_timeout` (30 minutes by default) make it close the channel; they are
+/// then redelivered.
+pub struct AmqpSource {
     channel: Channel,
     queue: String,
     tag: String,
-    dispatcher: Dispatcher,
-    retry: RetryPolicy,
+    name: String,
+    prefetch: u16,
+    deliveries: Mutex<Option<lapin::Consumer>>,
 }
 
-impl AmqpConsumer {
-    /// Consumes `queue` on `channel` into `dispatcher`'s handlers.
-    pub fn new(channel: Channel, queue: impl Into<String>, dispatcher: Dispatcher) -> Self {
+impl fmt::Debug for AmqpSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpSource")
+            .field("queue", &self.queue)
+            .field("prefetch", &self.prefetch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AmqpSource {
+    /// Consumes `queue` on `channel`, with up to 256 unacknowledged deliveries (the
+    /// consumer's default window).
+    pub fn new(channel: Channel, queue: impl Into<String>) -> Self {
         let queue = queue.into();
         Self {
             tag: format!("outbox-{queue}-{}", uuid::Uuid::now_v7().simple()),
+            name: format!("amqp:{queue}"),
             channel,
             queue,
-            dispatcher,
-            retry: RetryPolicy::default(),
+            prefetch: 256,
+            deliveries: Mutex::new(None),
         }
     }
 
-    /// How failures are retried (default [`RetryPolicy::default`]).
-    pub fn retry(mut self, policy: RetryPolicy) -> Self {
-        self.retry = policy;
+    /// How many unacknowledged deliveries RabbitMQ sends ahead (`basic.qos`); keep it at the
+    /// consumer's [`window`](outbox_core::Consumer::window).
+    pub fn prefetch(mut self, n: u16) -> Self {
+        self.prefetch = n.max(1);
         self
     }
+}
 
-    /// Consumes until `shutdown` is cancelled; the delivery being handled is finished first.
-    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), lapin::Error> {
-        self.channel
-            .basic_qos(64, BasicQosOptions::default())
-            .await?;
-        let mut deliveries = self
-            .channel
-            .basic_consume(
-                self.queue.as_str().into(),
-                self.tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                next = deliveries.next() => next,
-            };
-            match next {
-                Some(Ok(delivery)) => self.handle(delivery, &shutdown).await?,
-                Some(Err(error)) => return Err(error),
-                None => return Ok(()),
+/// Consumes a RabbitMQ queue into typed handlers: the core's [`Consumer`] over an
+/// [`AmqpSource`].
+///
+/// ```no_run
+/// # async fn demo(channel: lapin::Channel) -> Result<(), Box<dyn std::error::Error>> {
+/// use outbox_amqp::{AmqpConsumer, AmqpSource, Topology};
+/// use outbox_core::{CancellationToken, Dispatcher};
+///
+/// Topology::new("payments").queue("billing", ["payment.*"]).quorum().with_dead_letters()
+///     .declare(&channel)
+///     .await?;
+/// AmqpConsumer::new(AmqpSource::new(channel, "billing"), Dispatcher::from_inventory()?)
+///     .run(CancellationToken::new())
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub type AmqpConsumer = Consumer<AmqpSource>;
+
+impl Source for AmqpSource {
+    type Message = Delivery;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn receive(&self) -> outbox_core::Result<Option<Received<Delivery>>> {
+        let mut deliveries = self.deliveries.lock().await;
+        if deliveries.is_none() {
+            self.channel
+                .basic_qos(self.prefetch, BasicQosOptions::default())
+                .await
+                .map_err(Error::broker)?;
+            let consumer = self
+                .channel
+                .basic_consume(
+                    self.queue.as_str().into(),
+                    self.tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(Error::broker)?;
+            *deliveries = Some(consumer);
+        }
+        match deliveries.as_mut().expect("just set").next().await {
+            Some(Ok(delivery)) => {
+                let envelope = envelope(&delivery);
+                let deliveries = delivery_count(&delivery);
+                Ok(Some(Received::new(delivery, envelope, deliveries)))
             }
+            // A closed channel or connection: the unacknowledged deliveries go back to the queue.
+            Some(Err(error)) => Err(Error::broker(error)),
+            None => Ok(None),
         }
     }
 
-    async fn handle(
-        &self,
-        delivery: Delivery,
-        shutdown: &CancellationToken,
-    ) -> Result<(), lapin::Error> {
-        let envelope = envelope(&delivery);
-        let mut attempt = if delivery.redelivered { 2 } else { 1 };
-        loop {
-            let outcome = match &envelope {
-                Ok(envelope) => {
-                    let mut envelope = envelope.clone();
-                    envelope.attempt = attempt;
-                    self.dispatcher
-                        .dispatch(&envelope)
-                        .instrument(tracing::info_span!("outbox.consume", queue = %self.queue))
-                        .await
-                }
-                Err(reason) => Err(DeliveryError::permanent(format!(
-                    "not an outbox message: {reason}"
-                ))),
-            };
-            let error = match outcome {
-                Ok(()) => {
-                    delivery.acker.ack(BasicAckOptions::default()).await?;
-                    return Ok(());
-                }
-                Err(error) => error,
-            };
-            let event_id = envelope
-                .as_ref()
-                .map(|e| e.id.to_string())
-                .unwrap_or_default();
-            match self.retry.next_delay(attempt, error.retry) {
-                Some(delay) if !shutdown.is_cancelled() => {
-                    tracing::warn!(%event_id, attempt, reason = %error.reason, retry_in = ?delay, "handler failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        // Leave it to the broker: it is redelivered to the next consumer.
-                        _ = shutdown.cancelled() => return Ok(()),
-                    }
-                    attempt += 1;
-                }
-                Some(_) => return Ok(()),
-                None => {
-                    tracing::error!(%event_id, attempt, reason = %error.reason, "rejecting message to the dead-letter exchange");
-                    delivery
-                        .acker
-                        .reject(BasicRejectOptions { requeue: false })
-                        .await?;
-                    return Ok(());
-                }
-            }
-        }
+    async fn ack(&self, delivery: &Delivery) -> outbox_core::Result<()> {
+        delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(drop)
+            .map_err(Error::broker)
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, _reason: &str) -> outbox_core::Result<()> {
+        delivery
+            .acker
+            .reject(BasicRejectOptions { requeue: false })
+            .await
+            .map(drop)
+            .map_err(Error::broker)
+    }
+
+    async fn release(&self, delivery: &Delivery) -> outbox_core::Result<()> {
+        delivery
+            .acker
+            .reject(BasicRejectOptions { requeue: true })
+            .await
+            .map(drop)
+            .map_err(Error::broker)
+    }
+}
+
+/// Deliveries so far, this one included: a quorum queue counts earlier ones in
+/// `x-delivery-count`; elsewhere only "redelivered" is known, which means at least two.
+fn delivery_count(delivery: &Delivery) -> Option<u32> {
+    let counted = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count").cloned())
+        .and_then(|v| match v {
+            AMQPValue::LongLongInt(n) => u32::try_from(n).ok(),
+            AMQPValue::LongInt(n) => u32::try_from(n).ok(),
+            AMQPValue::ShortInt(n) => u32::try_from(n).ok(),
+            AMQPValue::LongUInt(n) => Some(n),
+            _ => None,
+        });
+    match counted {
+        Some(n) => Some(n.saturating_add(1)),
+        None if delivery.redelivered => Some(2),
+        None => None,
     }
 }
 

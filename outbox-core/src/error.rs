@@ -89,6 +89,9 @@ pub enum Error {
     /// The database refused or failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// A broker refused or failed (a consumer's [`Source`](crate::consumer::Source)).
+    #[error("broker error: {0}")]
+    Broker(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A stored row could not be read back.
     #[error("corrupt outbox row {id}: {reason}")]
     CorruptRow {
@@ -97,6 +100,13 @@ pub enum Error {
         /// What was wrong with it.
         reason: String,
     },
+}
+
+impl Error {
+    /// A broker's error.
+    pub fn broker(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Broker(error.into())
+    }
 }
 
 /// `Result` with [`Error`] as the error type.

@@ -80,7 +80,9 @@ impl<DB: Backend> Inbox<DB> {
         })
     }
 
-    /// Creates the table if it does not exist.
+    /// Creates the tables if they do not exist: `<table>`, the processed messages, and
+    /// `<table>_attempts`, the attempt counts of a [`Consumer`](crate::consumer::Consumer) given
+    /// this inbox with [`attempts_in`](crate::consumer::Consumer::attempts_in).
     pub async fn migrate(&self) -> Result<()> {
         self.inner.store.migrate().await
     }
@@ -111,5 +113,19 @@ impl<DB: Backend> Inbox<DB> {
             tx.rollback().await?;
             Ok(None)
         }
+    }
+
+    pub(crate) async fn count_attempt(&self, message_id: Uuid) -> Result<u32> {
+        self.inner
+            .store
+            .count_attempt(&self.inner.consumer, message_id)
+            .await
+    }
+
+    pub(crate) async fn forget_attempts(&self, message_id: Uuid) -> Result<()> {
+        self.inner
+            .store
+            .forget_attempts(&self.inner.consumer, message_id)
+            .await
     }
 }

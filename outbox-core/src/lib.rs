@@ -4,6 +4,7 @@
 // Without a store feature there is nothing to write events to; the types still compile.
 #![cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
 
+pub mod consumer;
 mod destination;
 mod error;
 mod event;
@@ -18,6 +19,7 @@ mod store;
 mod table;
 mod upcast;
 
+pub use consumer::Consumer;
 pub use destination::{DeliveryError, DeliveryResult, Destination, Retry, StoppedRuns, Transport};
 pub use error::{Error, Result};
 pub use event::{

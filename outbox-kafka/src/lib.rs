@@ -7,10 +7,10 @@
 //!   A batch is handed to librdkafka at once and every delivery report awaited: the relay's
 //!   batch is already a batch, so the producer does not linger (`linger.ms=0` by default here).
 //! - [`KafkaConsumer`] reads topics in a consumer group into the same typed handlers as the
-//!   relay, committing an offset only after its handler succeeded; retryable failures are
-//!   retried in place with backoff (keeping partition order), and a permanent failure, or the
-//!   last attempt, is published to a dead-letter topic `<topic>.dlq` before its offset is
-//!   committed.
+//!   relay: the core's [`Consumer`] loop over a [`KafkaSource`]. Offsets are committed per
+//!   partition only up to the first message not yet handled; failures are retried in place
+//!   (later messages of the aggregate wait, other aggregates flow), and a message that failed
+//!   for good is published to a dead-letter topic `<topic>.dlq` before its offset counts.
 //!
 //! TLS is behind the `tls` feature.
 //!
@@ -25,21 +25,18 @@
 //! ```
 
 use futures_util::future::join_all;
-use futures_util::StreamExt;
-use outbox_core::{
-    DeliveryError, DeliveryResult, Dispatcher, Envelope, RetryPolicy, StoppedRuns, Transport,
-};
+use outbox_core::consumer::{Consumer, Received, Source};
+use outbox_core::{DeliveryError, DeliveryResult, Envelope, Error, StoppedRuns, Transport};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::Message;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 pub use rdkafka;
 
@@ -51,7 +48,7 @@ pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()?;
-    let dlq = KafkaConsumer::dead_letter_topic(topic);
+    let dlq = dead_letter_topic(topic);
     let topics = [
         NewTopic::new(topic, partitions, TopicReplication::Fixed(1)),
         NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)),
@@ -299,160 +296,190 @@ impl Transport for KafkaTransport {
     }
 }
 
-/// Consumes Kafka topics in a consumer group into typed handlers.
-pub struct KafkaConsumer {
-    consumer: StreamConsumer,
-    dead_letters: FutureProducer,
-    dispatcher: Dispatcher,
-    retry: RetryPolicy,
+/// The dead-letter topic of `topic`: `<topic>.dlq`.
+pub fn dead_letter_topic(topic: &str) -> String {
+    format!("{topic}.dlq")
 }
 
-impl fmt::Debug for KafkaConsumer {
+/// Topics read in a consumer group, as the [`Source`] of a [`Consumer`].
+///
+/// Offsets are committed per partition up to the first message not yet handled or
+/// dead-lettered, never past it: a message that is retrying holds back the commit of its
+/// partition (not its handling: later messages of other aggregates are handled meanwhile, and
+/// come again after a crash; an [`Inbox`](outbox_core::Inbox) makes that harmless). A message
+/// that failed for good is published to `<topic>.dlq` with the reason in the
+/// [`DEAD_REASON`] header, and its offset counts as handled only once that publish is
+/// confirmed. Kafka does not count deliveries: give the consumer an inbox
+/// ([`Consumer::attempts_in`](outbox_core::Consumer::attempts_in)) so that a message that
+/// kills the process is dead-lettered after the retry policy's last attempt.
+///
+/// librdkafka expects to be polled within `max.poll.interval.ms` (5 minutes by default): size
+/// the consumer's [`window`](outbox_core::Consumer::window) so that failing aggregates do not
+/// hold all of it for that long.
+pub struct KafkaSource {
+    consumer: StreamConsumer,
+    dead_letters: FutureProducer,
+    name: String,
+    partitions: Mutex<HashMap<(String, i32), Partition>>,
+}
+
+/// Which offsets of a partition are received and not yet handled.
+#[derive(Debug, Default)]
+struct Partition {
+    outstanding: BTreeSet<i64>,
+    /// One past the highest offset received.
+    next: i64,
+    /// The offset stored for the next commit.
+    stored: i64,
+}
+
+impl fmt::Debug for KafkaSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KafkaConsumer").finish_non_exhaustive()
+        f.debug_struct("KafkaSource")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
-impl KafkaConsumer {
-    /// Joins `group` on `brokers`, subscribed to `topics`, with offsets committed by the
-    /// consumer only (`enable.auto.commit=false`) and new groups starting at the earliest offset.
-    pub fn new(
-        brokers: &str,
-        group: &str,
-        topics: &[&str],
-        dispatcher: Dispatcher,
-    ) -> Result<Self, KafkaError> {
-        let consumer: StreamConsumer = ClientConfig::new()
+impl KafkaSource {
+    /// Joins `group` on `brokers`, subscribed to `topics`. Offsets are stored by the source
+    /// only (`enable.auto.offset.store=false`) and committed every second and at shutdown; new
+    /// groups start at the earliest offset.
+    pub fn new(brokers: &str, group: &str, topics: &[&str]) -> Result<Self, KafkaError> {
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", brokers)
             .set("group.id", group)
-            .set("enable.auto.commit", "false")
-            // Only offsets of handled messages are ever committed, never ones merely fetched.
+            .set("auto.offset.reset", "earliest");
+        Self::from_config(config, topics)
+    }
+
+    /// Like [`new`](Self::new), from a configuration of your own (`bootstrap.servers` and
+    /// `group.id` set). The settings the source relies on are set over it:
+    /// `enable.auto.offset.store=false`, `enable.auto.commit=true`.
+    pub fn from_config(mut config: ClientConfig, topics: &[&str]) -> Result<Self, KafkaError> {
+        let brokers = config
+            .get("bootstrap.servers")
+            .unwrap_or("127.0.0.1:9092")
+            .to_owned();
+        let group = config.get("group.id").unwrap_or_default().to_owned();
+        if config.get("auto.commit.interval.ms").is_none() {
+            config.set("auto.commit.interval.ms", "1000");
+        }
+        let consumer: StreamConsumer = config
+            // Only offsets of handled messages are ever stored, never ones merely fetched.
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "true")
             .create()?;
         consumer.subscribe(topics)?;
-        let dead_letters = producer_config(brokers)
+        let dead_letters = producer_config(&brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .create()?;
         Ok(Self {
             consumer,
             dead_letters,
-            dispatcher,
-            retry: RetryPolicy::default(),
+            name: format!("kafka:{group}/{}", topics.join(",")),
+            partitions: Mutex::default(),
         })
     }
 
-    /// How failures are retried (default [`RetryPolicy::default`]).
-    pub fn retry(mut self, policy: RetryPolicy) -> Self {
-        self.retry = policy;
-        self
+    /// The consumer, for what the source does not cover (assignment, lag).
+    pub fn consumer(&self) -> &StreamConsumer {
+        &self.consumer
     }
 
-    /// The dead-letter topic of `topic`.
-    pub fn dead_letter_topic(topic: &str) -> String {
-        format!("{topic}.dlq")
-    }
-
-    /// Consumes until `shutdown` is cancelled; the message being handled is finished first.
-    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), KafkaError> {
-        let mut stream = self.consumer.stream();
-        loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                next = stream.next() => next,
-            };
-            match next {
-                Some(Ok(message)) => {
-                    tracing::debug!(
-                        topic = message.topic(),
-                        partition = message.partition(),
-                        offset = message.offset(),
-                        "received"
-                    );
-                    if self.handle(&message, &shutdown).await {
-                        if let Err(error) =
-                            self.consumer.commit_message(&message, CommitMode::Async)
-                        {
-                            // A later commit covers this offset; if none comes, the message is
-                            // redelivered and the inbox skips it.
-                            tracing::warn!(%error, "committing a Kafka offset failed");
-                        }
-                    }
-                }
-                Some(Err(error)) => tracing::warn!(%error, "Kafka consumer error; continuing"),
-                None => return Ok(()),
-            }
-        }
-    }
-
-    /// Handles one message; returns whether its offset may be committed.
-    async fn handle(&self, message: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> bool {
-        let envelope = message
-            .payload()
-            .map(|p| std::str::from_utf8(p).map(str::to_owned))
-            .unwrap_or(Ok(String::new()))
-            .map_err(|e| format!("payload is not UTF-8: {e}"))
-            .and_then(|payload| {
-                let headers: Vec<(&str, &str)> = message
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .filter_map(|h| Some((h.key, std::str::from_utf8(h.value?).ok()?)))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                Envelope::from_wire(headers, payload, 1)
+    fn received(&self, message: &OwnedMessage) {
+        let mut partitions = self.partitions.lock().expect("not poisoned");
+        let partition = partitions
+            .entry((message.topic().to_owned(), message.partition()))
+            .or_insert_with(|| Partition {
+                stored: message.offset(),
+                ..Partition::default()
             });
-        let mut attempt = 1;
+        partition.outstanding.insert(message.offset());
+        partition.next = partition.next.max(message.offset() + 1);
+    }
+
+    /// Marks `message` handled and stores the offset its partition may be committed to.
+    fn handled(&self, message: &OwnedMessage) -> Result<(), KafkaError> {
+        let mut partitions = self.partitions.lock().expect("not poisoned");
+        let Some(partition) =
+            partitions.get_mut(&(message.topic().to_owned(), message.partition()))
+        else {
+            return Ok(());
+        };
+        partition.outstanding.remove(&message.offset());
+        let commit = partition
+            .outstanding
+            .first()
+            .copied()
+            .unwrap_or(partition.next);
+        if commit <= partition.stored {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(message.topic(), message.partition(), Offset::Offset(commit))?;
+        self.consumer.store_offsets(&tpl)?;
+        partition.stored = commit;
+        Ok(())
+    }
+}
+
+/// Reads Kafka topics in a consumer group into typed handlers: the core's [`Consumer`] over a
+/// [`KafkaSource`].
+///
+/// ```no_run
+/// # async fn demo<DB: outbox_core::Backend>(inbox: outbox_core::Inbox<DB>) -> Result<(), Box<dyn std::error::Error>> {
+/// use outbox_core::{CancellationToken, Dispatcher};
+/// use outbox_kafka::{KafkaConsumer, KafkaSource};
+///
+/// let source = KafkaSource::new("127.0.0.1:9092", "billing", &["payments"])?;
+/// KafkaConsumer::new(source, Dispatcher::from_inventory()?.state(inbox.clone()))
+///     .attempts_in(inbox)
+///     .run(CancellationToken::new())
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub type KafkaConsumer = Consumer<KafkaSource>;
+
+impl Source for KafkaSource {
+    type Message = OwnedMessage;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn receive(&self) -> outbox_core::Result<Option<Received<OwnedMessage>>> {
+        let mut failures = 0u32;
         loop {
-            let outcome = match &envelope {
-                Ok(envelope) => {
-                    let mut envelope = envelope.clone();
-                    envelope.attempt = attempt;
-                    self.dispatcher
-                        .dispatch(&envelope)
-                        .instrument(tracing::info_span!(
-                            "outbox.consume",
-                            topic = message.topic(),
-                            partition = message.partition(),
-                            offset = message.offset()
-                        ))
-                        .await
+            match self.consumer.recv().await {
+                Ok(message) => {
+                    let message = message.detach();
+                    self.received(&message);
+                    let envelope = envelope(&message);
+                    return Ok(Some(Received::new(message, envelope, None)));
                 }
-                Err(reason) => Err(DeliveryError::permanent(format!(
-                    "not an outbox message: {reason}"
-                ))),
-            };
-            let Err(error) = outcome else { return true };
-            let event_id = envelope
-                .as_ref()
-                .map(|e| e.id.to_string())
-                .unwrap_or_default();
-            match self.retry.next_delay(attempt, error.retry) {
-                Some(delay) => {
-                    tracing::warn!(%event_id, attempt, reason = %error.reason, retry_in = ?delay, "handler failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => attempt += 1,
-                        // Not committed: the group redelivers it after a restart.
-                        _ = shutdown.cancelled() => return false,
-                    }
-                }
-                None => {
-                    tracing::error!(%event_id, attempt, reason = %error.reason, "sending message to the dead-letter topic");
-                    return self.dead_letter(message, &error.reason).await;
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(source = %self.name, %error, "Kafka consumer error; continuing");
+                    tokio::time::sleep(Duration::from_millis(50 << failures.min(5))).await;
                 }
             }
         }
     }
 
-    async fn dead_letter(&self, message: &BorrowedMessage<'_>, reason: &str) -> bool {
-        let mut headers = message.headers().map(|h| h.detach()).unwrap_or_default();
+    async fn ack(&self, message: &OwnedMessage) -> outbox_core::Result<()> {
+        self.handled(message).map_err(Error::broker)
+    }
+
+    async fn dead_letter(&self, message: &OwnedMessage, reason: &str) -> outbox_core::Result<()> {
+        let mut headers = message.headers().cloned().unwrap_or_default();
         headers = headers.insert(Header {
             key: DEAD_REASON,
             value: Some(reason.as_bytes()),
         });
-        let topic = Self::dead_letter_topic(message.topic());
+        let topic = dead_letter_topic(message.topic());
         let mut record = FutureRecord::to(&topic).headers(headers);
         if let Some(key) = message.key() {
             record = record.key(key);
@@ -460,17 +487,42 @@ impl KafkaConsumer {
         if let Some(payload) = message.payload() {
             record = record.payload(payload);
         }
-        match self
-            .dead_letters
+        self.dead_letters
             .send(record, Duration::from_secs(30))
             .await
-        {
-            Ok(_) => true,
-            Err((error, _)) => {
-                // Not committed: it will be handled (and dead-lettered) again.
-                tracing::error!(%error, "cannot publish to the dead-letter topic");
-                false
-            }
-        }
+            .map_err(|(error, _)| Error::broker(error))?;
+        self.handled(message).map_err(Error::broker)
     }
+
+    async fn close(&self) -> outbox_core::Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), state) in self.partitions.lock().expect("not poisoned").iter() {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(state.stored))
+                .map_err(Error::broker)?;
+        }
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        // Partitions revoked meanwhile refuse the commit; their new owner goes on from its own.
+        self.consumer
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(Error::broker)
+    }
+}
+
+fn envelope(message: &OwnedMessage) -> Result<Envelope, String> {
+    let payload = message
+        .payload()
+        .map(|p| std::str::from_utf8(p).map(str::to_owned))
+        .unwrap_or(Ok(String::new()))
+        .map_err(|e| format!("payload is not UTF-8: {e}"))?;
+    let headers: Vec<(&str, &str)> = message
+        .headers()
+        .map(|h| {
+            h.iter()
+                .filter_map(|h| Some((h.key, std::str::from_utf8(h.value?).ok()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Envelope::from_wire(headers, payload, 1)
 }

@@ -6,8 +6,9 @@
 //!   and every publish acknowledged by the stream before the event counts as delivered. A batch
 //!   is published with all its acknowledgements outstanding at once.
 //! - [`NatsConsumer`] reads a JetStream pull consumer into the same typed handlers as the relay
-//!   (`#[outbox::handler]`), acking after success, `Nak` with backoff on a retryable error, and
-//!   `Term` on a permanent one or after the last attempt.
+//!   (`#[outbox::handler]`): the core's [`Consumer`] loop over a [`NatsSource`], acking after
+//!   success, retrying in place (later messages of the aggregate wait), and terminating
+//!   (`+TERM`) a message that failed for good.
 //! - [`ensure_stream`] creates the stream the transport publishes into.
 //!
 //! ```no_run
@@ -28,12 +29,10 @@ use async_nats::jetstream::context::{GetStreamByNameErrorKind, PublishError, Pub
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use async_nats::HeaderMap;
 use futures_util::StreamExt;
-use outbox_core::{
-    DeliveryError, DeliveryResult, Dispatcher, Envelope, RetryPolicy, StoppedRuns, Transport,
-};
+use outbox_core::consumer::{Consumer, Received, Source};
+use outbox_core::{DeliveryError, DeliveryResult, Envelope, Error, StoppedRuns, Transport};
 use std::str::FromStr;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use async_nats;
@@ -271,130 +270,138 @@ pub async fn ensure_stream(
         .await?)
 }
 
-/// Reads a JetStream pull consumer into typed handlers.
+/// A JetStream pull consumer as the [`Source`] of a [`Consumer`].
 ///
-/// Messages are handled one at a time, in stream order, so the events of one aggregate reach
-/// their handler in sequence. A message is acknowledged only after its handler succeeded; a
-/// retryable failure is `Nak`ed with the retry policy's backoff, a permanent one (or the last
-/// attempt) is `Term`inated, which ends its redelivery and makes the server emit an advisory.
-/// Use an [`Inbox`](outbox_core::Inbox) in handlers that change state, so a redelivered
-/// message changes it once.
-#[derive(Debug)]
-pub struct NatsConsumer {
+/// Deliveries are counted by the server (`num_delivered`), so a message whose handling kills the
+/// process is dead-lettered after the retry policy's last attempt. Held messages (running,
+/// retrying, or waiting behind an earlier one of their aggregate) are kept from redelivery with
+/// in-progress acknowledgements every third of the consumer's ack wait. A dead-lettered message
+/// is terminated (`+TERM`): the server stops redelivering it and emits an advisory. Released
+/// messages (at shutdown) are `Nak`ed for immediate redelivery.
+pub struct NatsSource {
     consumer: PullConsumer,
-    dispatcher: Dispatcher,
-    retry: RetryPolicy,
+    name: String,
+    messages: tokio::sync::Mutex<Option<jetstream::consumer::pull::Stream>>,
 }
 
-impl NatsConsumer {
-    /// Consumes `consumer` into `dispatcher`'s handlers.
-    pub fn new(consumer: PullConsumer, dispatcher: Dispatcher) -> Self {
+impl std::fmt::Debug for NatsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsSource")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl From<PullConsumer> for NatsSource {
+    fn from(consumer: PullConsumer) -> Self {
+        let info = consumer.cached_info();
         Self {
+            name: format!("nats:{}/{}", info.stream_name, info.name),
             consumer,
-            dispatcher,
-            retry: RetryPolicy::default(),
+            messages: tokio::sync::Mutex::new(None),
         }
     }
+}
 
-    /// How failures are retried (default [`RetryPolicy::default`]): the delay of each `Nak`,
-    /// and the attempt after which a message is terminated.
-    pub fn retry(mut self, policy: RetryPolicy) -> Self {
-        self.retry = policy;
-        self
+/// Reads a JetStream pull consumer into typed handlers: the core's [`Consumer`] over a
+/// [`NatsSource`].
+///
+/// ```no_run
+/// # async fn demo(js: async_nats::jetstream::Context) -> Result<(), Box<dyn std::error::Error>> {
+/// use outbox_core::{CancellationToken, Dispatcher};
+/// use outbox_nats::NatsConsumer;
+///
+/// let stream = js.get_stream("PAYMENTS").await?;
+/// let pull = stream
+///     .get_or_create_consumer("billing", async_nats::jetstream::consumer::pull::Config {
+///         durable_name: Some("billing".into()),
+///         ..Default::default()
+///     })
+///     .await?;
+/// NatsConsumer::new(pull, Dispatcher::from_inventory()?)
+///     .run(CancellationToken::new())
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub type NatsConsumer = Consumer<NatsSource>;
+
+impl Source for NatsSource {
+    type Message = jetstream::Message;
+
+    fn name(&self) -> &str {
+        &self.name
     }
 
-    /// Consumes until `shutdown` is cancelled. The message being handled then is finished first.
-    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), async_nats::Error> {
-        let mut messages = self.consumer.messages().await?;
+    async fn receive(&self) -> outbox_core::Result<Option<Received<jetstream::Message>>> {
+        let mut messages = self.messages.lock().await;
+        let mut failures = 0u32;
         loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                next = messages.next() => next,
-            };
-            match next {
-                Some(Ok(message)) => self.handle(message).await,
+            if messages.is_none() {
+                *messages = Some(self.consumer.messages().await.map_err(Error::broker)?);
+            }
+            let stream = messages.as_mut().expect("just set");
+            match stream.next().await {
+                Some(Ok(message)) => return Ok(Some(received(message))),
                 Some(Err(error)) => {
-                    tracing::warn!(%error, "NATS consumer stream error; continuing");
+                    // Missed heartbeats, a server restart: the stream carries on.
+                    failures += 1;
+                    tracing::warn!(source = %self.name, %error, "NATS consumer stream error; continuing");
+                    tokio::time::sleep(Duration::from_millis(50 << failures.min(5))).await;
                 }
-                None => return Ok(()),
+                None => return Ok(None),
             }
         }
     }
 
-    /// Runs `handling`, telling the server every third of the consumer's ack wait that the
-    /// message is still in progress, so a slow handler is not raced by a redelivery.
-    async fn keep_alive<F: std::future::Future>(
+    async fn ack(&self, message: &jetstream::Message) -> outbox_core::Result<()> {
+        message.ack().await.map_err(Error::broker)
+    }
+
+    async fn dead_letter(
         &self,
         message: &jetstream::Message,
-        handling: F,
-    ) -> F::Output {
-        let ack_wait = self.consumer.cached_info().config.ack_wait;
-        let period = (ack_wait / 3).max(Duration::from_millis(100));
-        let mut handling = std::pin::pin!(handling);
-        loop {
-            tokio::select! {
-                output = &mut handling => return output,
-                _ = tokio::time::sleep(period) => {
-                    if let Err(error) = message.ack_with(AckKind::Progress).await {
-                        tracing::debug!(%error, "sending an in-progress ack failed");
-                    }
-                }
-            }
-        }
+        _reason: &str,
+    ) -> outbox_core::Result<()> {
+        message.ack_with(AckKind::Term).await.map_err(Error::broker)
     }
 
-    async fn handle(&self, message: jetstream::Message) {
-        let attempt = message
-            .info()
-            .map(|info| u32::try_from(info.delivered).unwrap_or(u32::MAX))
-            .unwrap_or(1);
-        let envelope = std::str::from_utf8(&message.payload)
-            .map_err(|e| format!("payload is not UTF-8: {e}"))
-            .and_then(|payload| {
-                let headers = message.headers.as_ref();
-                Envelope::from_wire(
-                    headers.into_iter().flat_map(|h| {
-                        h.iter()
-                            .filter_map(|(k, v)| Some((k.as_ref(), v.first()?.as_str())))
-                    }),
-                    payload.to_owned(),
-                    attempt,
-                )
-            });
-        let outcome = match &envelope {
-            Ok(envelope) => {
-                let handling = self
-                    .dispatcher
-                    .dispatch(envelope)
-                    .instrument(tracing::info_span!("outbox.consume", subject = %message.subject));
-                self.keep_alive(&message, handling).await
-            }
-            Err(reason) => Err(DeliveryError::permanent(format!(
-                "not an outbox message: {reason}"
-            ))),
-        };
-        let ack = match outcome {
-            Ok(()) => AckKind::Ack,
-            Err(error) => {
-                let (event_id, event_type) = envelope
-                    .as_ref()
-                    .map(|e| (e.id.to_string(), e.event_type.clone()))
-                    .unwrap_or_default();
-                match self.retry.next_delay(attempt, error.retry) {
-                    Some(delay) => {
-                        tracing::warn!(%event_id, %event_type, attempt, reason = %error.reason, retry_in = ?delay, "handler failed; redelivering later");
-                        AckKind::Nak(Some(delay))
-                    }
-                    None => {
-                        tracing::error!(%event_id, %event_type, attempt, reason = %error.reason, "terminating message");
-                        AckKind::Term
-                    }
-                }
-            }
-        };
-        if let Err(error) = message.ack_with(ack).await {
-            // The server redelivers after its ack wait: at least once.
-            tracing::warn!(%error, "acknowledging a NATS message failed; it will be redelivered");
-        }
+    async fn release(&self, message: &jetstream::Message) -> outbox_core::Result<()> {
+        message
+            .ack_with(AckKind::Nak(None))
+            .await
+            .map_err(Error::broker)
     }
+
+    async fn keep_alive(&self, message: &jetstream::Message) -> outbox_core::Result<()> {
+        message
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(Error::broker)
+    }
+
+    fn keep_alive_every(&self) -> Option<Duration> {
+        let ack_wait = self.consumer.cached_info().config.ack_wait;
+        Some((ack_wait / 3).max(Duration::from_millis(100)))
+    }
+}
+
+fn received(message: jetstream::Message) -> Received<jetstream::Message> {
+    let deliveries = message
+        .info()
+        .ok()
+        .map(|info| u32::try_from(info.delivered).unwrap_or(u32::MAX));
+    let envelope = std::str::from_utf8(&message.payload)
+        .map_err(|e| format!("payload is not UTF-8: {e}"))
+        .and_then(|payload| {
+            let headers = message.headers.as_ref();
+            Envelope::from_wire(
+                headers.into_iter().flat_map(|h| {
+                    h.iter()
+                        .filter_map(|(k, v)| Some((k.as_ref(), v.first()?.as_str())))
+                }),
+                payload.to_owned(),
+                1,
+            )
+        });
+    Received::new(message, envelope, deliveries)
 }

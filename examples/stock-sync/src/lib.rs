@@ -5,7 +5,7 @@
 //! **inventory** service, with its own database, consumes with [`KafkaConsumer`] and an
 //! [`Inbox`], and keeps its own stock table in sync. Neither reads the other's database.
 
-use outbox::kafka::{KafkaConsumer, KafkaTransport};
+use outbox::kafka::{KafkaConsumer, KafkaSource, KafkaTransport};
 use outbox::{
     Dispatcher, HandlerContext, HandlerError, Inbox, Outbox, OutboxEvent, Registry, Relay,
 };
@@ -122,12 +122,13 @@ impl Inventory {
             .handler::<StockChanged, _, _>("inventory::apply", apply)
             .expect("one handler")
             .build();
-        KafkaConsumer::new(
-            brokers,
-            group,
-            &[topic],
+        // The inbox also counts attempts: Kafka does not, and a message that crashes the
+        // consumer must not crash it for ever.
+        Ok(KafkaConsumer::new(
+            KafkaSource::new(brokers, group, &[topic])?,
             Dispatcher::new(registry).state(self.inbox.clone()),
         )
+        .attempts_in(self.inbox.clone()))
     }
 
     /// Every product's stock, as the inventory sees it.

@@ -294,6 +294,23 @@ pub trait InboxStore: Send + Sync + fmt::Debug + 'static {
         consumer: &'a str,
         message_id: Uuid,
     ) -> impl Future<Output = Result<bool>> + Send + 'a;
+
+    /// Counts one more attempt by `consumer` at `message_id` and returns the attempts so far.
+    /// Committed before the attempt runs and kept until
+    /// [`forget_attempts`](Self::forget_attempts): a consumer that crashes while handling
+    /// the message finds the attempt counted when the message comes back.
+    fn count_attempt<'a>(
+        &'a self,
+        consumer: &'a str,
+        message_id: Uuid,
+    ) -> impl Future<Output = Result<u32>> + Send + 'a;
+
+    /// Drops the attempt count of a message that was handled or dead-lettered.
+    fn forget_attempts<'a>(
+        &'a self,
+        consumer: &'a str,
+        message_id: Uuid,
+    ) -> impl Future<Output = Result<()>> + Send + 'a;
 }
 
 /// What a claim asks for.

@@ -997,12 +997,16 @@ const ABSORB_ROUNDS: usize = 20;
 pub struct PgInbox {
     pool: PgPool,
     create: String,
+    create_attempts: String,
     insert: String,
+    count_attempt: String,
+    forget_attempts: String,
 }
 
 impl PgInbox {
     fn new(pool: PgPool, table: TableName) -> Self {
         let t = table.as_str();
+        let a = table.derived("attempts");
         Self {
             pool,
             create: format!(
@@ -1013,8 +1017,26 @@ impl PgInbox {
     PRIMARY KEY (consumer, message_id)
 )"#
             ),
+            create_attempts: format!(
+                r#"CREATE TABLE IF NOT EXISTS "{a}" (
+    consumer   text NOT NULL,
+    message_id uuid NOT NULL,
+    attempts   integer NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer, message_id)
+)"#
+            ),
             insert: format!(
                 r#"INSERT INTO "{t}" (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"#
+            ),
+            count_attempt: format!(
+                r#"INSERT INTO "{a}" AS a (consumer, message_id, attempts) VALUES ($1, $2, 1)
+ON CONFLICT (consumer, message_id)
+DO UPDATE SET attempts = a.attempts + 1, updated_at = now()
+RETURNING attempts"#
+            ),
+            forget_attempts: format!(
+                r#"DELETE FROM "{a}" WHERE consumer = $1 AND message_id = $2"#
             ),
         }
     }
@@ -1025,6 +1047,25 @@ impl InboxStore for PgInbox {
 
     async fn migrate(&self) -> Result<()> {
         sqlx::Executor::execute(&self.pool, self.create.as_str()).await?;
+        sqlx::Executor::execute(&self.pool, self.create_attempts.as_str()).await?;
+        Ok(())
+    }
+
+    async fn count_attempt<'a>(&'a self, consumer: &'a str, message_id: Uuid) -> Result<u32> {
+        let attempts: i32 = sqlx::query_scalar(&self.count_attempt)
+            .bind(consumer)
+            .bind(message_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u32::try_from(attempts).unwrap_or(u32::MAX))
+    }
+
+    async fn forget_attempts<'a>(&'a self, consumer: &'a str, message_id: Uuid) -> Result<()> {
+        sqlx::query(&self.forget_attempts)
+            .bind(consumer)
+            .bind(message_id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

@@ -738,12 +738,16 @@ impl ExplainClaim for SqliteStore {
 pub struct SqliteInbox {
     pool: SqlitePool,
     create: String,
+    create_attempts: String,
     insert: String,
+    count_attempt: String,
+    forget_attempts: String,
 }
 
 impl SqliteInbox {
     fn new(pool: SqlitePool, table: TableName) -> Self {
         let t = table.as_str();
+        let a = table.derived("attempts");
         Self {
             pool,
             create: format!(
@@ -754,9 +758,27 @@ impl SqliteInbox {
     PRIMARY KEY (consumer, message_id)
 )"#
             ),
+            create_attempts: format!(
+                r#"CREATE TABLE IF NOT EXISTS "{a}" (
+    consumer   TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    attempts   INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (consumer, message_id)
+)"#
+            ),
             insert: format!(
                 r#"INSERT INTO "{t}" (consumer, message_id, processed_at) VALUES (?1, ?2, ?3)
 ON CONFLICT DO NOTHING"#
+            ),
+            count_attempt: format!(
+                r#"INSERT INTO "{a}" (consumer, message_id, attempts, updated_at) VALUES (?1, ?2, 1, ?3)
+ON CONFLICT (consumer, message_id)
+DO UPDATE SET attempts = attempts + 1, updated_at = excluded.updated_at
+RETURNING attempts"#
+            ),
+            forget_attempts: format!(
+                r#"DELETE FROM "{a}" WHERE consumer = ?1 AND message_id = ?2"#
             ),
         }
     }
@@ -767,6 +789,26 @@ impl InboxStore for SqliteInbox {
 
     async fn migrate(&self) -> Result<()> {
         sqlx::Executor::execute(&self.pool, self.create.as_str()).await?;
+        sqlx::Executor::execute(&self.pool, self.create_attempts.as_str()).await?;
+        Ok(())
+    }
+
+    async fn count_attempt<'a>(&'a self, consumer: &'a str, message_id: Uuid) -> Result<u32> {
+        let attempts: i64 = sqlx::query_scalar(&self.count_attempt)
+            .bind(consumer)
+            .bind(message_id.to_string())
+            .bind(now_ms())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u32::try_from(attempts).unwrap_or(u32::MAX))
+    }
+
+    async fn forget_attempts<'a>(&'a self, consumer: &'a str, message_id: Uuid) -> Result<()> {
+        sqlx::query(&self.forget_attempts)
+            .bind(consumer)
+            .bind(message_id.to_string())
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
