@@ -341,9 +341,8 @@ async fn shutdown_finishes_running_handlers_and_acknowledges_nothing_else(broker
     let script = Script::default().with(|s| {
         s.slow.insert(key("s", 1), Duration::from_millis(1500));
     });
-    // Two publishes, two record batches: tansu 0.6 serves no fetch that starts inside a batch,
-    // so a group committed between two records of one batch would stall there (Kafka itself
-    // serves it).
+    // Two publishes, two record batches: tansu 0.6 answers a fetch that starts inside a batch
+    // from the next batch (see the README's tests section), Kafka itself does not.
     lane.publish(&[lane.envelope("s", 1)]).await;
     lane.publish(&[lane.envelope("s", 2)]).await;
     let group = group();

@@ -20,8 +20,9 @@ use futures_util::future::join_all;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
@@ -621,13 +622,26 @@ impl Source for AmqpSource {
             .map_err(Error::broker)
     }
 
-    async fn release(&self, delivery: &Delivery) -> outbox_core::Result<()> {
-        delivery
-            .acker
-            .reject(BasicRejectOptions { requeue: true })
-            .await
-            .map(drop)
-            .map_err(Error::broker)
+    /// Cancels the subscription, so requeued messages go to other consumers, not to this one.
+    async fn stop(&self) -> outbox_core::Result<()> {
+        if self.deliveries.lock().await.take().is_some() {
+            self.channel
+                .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+                .await
+                .map_err(Error::broker)?;
+        }
+        Ok(())
+    }
+
+    async fn release(&self, deliveries: &[&Delivery]) -> outbox_core::Result<()> {
+        for delivery in deliveries {
+            delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: true })
+                .await
+                .map_err(Error::broker)?;
+        }
+        Ok(())
     }
 }
 

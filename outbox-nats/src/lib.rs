@@ -277,12 +277,21 @@ pub async fn ensure_stream(
 /// retrying, or waiting behind an earlier one of their aggregate) are kept from redelivery with
 /// in-progress acknowledgements every third of the consumer's ack wait. A dead-lettered message
 /// is terminated (`+TERM`): the server stops redelivering it and emits an advisory. Released
-/// messages (at shutdown) are `Nak`ed for immediate redelivery.
+/// messages (at shutdown) are `Nak`ed for immediate redelivery, in order, once the consumer's
+/// last pull request has expired (pull requests live 2 s, so shutdown takes that much longer
+/// when there is something to give back).
 pub struct NatsSource {
     consumer: PullConsumer,
     name: String,
     messages: tokio::sync::Mutex<Option<jetstream::consumer::pull::Stream>>,
+    /// When the pull subscription was dropped: its last pull request lives on at the server
+    /// until it expires, and would swallow what is released before then.
+    stopped_at: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
+
+/// How long a pull request lives at the server: a stopped consumer waits this long before
+/// releasing messages, so they are not delivered into the request it left behind.
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
 
 impl std::fmt::Debug for NatsSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -299,6 +308,7 @@ impl From<PullConsumer> for NatsSource {
             name: format!("nats:{}/{}", info.stream_name, info.name),
             consumer,
             messages: tokio::sync::Mutex::new(None),
+            stopped_at: std::sync::Mutex::new(None),
         }
     }
 }
@@ -337,7 +347,15 @@ impl Source for NatsSource {
         let mut failures = 0u32;
         loop {
             if messages.is_none() {
-                *messages = Some(self.consumer.messages().await.map_err(Error::broker)?);
+                let stream = self
+                    .consumer
+                    .stream()
+                    .expires(PULL_EXPIRES)
+                    .heartbeat(PULL_EXPIRES / 4)
+                    .messages()
+                    .await
+                    .map_err(Error::broker)?;
+                *messages = Some(stream);
             }
             let stream = messages.as_mut().expect("just set");
             match stream.next().await {
@@ -365,11 +383,44 @@ impl Source for NatsSource {
         message.ack_with(AckKind::Term).await.map_err(Error::broker)
     }
 
-    async fn release(&self, message: &jetstream::Message) -> outbox_core::Result<()> {
-        message
-            .ack_with(AckKind::Nak(None))
-            .await
-            .map_err(Error::broker)
+    async fn stop(&self) -> outbox_core::Result<()> {
+        self.messages.lock().await.take();
+        *self.stopped_at.lock().expect("not poisoned") = Some(tokio::time::Instant::now());
+        Ok(())
+    }
+
+    /// `Nak`s for immediate redelivery, in order, once the stopped consumer's last pull
+    /// request has expired at the server: NATS 2.9 would deliver into it, and those messages
+    /// would come back only after the ack wait, behind the ones released after them. Until
+    /// then the messages are kept alive, so none is redelivered out of turn meanwhile.
+    async fn release(&self, messages: &[&jetstream::Message]) -> outbox_core::Result<()> {
+        let stopped_at = self
+            .stopped_at
+            .lock()
+            .expect("not poisoned")
+            .unwrap_or_else(tokio::time::Instant::now);
+        let expired = stopped_at + PULL_EXPIRES + Duration::from_millis(200);
+        let period = self.keep_alive_every().unwrap_or(PULL_EXPIRES);
+        loop {
+            for message in messages {
+                message
+                    .ack_with(AckKind::Progress)
+                    .await
+                    .map_err(Error::broker)?;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= expired {
+                break;
+            }
+            tokio::time::sleep_until(expired.min(now + period)).await;
+        }
+        for message in messages {
+            message
+                .ack_with(AckKind::Nak(None))
+                .await
+                .map_err(Error::broker)?;
+        }
+        Ok(())
     }
 
     async fn keep_alive(&self, message: &jetstream::Message) -> outbox_core::Result<()> {

@@ -158,7 +158,7 @@ impl<S: Source> Consumer<S> {
             receive(self.source.clone(), room, tx, stop.clone())
                 .instrument(tracing::Span::current()),
         );
-        let mut held = Held::default();
+        let mut held = Held::new(self.window);
         let mut running = FuturesUnordered::new();
         let mut keep_alive = self.source.keep_alive_every().map(|period| {
             let mut interval = tokio::time::interval(period);
@@ -175,7 +175,11 @@ impl<S: Source> Consumer<S> {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 next = rx.recv() => match next {
-                    Some((received, room)) => held.push(received, room),
+                    Some((received, room)) => {
+                        if let Some(copy) = held.push(received, room) {
+                            self.ack_copy(copy).await;
+                        }
+                    }
                     // The receiver ended: the source ended or failed.
                     None => break,
                 },
@@ -213,7 +217,13 @@ impl<S: Source> Consumer<S> {
             ))),
         };
         while let Ok((message, room)) = rx.try_recv() {
-            held.push(message, room);
+            if let Some(copy) = held.push(message, room) {
+                self.ack_copy(copy).await;
+            }
+        }
+        // Released messages must go to the next consumer, not back into this one's intake.
+        if let Err(error) = self.source.stop().await {
+            tracing::warn!(source = self.source.name(), %error, "stopping the source failed");
         }
         self.release(held).await;
         if let Err(error) = self.source.close().await {
@@ -352,6 +362,18 @@ impl<S: Source> Consumer<S> {
         }
     }
 
+    /// A redelivered copy of a message this consumer already finished: acknowledged again,
+    /// not handled again.
+    async fn ack_copy(&self, copy: Received<S::Message>) {
+        tracing::debug!(
+            source = self.source.name(),
+            "a copy of a finished message; acknowledged"
+        );
+        if let Err(error) = self.source.ack(&copy.message).await {
+            tracing::debug!(source = self.source.name(), %error, "acknowledging a copy failed");
+        }
+    }
+
     /// Keeps every waiting message from being redelivered meanwhile.
     async fn keep_alive(&self, held: &Held<S::Message>) {
         let calls = held
@@ -364,24 +386,31 @@ impl<S: Source> Consumer<S> {
         }
     }
 
-    /// Gives back, in order, what was received and not handled; not the messages of an
-    /// aggregate whose handler was dropped at the timeout: released, they could overtake it.
+    /// Gives back, in each aggregate's order, what was received and not finished.
     async fn release(&self, held: Held<S::Message>) {
-        let mut released = 0usize;
+        let mut messages: Vec<Arc<S::Message>> = Vec::new();
         for queue in held.queues.into_values() {
-            if queue.running {
-                continue;
+            // A handler dropped at the timeout: its message goes back first, so the ones behind
+            // it cannot overtake it.
+            messages.extend(queue.running);
+            messages.extend(queue.messages.into_iter().map(|m| m.message));
+        }
+        if messages.is_empty() {
+            return;
+        }
+        let refs: Vec<&S::Message> = messages.iter().map(|m| &**m).collect();
+        match self.source.release(&refs).await {
+            Ok(()) => {
+                tracing::debug!(
+                    source = self.source.name(),
+                    released = refs.len(),
+                    "released"
+                );
             }
-            for message in queue.messages {
-                match self.source.release(&message.message).await {
-                    Ok(()) => released += 1,
-                    Err(error) => {
-                        tracing::debug!(source = self.source.name(), %error, "releasing failed");
-                    }
-                }
+            Err(error) => {
+                tracing::warn!(source = self.source.name(), %error, "releasing failed; the broker redelivers later");
             }
         }
-        tracing::debug!(source = self.source.name(), released, "consumer stopped");
     }
 }
 
@@ -465,7 +494,9 @@ enum Key {
 
 /// A received message while the consumer holds it.
 struct Message<M> {
-    message: M,
+    /// Shared with the aggregate's queue while attempted, to release it if its handler is
+    /// dropped at shutdown.
+    message: Arc<M>,
     envelope: std::result::Result<Envelope, String>,
     deliveries: Option<u32>,
     /// Attempts started in this process.
@@ -523,8 +554,8 @@ enum Step {
 /// One aggregate's messages, in order of arrival.
 struct Queue<M> {
     messages: VecDeque<Message<M>>,
-    /// The head is out, being attempted.
-    running: bool,
+    /// The head is out, being attempted: its broker handle.
+    running: Option<Arc<M>>,
 }
 
 /// Every message the loop holds, by aggregate, and which aggregate may go next.
@@ -533,23 +564,43 @@ struct Held<M> {
     ready: VecDeque<Key>,
     wake: BinaryHeap<Reverse<(Instant, Key)>>,
     alone: u64,
+    /// Event ids held now: a broker's redelivered copy of one of them is dropped.
+    ids: std::collections::HashSet<Uuid>,
+    /// Event ids finished lately (a bounded memory): a copy of one of them is acknowledged,
+    /// not handled again.
+    finished: std::collections::HashSet<Uuid>,
+    finished_order: VecDeque<Uuid>,
+    remember: usize,
 }
 
-impl<M> Default for Held<M> {
-    fn default() -> Self {
+impl<M> Held<M> {
+    fn new(window: usize) -> Self {
         Self {
             queues: HashMap::new(),
             ready: VecDeque::new(),
             wake: BinaryHeap::new(),
             alone: 0,
+            ids: Default::default(),
+            finished: Default::default(),
+            finished_order: VecDeque::new(),
+            remember: window.saturating_mul(4).max(1024),
         }
     }
-}
 
-impl<M> Held<M> {
-    fn push(&mut self, received: Received<M>, room: OwnedSemaphorePermit) {
+    /// Queues a received message behind its aggregate; gives back a copy of a finished one
+    /// (a broker redelivered what it had sent ahead, or before it saw the acknowledgement).
+    fn push(&mut self, received: Received<M>, room: OwnedSemaphorePermit) -> Option<Received<M>> {
         let key = match &received.envelope {
-            Ok(e) => Key::Aggregate(e.aggregate_type.clone(), e.aggregate_id.clone()),
+            Ok(e) => {
+                if self.finished.contains(&e.id) {
+                    return Some(received);
+                }
+                if !self.ids.insert(e.id) {
+                    // The copy held already answers for it (JetStream keys acks by sequence).
+                    return None;
+                }
+                Key::Aggregate(e.aggregate_type.clone(), e.aggregate_id.clone())
+            }
             Err(_) => {
                 self.alone += 1;
                 Key::Alone(self.alone)
@@ -557,10 +608,10 @@ impl<M> Held<M> {
         };
         let queue = self.queues.entry(key.clone()).or_insert_with(|| Queue {
             messages: VecDeque::new(),
-            running: false,
+            running: None,
         });
         queue.messages.push_back(Message {
-            message: received.message,
+            message: Arc::new(received.message),
             envelope: received.envelope,
             deliveries: received.deliveries,
             tries: 0,
@@ -569,9 +620,10 @@ impl<M> Held<M> {
             _room: room,
         });
         // The first of its aggregate: nothing ahead of it runs or waits for a retry.
-        if !queue.running && queue.messages.len() == 1 {
+        if queue.running.is_none() && queue.messages.len() == 1 {
             self.ready.push_back(key);
         }
+        None
     }
 
     fn next_ready(&mut self) -> Option<(Key, Message<M>)> {
@@ -584,7 +636,7 @@ impl<M> Held<M> {
             .messages
             .pop_front()
             .expect("a ready aggregate has a head");
-        queue.running = true;
+        queue.running = Some(message.message.clone());
         Some((key, message))
     }
 
@@ -593,9 +645,19 @@ impl<M> Held<M> {
             .queues
             .get_mut(&key)
             .expect("a running aggregate is held");
-        queue.running = false;
+        queue.running = None;
         match step {
             Step::Done => {
+                if let Ok(e) = &message.envelope {
+                    self.ids.remove(&e.id);
+                    if self.finished.insert(e.id) {
+                        self.finished_order.push_back(e.id);
+                        if self.finished_order.len() > self.remember {
+                            let oldest = self.finished_order.pop_front().expect("not empty");
+                            self.finished.remove(&oldest);
+                        }
+                    }
+                }
                 drop(message);
                 if queue.messages.is_empty() {
                     self.queues.remove(&key);
@@ -763,8 +825,10 @@ mod tests {
             Ok(())
         }
 
-        async fn release(&self, message: &usize) -> Result<()> {
-            self.note(format!("release {message}"));
+        async fn release(&self, messages: &[&usize]) -> Result<()> {
+            for message in messages {
+                self.note(format!("release {message}"));
+            }
             Ok(())
         }
     }
@@ -855,9 +919,8 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn shutdown_releases_waiting_messages_but_not_behind_a_dropped_handler() {
-        // a1 hangs past the shutdown timeout; a2 waits behind it; b1 is handled; b2 waits
-        // behind nothing and is released... or handled: either is fine, never both.
+    async fn shutdown_releases_a_dropped_handlers_message_before_the_ones_behind_it() {
+        // a1 hangs past the shutdown timeout, a2 waits behind it; b1 is handled.
         let source = Arc::new(Scripted::new(&[("a", 1, 2), ("a", 2, 0), ("b", 1, 0)]));
         let consumer = consumer(&source).shutdown_timeout(Duration::from_millis(100));
         let shutdown = CancellationToken::new();
@@ -869,13 +932,13 @@ mod tests {
         shutdown.cancel();
         run.await.unwrap().unwrap();
         let log = source.log();
-        assert!(
-            !log.iter().any(|l| l.ends_with(" 0")),
-            "a1 left alone: {log:?}"
+        assert_eq!(
+            log.iter()
+                .filter(|l| l.starts_with("release"))
+                .collect::<Vec<_>>(),
+            ["release 0", "release 1"],
+            "a1 given back first, then a2; nothing acknowledged: {log:?}"
         );
-        assert!(
-            !log.iter().any(|l| l.ends_with(" 1")),
-            "a2 neither handled nor released ahead of a1: {log:?}"
-        );
+        assert!(!log.contains(&"ack 0".into()) && !log.contains(&"ack 1".into()));
     }
 }

@@ -69,11 +69,12 @@ pub trait Source: Send + Sync + 'static {
         reason: &str,
     ) -> impl Future<Output = Result<()>> + Send;
 
-    /// The consumer stops without having handled the message: give it back for redelivery,
-    /// soon, to this consumer or another. The default leaves that to the broker (a
-    /// redelivery timeout, a closed channel, an uncommitted offset).
-    fn release(&self, message: &Self::Message) -> impl Future<Output = Result<()>> + Send {
-        let _ = message;
+    /// The consumer stops without having finished `messages`: give them back for
+    /// redelivery, soon, to another consumer, in the order given (each aggregate's order).
+    /// The default leaves that to the broker (a redelivery timeout, a closed channel, an
+    /// uncommitted offset).
+    fn release(&self, messages: &[&Self::Message]) -> impl Future<Output = Result<()>> + Send {
+        let _ = messages;
         async { Ok(()) }
     }
 
@@ -89,6 +90,13 @@ pub trait Source: Send + Sync + 'static {
     /// never.
     fn keep_alive_every(&self) -> Option<Duration> {
         None
+    }
+
+    /// The consumer takes no more messages: end the subscription, so that what
+    /// [`release`](Self::release) gives back next goes to another consumer, not into this one's
+    /// intake. Called once, after the last `receive`, before the releases.
+    fn stop(&self) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
     }
 
     /// The consumer has stopped: flush what the source buffers (Kafka's stored offsets).
