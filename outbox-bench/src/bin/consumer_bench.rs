@@ -4,9 +4,10 @@
 //! [--targets nats,amqp,kafka] [--out DIR]`
 //!
 //! For each broker and aggregate count: N events are published once; a plain client of the
-//! broker reads and acknowledges them one by one (the raw limit), and `outbox::Consumer` runs
-//! them through a no-op typed handler (default concurrency and window); both are timed from
-//! start to the last message, and the ratio is reported.
+//! broker reads them without acknowledgements (JetStream `AckPolicy::None`, RabbitMQ `no_ack`,
+//! Kafka's plain consumer: the broker's delivery ceiling), and `outbox::Consumer` runs them
+//! through a no-op typed handler (default concurrency and window), acknowledging each; both are
+//! timed from start to the last message, and the ratio is reported.
 
 use futures_util::StreamExt;
 use outbox::amqp::{AmqpConsumer, AmqpSource, AmqpTransport};
@@ -111,7 +112,7 @@ async fn main() -> Result<(), BoxError> {
         }
     }
     let mut md = String::from(
-        "| broker | aggregates | events | raw consume + ack (ev/s) | outbox Consumer (ev/s) | ratio |\n\
+        "| broker | aggregates | events | raw read, no acks (ev/s) | outbox Consumer (ev/s) | ratio |\n\
          |---|---:|---:|---:|---:|---:|\n",
     );
     for r in &rows {
@@ -213,30 +214,33 @@ async fn measure(broker: Broker, events: usize, aggregates: usize) -> Result<Row
             let stream_name = name.to_uppercase();
             let stream = ensure_stream(&js, &stream_name, vec![format!("{name}.>")]).await?;
             publish(&NatsTransport::new(js.clone()), &batch).await?;
-            let pull = |durable: &str| {
+            use async_nats::jetstream::consumer::AckPolicy;
+            let pull = |durable: &str, ack_policy: AckPolicy| {
                 let stream = stream.clone();
                 let durable = durable.to_owned();
                 async move {
                     stream
                         .create_consumer(async_nats::jetstream::consumer::pull::Config {
                             durable_name: Some(durable),
-                            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+                            ack_policy,
                             ..Default::default()
                         })
                         .await
                 }
             };
-            let raw_consumer = pull("raw").await?;
+            let raw_consumer = pull("raw", AckPolicy::None).await?;
             let start = Instant::now();
             let mut messages = raw_consumer.messages().await?;
             for _ in 0..events {
-                let message = messages.next().await.ok_or("stream ended")??;
-                message.ack().await?;
+                messages.next().await.ok_or("stream ended")??;
             }
             let raw = rate(events, start.elapsed());
             drop(messages);
 
-            let consumer = NatsConsumer::new(pull("outbox").await?, dispatcher(handled.clone()));
+            let consumer = NatsConsumer::new(
+                pull("outbox", AckPolicy::Explicit).await?,
+                dispatcher(handled.clone()),
+            );
             let start = Instant::now();
             let task = tokio::spawn({
                 let shutdown = shutdown.clone();
@@ -272,16 +276,15 @@ async fn measure(broker: Broker, events: usize, aggregates: usize) -> Result<Row
                 .basic_consume(
                     raw_queue.as_str().into(),
                     "raw".into(),
-                    lapin::options::BasicConsumeOptions::default(),
+                    lapin::options::BasicConsumeOptions {
+                        no_ack: true,
+                        ..Default::default()
+                    },
                     lapin::types::FieldTable::default(),
                 )
                 .await?;
             for _ in 0..events {
-                let delivery = deliveries.next().await.ok_or("consumer ended")??;
-                delivery
-                    .acker
-                    .ack(lapin::options::BasicAckOptions::default())
-                    .await?;
+                deliveries.next().await.ok_or("consumer ended")??;
             }
             let raw = rate(events, start.elapsed());
 
