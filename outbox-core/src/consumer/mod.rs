@@ -52,7 +52,7 @@ use uuid::Uuid;
 /// use outbox_core::{consumer::Consumer, CancellationToken, Dispatcher, RetryPolicy};
 /// use std::time::Duration;
 ///
-/// let consumer = Consumer::new(source, Dispatcher::from_inventory()?)
+/// let consumer = Consumer::<S>::new(source, Dispatcher::from_inventory()?)
 ///     .concurrency(32)
 ///     .retry(RetryPolicy::exponential(Duration::from_millis(200)).max_attempts(5))
 ///     .shutdown_timeout(Duration::from_secs(20));
