@@ -171,6 +171,34 @@ impl Lane {
         }
     }
 
+    /// A Kafka lane whose topic name is as long as Kafka allows (249 bytes), so its dead-letter
+    /// topic `<topic>.dlq` cannot exist and every dead-letter publish fails.
+    pub async fn kafka_without_dead_letters() -> Self {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let id = Uuid::new_v4().simple().to_string();
+        let name = format!("lane{}{}", &id[..10], "x".repeat(249 - 14));
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", kafka_brokers())
+            .create()
+            .unwrap();
+        for result in admin
+            .create_topics(
+                &[NewTopic::new(&name, 1, TopicReplication::Fixed(1))],
+                &AdminOptions::new(),
+            )
+            .await
+            .unwrap()
+        {
+            result.unwrap();
+        }
+        Self {
+            broker: Broker::Kafka,
+            name,
+            nats: None,
+            terminated: Arc::default(),
+        }
+    }
+
     /// The `n`-th `ItemChanged` of `item`, as a relay would publish it.
     pub fn envelope(&self, item: &str, n: u64) -> Envelope {
         Envelope {
