@@ -85,6 +85,11 @@ impl Running {
         }
     }
 
+    /// Waits until the consumer ends by itself.
+    pub async fn wait(self) -> outbox::Result<()> {
+        self.task.await.expect("the consumer task panicked")
+    }
+
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
     }
@@ -168,6 +173,24 @@ impl Lane {
             name,
             nats,
             terminated,
+        }
+    }
+
+    /// The lane `name` that another process created with [`new`](Self::new).
+    pub async fn open(broker: Broker, name: &str) -> Self {
+        let nats = match broker {
+            Broker::Nats => {
+                let js = jetstream(&nats_url()).await;
+                let stream = js.get_stream(name.to_uppercase()).await.unwrap();
+                Some((js, stream))
+            }
+            Broker::Amqp | Broker::Kafka => None,
+        };
+        Self {
+            broker,
+            name: name.to_owned(),
+            nats,
+            terminated: Arc::default(),
         }
     }
 
@@ -288,7 +311,15 @@ impl Lane {
                 }
             }
             Broker::Kafka => {
-                let source = KafkaSource::new(&kafka_brokers(), group, &[&self.name]).unwrap();
+                // A member that died without leaving is replaced after the session timeout.
+                let mut config = ClientConfig::new();
+                config
+                    .set("bootstrap.servers", kafka_brokers())
+                    .set("group.id", group)
+                    .set("auto.offset.reset", "earliest")
+                    .set("session.timeout.ms", "6000")
+                    .set("heartbeat.interval.ms", "1000");
+                let source = KafkaSource::from_config(config, &[&self.name]).unwrap();
                 let consumer = configured!(KafkaConsumer::new(source, dispatcher));
                 Running {
                     shutdown,

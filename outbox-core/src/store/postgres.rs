@@ -1029,14 +1029,19 @@ impl PgInbox {
             insert: format!(
                 r#"INSERT INTO "{t}" (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"#
             ),
+            // Without waiting for the WAL flush: only a crash of the database server can lose
+            // the count, and a count lost is one more attempt allowed, nothing worse. The
+            // consumer's own crash keeps it.
             count_attempt: format!(
-                r#"INSERT INTO "{a}" AS a (consumer, message_id, attempts) VALUES ($1, $2, 1)
+                r#"INSERT INTO "{a}" AS a (consumer, message_id, attempts)
+SELECT $1, $2, 1 FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
 ON CONFLICT (consumer, message_id)
 DO UPDATE SET attempts = a.attempts + 1, updated_at = now()
 RETURNING attempts"#
             ),
             forget_attempts: format!(
-                r#"DELETE FROM "{a}" WHERE consumer = $1 AND message_id = $2"#
+                r#"DELETE FROM "{a}" WHERE consumer = $1 AND message_id = $2
+AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'"#
             ),
         }
     }
