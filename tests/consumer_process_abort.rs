@@ -49,7 +49,7 @@ async fn poison_that_aborts_the_process_dies_after_max_attempts(broker: Broker, 
     init_tracing();
     let lane = Lane::new(broker).await;
     let poison = lane.envelope("abort", 1);
-    lane.publish(&[poison.clone()]).await;
+    lane.publish(std::slice::from_ref(&poison)).await;
     lane.publish(&[lane.envelope("abort", 2)]).await;
     lane.publish(&[lane.envelope("other", 1)]).await;
     let group = format!("g{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
