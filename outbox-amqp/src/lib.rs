@@ -92,7 +92,8 @@ impl AmqpTransport {
     }
 
     /// Publishes every event to one exchange, with routing key `<topic>.<event_type>`, instead
-    /// of to the exchange named by its topic with routing key `<event_type>`.
+    /// of to the exchange named by its topic with routing key `<event_type>`. A name AMQP does
+    /// not allow makes the relay's `build` fail.
     pub fn exchange(mut self, exchange: impl Into<String>) -> Self {
         self.exchange = Some(exchange.into());
         self
@@ -276,6 +277,29 @@ impl AmqpTransport {
 impl Transport for AmqpTransport {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The exchange must be a legal AMQP 0-9-1 exchange name.
+    fn validate(&self) -> Result<(), Error> {
+        let Some(exchange) = &self.exchange else {
+            return Ok(());
+        };
+        let reject = |reason| {
+            Err(Error::InvalidField {
+                field: format!("AMQP exchange {exchange:?}"),
+                reason,
+            })
+        };
+        if exchange.len() > 255 {
+            return reject("it is longer than 255 bytes");
+        }
+        if !exchange
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+        {
+            return reject("exchange names take only ASCII letters, digits, '-', '_', '.' and ':'");
+        }
+        Ok(())
     }
 
     /// Runs are published in order on one channel, whose confirms arrive in publish order. If

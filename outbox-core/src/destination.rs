@@ -137,6 +137,14 @@ pub trait Destination: Send + Sync + 'static {
     fn delivery_timeout(&self) -> Option<Duration> {
         None
     }
+
+    /// Checks the destination's own configuration; [`RelayBuilder::build`](crate::RelayBuilder::build)
+    /// calls it, so that a bad name from configuration (`"outbox; DROP TABLE x"` as a subject
+    /// prefix) is a clear error at start-up and nothing is published. Wrappers of a destination
+    /// must pass it on. The default accepts everything.
+    fn validate(&self) -> crate::Result<()> {
+        Ok(())
+    }
 }
 
 /// A message broker the relay publishes to. Broker crates (`outbox-kafka`, `outbox-amqp`,
@@ -167,6 +175,12 @@ pub trait Transport: Send + Sync + 'static {
     fn delivery_timeout(&self) -> Option<Duration> {
         None
     }
+
+    /// See [`Destination::validate`]: broker crates check the names they were configured with
+    /// (a subject prefix, a topic prefix, an exchange).
+    fn validate(&self) -> crate::Result<()> {
+        Ok(())
+    }
 }
 
 impl<T: Transport> Destination for T {
@@ -184,6 +198,10 @@ impl<T: Transport> Destination for T {
 
     fn delivery_timeout(&self) -> Option<Duration> {
         Transport::delivery_timeout(self)
+    }
+
+    fn validate(&self) -> crate::Result<()> {
+        Transport::validate(self)
     }
 }
 

@@ -86,6 +86,18 @@ pub enum Error {
         /// Why it was rejected.
         reason: &'static str,
     },
+    /// An event's payload is longer than the outbox allows
+    /// ([`OutboxBuilder::max_payload_bytes`](crate::OutboxBuilder::max_payload_bytes)); nothing
+    /// was written.
+    #[error("payload of {event_type} is {bytes} bytes, more than the outbox's maximum of {max}")]
+    PayloadTooLarge {
+        /// The event type.
+        event_type: String,
+        /// The payload's length.
+        bytes: usize,
+        /// The configured maximum.
+        max: usize,
+    },
     /// The database refused or failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),

@@ -22,6 +22,7 @@ trait ErasedTransport: Send + Sync {
         budget: Option<Duration>,
     ) -> BoxFuture<'a, Vec<DeliveryResult>>;
     fn delivery_timeout(&self) -> Option<Duration>;
+    fn validate(&self) -> crate::Result<()>;
 }
 
 impl<T: Transport> ErasedTransport for T {
@@ -31,6 +32,10 @@ impl<T: Transport> ErasedTransport for T {
 
     fn delivery_timeout(&self) -> Option<Duration> {
         Transport::delivery_timeout(self)
+    }
+
+    fn validate(&self) -> crate::Result<()> {
+        Transport::validate(self)
     }
 
     fn publish<'a>(
@@ -129,6 +134,7 @@ impl RouterBuilder {
     pub fn build(self) -> Result<Router> {
         let mut index = HashMap::new();
         for (i, t) in self.transports.iter().enumerate() {
+            t.validate()?;
             if index.insert(t.name().to_owned(), i).is_some() {
                 return Err(Error::Config(format!(
                     "two transports are named {:?}",

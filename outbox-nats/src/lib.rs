@@ -64,7 +64,8 @@ impl NatsTransport {
         self
     }
 
-    /// Puts `prefix.` before every subject (an environment or tenant namespace).
+    /// Puts `prefix.` before every subject (an environment or tenant namespace). A prefix that
+    /// is not a literal subject (`"a b"`, `"a.*"`, `"a..b"`) makes the relay's `build` fail.
     pub fn subject_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = Some(prefix.into());
         self
@@ -243,6 +244,14 @@ impl Transport for NatsTransport {
         &self.name
     }
 
+    /// The subject prefix must be literal subject tokens: no wildcard, no space, no empty token.
+    fn validate(&self) -> Result<(), Error> {
+        match &self.prefix {
+            Some(prefix) => check_subject_prefix(prefix),
+            None => Ok(()),
+        }
+    }
+
     async fn publish(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
         self.publish_until(batch, None).await
     }
@@ -251,6 +260,30 @@ impl Transport for NatsTransport {
         self.publish_until(batch, tokio::time::Instant::now().checked_add(budget))
             .await
     }
+}
+
+/// Checks a subject prefix from configuration: dot-separated literal tokens of printable
+/// characters, without the wildcards `*` and `>` and at most 255 bytes.
+fn check_subject_prefix(prefix: &str) -> Result<(), Error> {
+    let reject = |reason| {
+        Err(Error::InvalidField {
+            field: format!("NATS subject prefix {prefix:?}"),
+            reason,
+        })
+    };
+    if prefix.len() > 255 {
+        return reject("it is longer than 255 bytes");
+    }
+    if prefix.split('.').any(str::is_empty) {
+        return reject("it has an empty token (a leading, trailing or doubled '.')");
+    }
+    if prefix
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == '*' || c == '>')
+    {
+        return reject("subjects take no whitespace, control characters or wildcards (* >)");
+    }
+    Ok(())
 }
 
 /// Creates the stream `name` capturing `subjects` if it does not exist, with a two-minute
@@ -287,6 +320,8 @@ pub struct NatsSource {
     /// When the pull subscription was dropped: its last pull request lives on at the server
     /// until it expires, and would swallow what is released before then.
     stopped_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Whether the first pull waited for what a crashed predecessor left unacknowledged.
+    caught_up: std::sync::atomic::AtomicBool,
 }
 
 /// How long a pull request lives at the server: a stopped consumer waits this long before
@@ -309,6 +344,7 @@ impl From<PullConsumer> for NatsSource {
             consumer,
             messages: tokio::sync::Mutex::new(None),
             stopped_at: std::sync::Mutex::new(None),
+            caught_up: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -335,6 +371,50 @@ impl From<PullConsumer> for NatsSource {
 /// ```
 pub type NatsConsumer = Consumer<NatsSource>;
 
+impl NatsSource {
+    /// A consumer that crashed leaves messages delivered and unacknowledged; JetStream
+    /// redelivers them only after the ack wait, and meanwhile hands out newer messages at once,
+    /// so a new consumer would handle an aggregate's later events before the earlier ones.
+    /// When the durable consumer has messages pending acknowledgement at start (after the pull
+    /// requests of a killed predecessor expired), the first pull waits out the ack wait: the
+    /// server serves redeliveries first, in order. A restart after a crash costs up to the
+    /// pull expiry (2 s) plus the ack wait; a graceful stop leaves nothing pending.
+    async fn wait_for_redeliveries(&self) {
+        let read_info = || async {
+            self.consumer
+                .get_info()
+                .await
+                .inspect_err(|error| {
+                    tracing::warn!(source = %self.name, %error, "cannot read the JetStream consumer's state");
+                })
+                .ok()
+        };
+        let Some(mut info) = read_info().await else {
+            return;
+        };
+        // A killed predecessor's last pull request lives on at the server until it expires,
+        // and what the server delivers into it is pending acknowledgement like the rest.
+        if info.num_waiting > 0 {
+            tokio::time::sleep(PULL_EXPIRES + Duration::from_millis(100)).await;
+            match read_info().await {
+                Some(again) => info = again,
+                None => return,
+            }
+        }
+        if info.num_ack_pending > 0 {
+            let wait = info.config.ack_wait + Duration::from_millis(100);
+            tracing::info!(
+                source = %self.name,
+                pending = info.num_ack_pending,
+                wait_ms = wait.as_millis() as u64,
+                "messages of a previous consumer await redelivery; waiting for them so that \
+                 every aggregate stays in order"
+            );
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
 impl Source for NatsSource {
     type Message = jetstream::Message;
 
@@ -345,6 +425,11 @@ impl Source for NatsSource {
     async fn receive(&self) -> outbox_core::Result<Option<Received<jetstream::Message>>> {
         let mut messages = self.messages.lock().await;
         let mut failures = 0u32;
+        if !self.caught_up.load(std::sync::atomic::Ordering::SeqCst) {
+            self.wait_for_redeliveries().await;
+            self.caught_up
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         loop {
             if messages.is_none() {
                 let stream = self

@@ -222,6 +222,7 @@ impl<DB: Backend, D: Destination> RelayBuilder<DB, D> {
                 c.lease, MAX_LEASE
             )));
         }
+        self.destination.validate()?;
         if let Some(timeout) = self.destination.delivery_timeout() {
             let budget = (c.lease * 3 / 4).mul_f64(DESTINATION_SHARE);
             if timeout > budget {

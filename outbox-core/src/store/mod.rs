@@ -552,6 +552,7 @@ struct Inner<DB: Backend> {
     pool: Pool<DB>,
     table: TableName,
     store: DB::Store,
+    max_payload_bytes: Option<usize>,
 }
 
 impl<DB: Backend> Clone for Outbox<DB> {
@@ -577,6 +578,7 @@ pub struct OutboxBuilder<DB: Backend> {
     pool: Pool<DB>,
     table: String,
     notify: bool,
+    max_payload_bytes: Option<usize>,
 }
 
 impl<DB: Backend> OutboxBuilder<DB> {
@@ -595,6 +597,16 @@ impl<DB: Backend> OutboxBuilder<DB> {
         self
     }
 
+    /// Refuses, at enqueue, an event whose serialised payload is longer than `bytes`
+    /// ([`Error::PayloadTooLarge`](crate::Error::PayloadTooLarge)), before anything is written
+    /// and before the caller's transaction commits. No limit by default; set it to what your
+    /// brokers accept (NATS and Kafka: 1 MiB by default), so that an event no broker would take
+    /// fails the request that wrote it instead of going dead later.
+    pub fn max_payload_bytes(mut self, bytes: usize) -> Self {
+        self.max_payload_bytes = Some(bytes);
+        self
+    }
+
     /// Validates the configuration.
     pub fn build(self) -> Result<Outbox<DB>> {
         let table = TableName::new(self.table)?;
@@ -610,6 +622,7 @@ impl<DB: Backend> OutboxBuilder<DB> {
                 pool: self.pool,
                 table,
                 store,
+                max_payload_bytes: self.max_payload_bytes,
             }),
         })
     }
@@ -622,6 +635,7 @@ impl<DB: Backend> Outbox<DB> {
             pool,
             table: TableName::default().as_str().to_owned(),
             notify: true,
+            max_payload_bytes: None,
         }
     }
 
@@ -759,6 +773,15 @@ impl<DB: Backend> Outbox<DB> {
     ) -> Result<Vec<Enqueued>> {
         if messages.is_empty() {
             return Ok(Vec::new());
+        }
+        if let Some(max) = self.inner.max_payload_bytes {
+            if let Some(big) = messages.iter().find(|m| m.payload.len() > max) {
+                return Err(crate::Error::PayloadTooLarge {
+                    event_type: big.event_type.to_owned(),
+                    bytes: big.payload.len(),
+                    max,
+                });
+            }
         }
         let span = match messages {
             [one] => tracing::debug_span!(
