@@ -7,7 +7,7 @@ use outbox::kafka::{
 };
 use outbox::{Relay, RetryPolicy};
 use outbox_tests::scenarios::enqueue_backlog;
-use outbox_tests::{assert_dead_at_once, enqueue_poison, wait_for_recorded_failure, PrivateServer};
+use outbox_tests::{assert_dead_at_once, enqueue_poison, wait_for_recorded_failure};
 use outbox_tests::{
     broker_retry, eventually, init_tracing, AfterCommit, Applier, Huge, ItemChanged, RunningRelay,
     TestDb,
@@ -200,20 +200,7 @@ async fn oversize_event_goes_dead_with_the_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_loses_nothing_and_needs_no_restart() {
     init_tracing();
-    let mut tansu = PrivateServer::start(
-        std::env::var("OUTBOX_TEST_TANSU")
-            .unwrap_or_else(|_| "/opt/outbox-tools/tansu-0.6.0/bin/tansu".to_owned()),
-        &[
-            "broker",
-            "--listener-url",
-            "tcp://127.0.0.1:{port}",
-            "--advertised-listener-url",
-            "tcp://127.0.0.1:{port}",
-            "--storage-engine",
-            "memory://tansu/",
-        ],
-    )
-    .await;
+    let mut tansu = outbox_tests::faults::servers::private_kafka().await;
     let topic = "outage.items";
     create_topics(&tansu.address(), &[topic]).await;
     let outbox = Postgres::fresh().await;

@@ -245,11 +245,7 @@ async fn a_header_nats_cannot_carry_fails_only_its_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_loses_nothing_and_needs_no_restart() {
     init_tracing();
-    let mut server = PrivateServer::start(
-        std::env::var("OUTBOX_TEST_NATS_SERVER").unwrap_or_else(|_| "nats-server".to_owned()),
-        &["-a", "127.0.0.1", "-p", "{port}", "-js", "-sd", "{dir}"],
-    )
-    .await;
+    let mut server = outbox_tests::faults::servers::private_nats().await;
     let url = server.address();
     let js = jetstream(&url).await;
     let (prefix, stream) = names();

@@ -151,7 +151,8 @@ impl KafkaTransport {
         self
     }
 
-    /// Puts `prefix.` before every topic.
+    /// Puts `prefix.` before every topic. A prefix that is not a legal topic name makes the
+    /// relay's `build` fail.
     pub fn topic_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.topic_prefix = Some(prefix.into());
         self
@@ -228,6 +229,29 @@ impl Transport for KafkaTransport {
         &self.name
     }
 
+    /// The topic prefix must be a legal topic name: ASCII letters, digits, `.`, `_`, `-`.
+    fn validate(&self) -> Result<(), Error> {
+        let Some(prefix) = &self.topic_prefix else {
+            return Ok(());
+        };
+        let reject = |reason| {
+            Err(Error::InvalidField {
+                field: format!("Kafka topic prefix {prefix:?}"),
+                reason,
+            })
+        };
+        if prefix.is_empty() || prefix.len() > 200 {
+            return reject("it must be 1 to 200 bytes (a topic name takes at most 249)");
+        }
+        if !prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return reject("topic names take only ASCII letters, digits, '.', '_' and '-'");
+        }
+        Ok(())
+    }
+
     /// librdkafka retries a message on its own until `message.timeout.ms` (or its alias
     /// `delivery.timeout.ms`; librdkafka's default is 300 s, and 0 means for ever): the relay's
     /// lease must outlast it.
@@ -269,16 +293,27 @@ impl Transport for KafkaTransport {
             }
             pending.push(sent);
         }
-        let outcomes = join_all(pending.into_iter().map(|sent| async move {
-            match sent {
-                Ok(delivery) => match delivery.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err((error, _))) => Err(Some(error)),
-                    Err(_) => Err(Some(KafkaError::Canceled)),
-                },
-                Err(error) => Err(error),
-            }
-        }))
+        let outcomes = join_all(pending.into_iter().zip(batch).map(
+            |(sent, envelope)| async move {
+                let id = envelope.id;
+                match sent {
+                    Ok(delivery) => match delivery.await {
+                        Ok(Ok(delivery)) => {
+                            tracing::debug!(
+                                event_id = %id,
+                                partition = delivery.partition,
+                                offset = delivery.offset,
+                                "Kafka confirmed the event"
+                            );
+                            Ok(())
+                        }
+                        Ok(Err((error, _))) => Err(Some(error)),
+                        Err(_) => Err(Some(KafkaError::Canceled)),
+                    },
+                    Err(error) => Err(error),
+                }
+            },
+        ))
         .await;
         let timed_out = outcomes.iter().any(|o| {
             matches!(o, Err(Some(e)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut))

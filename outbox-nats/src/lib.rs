@@ -322,6 +322,8 @@ pub struct NatsSource {
     stopped_at: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// Whether the first pull waited for what a crashed predecessor left unacknowledged.
     caught_up: std::sync::atomic::AtomicBool,
+    /// The predecessor's redeliveries, in stream order, handed out before anything else.
+    redelivered: std::sync::Mutex<std::collections::VecDeque<jetstream::Message>>,
 }
 
 /// How long a pull request lives at the server: a stopped consumer waits this long before
@@ -345,6 +347,7 @@ impl From<PullConsumer> for NatsSource {
             messages: tokio::sync::Mutex::new(None),
             stopped_at: std::sync::Mutex::new(None),
             caught_up: std::sync::atomic::AtomicBool::new(false),
+            redelivered: std::sync::Mutex::default(),
         }
     }
 }
@@ -377,9 +380,10 @@ impl NatsSource {
     /// so a new consumer would handle an aggregate's later events before the earlier ones.
     /// When the durable consumer has messages pending acknowledgement at start (after the pull
     /// requests of a killed predecessor expired), the first pull waits out the ack wait: the
-    /// server serves redeliveries first, in order. A restart after a crash costs up to the
-    /// pull expiry (2 s) plus the ack wait; a graceful stop leaves nothing pending.
-    async fn wait_for_redeliveries(&self) {
+    /// server serves redeliveries first, in one fetch that is handed out in stream order. A
+    /// restart after a crash costs up to the pull expiry (2 s) plus the ack wait; a graceful
+    /// stop leaves nothing pending.
+    async fn wait_for_redeliveries(&self) -> std::collections::VecDeque<jetstream::Message> {
         let read_info = || async {
             self.consumer
                 .get_info()
@@ -390,7 +394,7 @@ impl NatsSource {
                 .ok()
         };
         let Some(mut info) = read_info().await else {
-            return;
+            return Default::default();
         };
         // A killed predecessor's last pull request lives on at the server until it expires,
         // and what the server delivers into it is pending acknowledgement like the rest.
@@ -398,7 +402,7 @@ impl NatsSource {
             tokio::time::sleep(PULL_EXPIRES + Duration::from_millis(100)).await;
             match read_info().await {
                 Some(again) => info = again,
-                None => return,
+                None => return Default::default(),
             }
         }
         if info.num_ack_pending > 0 {
@@ -411,7 +415,41 @@ impl NatsSource {
                  every aggregate stays in order"
             );
             tokio::time::sleep(wait).await;
+            // The server redelivers in the order the ack timers fired, which is not always
+            // stream order: take them all in one fetch and hand them out sorted.
+            return self.fetch_sorted(info.num_ack_pending).await;
         }
+        Default::default()
+    }
+
+    /// Up to `count` messages available now, in stream order.
+    async fn fetch_sorted(&self, count: usize) -> std::collections::VecDeque<jetstream::Message> {
+        let batch = self
+            .consumer
+            .fetch()
+            .max_messages(count)
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await;
+        let mut fetched = Vec::with_capacity(count);
+        match batch {
+            Ok(mut batch) => {
+                while let Some(message) = batch.next().await {
+                    match message {
+                        Ok(message) => fetched.push(message),
+                        Err(error) => {
+                            tracing::warn!(source = %self.name, %error, "fetching redeliveries");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(source = %self.name, %error, "fetching redeliveries");
+            }
+        }
+        fetched.sort_by_key(|m| m.info().map(|i| i.stream_sequence).unwrap_or(u64::MAX));
+        fetched.into()
     }
 }
 
@@ -426,9 +464,13 @@ impl Source for NatsSource {
         let mut messages = self.messages.lock().await;
         let mut failures = 0u32;
         if !self.caught_up.load(std::sync::atomic::Ordering::SeqCst) {
-            self.wait_for_redeliveries().await;
+            let redelivered = self.wait_for_redeliveries().await;
+            *self.redelivered.lock().expect("not poisoned") = redelivered;
             self.caught_up
                 .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        if let Some(message) = self.redelivered.lock().expect("not poisoned").pop_front() {
+            return Ok(Some(received(message)));
         }
         loop {
             if messages.is_none() {

@@ -1,6 +1,7 @@
 //! Shared fixtures of the integration tests: real databases, test events, a recording handler,
 //! and scenarios that run the same on every backend.
 
+pub mod faults;
 pub mod lanes;
 pub mod nats;
 pub mod scenarios;
@@ -31,6 +32,14 @@ pub fn init_tracing() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
+}
+
+/// Logs of a test's helper process (`src/bin`): `RUST_LOG` decides, to stderr.
+pub fn init_process_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// The event most tests write.

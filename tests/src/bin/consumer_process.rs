@@ -14,10 +14,7 @@ use std::time::Duration;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    outbox_tests::init_process_tracing();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [broker, lane, group, table] = args.as_slice() else {
         eprintln!("usage: consumer_process nats|amqp|kafka <lane> <group> <inbox-table>");
