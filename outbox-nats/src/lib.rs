@@ -377,12 +377,12 @@ pub type NatsConsumer = Consumer<NatsSource>;
 impl NatsSource {
     /// A consumer that crashed leaves messages delivered and unacknowledged; JetStream
     /// redelivers them only after the ack wait, and meanwhile hands out newer messages at once,
-    /// so a new consumer would handle an aggregate's later events before the earlier ones.
-    /// When the durable consumer has messages pending acknowledgement at start (after the pull
-    /// requests of a killed predecessor expired), the first pull waits out the ack wait: the
-    /// server serves redeliveries first, in one fetch that is handed out in stream order. A
-    /// restart after a crash costs up to the pull expiry (2 s) plus the ack wait; a graceful
-    /// stop leaves nothing pending.
+    /// so a new consumer would handle an aggregate's later events before the earlier ones. At
+    /// start, with messages pending acknowledgement, the source first fetches what comes at
+    /// once (what a graceful predecessor gave back); if more is pending, it waits out the ack
+    /// wait (keeping the fetched alive) and fetches the rest. It hands all of it out in stream
+    /// order, before anything newer. A restart after a crash costs the ack wait; a restart
+    /// after a graceful stop about a second.
     async fn wait_for_redeliveries(&self) -> std::collections::VecDeque<jetstream::Message> {
         let read_info = || async {
             self.consumer
@@ -393,42 +393,48 @@ impl NatsSource {
                 })
                 .ok()
         };
-        let Some(mut info) = read_info().await else {
+        let Some(info) = read_info().await else {
             return Default::default();
         };
-        // A killed predecessor's last pull request lives on at the server until it expires,
-        // and what the server delivers into it is pending acknowledgement like the rest.
-        if info.num_waiting > 0 {
-            tokio::time::sleep(PULL_EXPIRES + Duration::from_millis(100)).await;
-            match read_info().await {
-                Some(again) => info = again,
-                None => return Default::default(),
-            }
+        if info.num_ack_pending == 0 {
+            return Default::default();
         }
-        if info.num_ack_pending > 0 {
-            let wait = info.config.ack_wait + Duration::from_millis(100);
+        // What a predecessor gave back when it stopped gracefully comes back at once.
+        let mut fetched = self.fetch(info.num_ack_pending).await;
+        let Some(after) = read_info().await else {
+            return sorted(fetched);
+        };
+        if after.num_ack_pending > fetched.len() {
+            // The rest was left by a predecessor that died: it comes back only once its ack
+            // wait expired. Wait for it, keeping what was fetched alive.
+            let wait = after.config.ack_wait + Duration::from_millis(100);
             tracing::info!(
                 source = %self.name,
-                pending = info.num_ack_pending,
+                pending = after.num_ack_pending - fetched.len(),
                 wait_ms = wait.as_millis() as u64,
                 "messages of a previous consumer await redelivery; waiting for them so that \
                  every aggregate stays in order"
             );
-            tokio::time::sleep(wait).await;
-            // The server redelivers in the order the ack timers fired, which is not always
-            // stream order: take them all in one fetch and hand them out sorted.
-            return self.fetch_sorted(info.num_ack_pending).await;
+            let deadline = tokio::time::Instant::now() + wait;
+            let period = self.keep_alive_every().unwrap_or(PULL_EXPIRES);
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + period)).await;
+                for message in &fetched {
+                    let _ = message.ack_with(AckKind::Progress).await;
+                }
+            }
+            fetched.extend(self.fetch(after.num_ack_pending - fetched.len()).await);
         }
-        Default::default()
+        sorted(fetched)
     }
 
-    /// Up to `count` messages available now, in stream order.
-    async fn fetch_sorted(&self, count: usize) -> std::collections::VecDeque<jetstream::Message> {
+    /// Up to `count` messages available within a second.
+    async fn fetch(&self, count: usize) -> Vec<jetstream::Message> {
         let batch = self
             .consumer
             .fetch()
             .max_messages(count)
-            .expires(PULL_EXPIRES)
+            .expires(Duration::from_secs(1))
             .messages()
             .await;
         let mut fetched = Vec::with_capacity(count);
@@ -448,11 +454,15 @@ impl NatsSource {
                 tracing::warn!(source = %self.name, %error, "fetching redeliveries");
             }
         }
-        fetched.sort_by_key(|m| m.info().map(|i| i.stream_sequence).unwrap_or(u64::MAX));
-        fetched.into()
+        fetched
     }
 }
 
+/// Messages in stream order: JetStream redelivers in the order the ack timers fired.
+fn sorted(mut messages: Vec<jetstream::Message>) -> std::collections::VecDeque<jetstream::Message> {
+    messages.sort_by_key(|m| m.info().map(|i| i.stream_sequence).unwrap_or(u64::MAX));
+    messages.into()
+}
 impl Source for NatsSource {
     type Message = jetstream::Message;
 
