@@ -7,7 +7,7 @@ use outbox::kafka::KafkaTransport;
 use outbox::nats::NatsTransport;
 use outbox::{Error, Inbox, Outbox, Relay};
 use outbox_tests::nats::{jetstream, names, nats_url};
-use outbox_tests::{eventually, pg_pool, pg_url, Huge, ItemChanged, TestDb};
+use outbox_tests::{eventually, pg_pool, pg_url, Huge, ItemChanged, RunningRelay, TestDb};
 use sqlx::Postgres;
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -257,24 +257,18 @@ async fn passwords_in_connection_strings_never_reach_logs_errors_or_reasons() {
         outbox.enqueue(&mut *tx, &event).await.unwrap();
     }
     tx.commit().await.unwrap();
-    let shutdown = outbox::CancellationToken::new();
-    let relay = Relay::builder(
-        outbox.clone(),
-        NatsTransport::new(js).subject_prefix(prefix.as_str()),
-    )
-    .poll_interval(Duration::from_millis(20))
-    .build()
-    .unwrap();
-    let running = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move { relay.run(shutdown).await }
-    });
+    let relay = RunningRelay::start(
+        Relay::builder(
+            outbox.clone(),
+            NatsTransport::new(js).subject_prefix(prefix.as_str()),
+        )
+        .poll_interval(Duration::from_millis(20)),
+    );
     eventually("delivered", Duration::from_secs(30), || async {
         Postgres::count_status(&outbox, "delivered").await == 3
     })
     .await;
-    shutdown.cancel();
-    running.await.unwrap().unwrap();
+    relay.stop().await;
 
     // RabbitMQ refuses the wrong password: the failure is stored and logged, the password not.
     let amqp_secret = "AmqpS3cret-9c4";
@@ -292,15 +286,9 @@ async fn passwords_in_connection_strings_never_reach_logs_errors_or_reasons() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    let shutdown = outbox::CancellationToken::new();
-    let relay = Relay::builder(outbox.clone(), transport)
-        .poll_interval(Duration::from_millis(20))
-        .build()
-        .unwrap();
-    let running = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move { relay.run(shutdown).await }
-    });
+    let relay = RunningRelay::start(
+        Relay::builder(outbox.clone(), transport).poll_interval(Duration::from_millis(20)),
+    );
     let last_error = || async { outbox.get(id).await.unwrap().and_then(|r| r.last_error) };
     eventually(
         "the refused login is recorded",
@@ -308,8 +296,7 @@ async fn passwords_in_connection_strings_never_reach_logs_errors_or_reasons() {
         || async { last_error().await.is_some() },
     )
     .await;
-    shutdown.cancel();
-    running.await.unwrap().unwrap();
+    relay.stop().await;
     let reason = last_error().await.unwrap();
     assert!(!reason.contains(amqp_secret), "stored reason: {reason}");
 

@@ -42,6 +42,19 @@ pub fn init_process_tracing() {
         .init();
 }
 
+/// A token cancelled when the process receives SIGTERM: a helper process stops gracefully.
+pub fn cancel_on_sigterm() -> outbox::CancellationToken {
+    let shutdown = outbox::CancellationToken::new();
+    let on_term = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        term.recv().await;
+        on_term.cancel();
+    });
+    shutdown
+}
+
 /// The event most tests write.
 #[derive(Debug, Clone, Serialize, Deserialize, OutboxEvent)]
 #[outbox(

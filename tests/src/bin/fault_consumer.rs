@@ -72,14 +72,7 @@ async fn main() {
     let retry = RetryPolicy::exponential(Duration::from_millis(50))
         .max_delay(Duration::from_millis(500))
         .max_attempts(1000);
-    let shutdown = outbox::CancellationToken::new();
-    let on_term = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        term.recv().await;
-        on_term.cancel();
-    });
+    let shutdown = outbox_tests::cancel_on_sigterm();
     let outcome = match broker.as_str() {
         "nats" => {
             use async_nats::jetstream::consumer::{pull, AckPolicy};

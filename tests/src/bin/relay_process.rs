@@ -45,14 +45,7 @@ async fn main() {
         .build()
         .expect("table name");
     let lease = Duration::from_millis(lease_ms.parse().expect("lease in milliseconds"));
-    let shutdown = outbox::CancellationToken::new();
-    let on_term = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        term.recv().await;
-        on_term.cancel();
-    });
+    let shutdown = outbox_tests::cancel_on_sigterm();
     let fault = Fault::from_env();
     let outcome = match broker.as_str() {
         "nats" => {
