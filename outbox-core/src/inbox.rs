@@ -122,6 +122,13 @@ impl<DB: Backend> Inbox<DB> {
             .await
     }
 
+    pub(crate) async fn uncount_attempt(&self, message_id: Uuid) -> Result<()> {
+        self.inner
+            .store
+            .uncount_attempt(&self.inner.consumer, message_id)
+            .await
+    }
+
     pub(crate) async fn forget_attempts(&self, message_id: Uuid) -> Result<()> {
         self.inner
             .store

@@ -14,8 +14,11 @@
 //!   in its table before it runs, so a message that kills the process is dead-lettered after
 //!   the policy's last attempt instead of killing it for ever. Brokers' delivery counts cannot
 //!   do this: a message held behind its aggregate's culprit is redelivered after each crash
-//!   as often as the culprit, without ever being attempted. Without an inbox, attempts are
-//!   counted in memory and start again after a restart;
+//!   as often as the culprit, without ever being attempted. A message whose earlier attempts
+//!   never finished runs alone (nothing else runs beside it) before it goes back to running
+//!   side by side: the messages that were only running beside the culprit when it crashed the
+//!   process are charged that one crash, not every crash after it. Without an inbox, attempts
+//!   are counted in memory and start again after a restart;
 //! - shutdown stops receiving, lets running handlers finish (up to
 //!   [`shutdown_timeout`](Consumer::shutdown_timeout)) and acknowledges nothing that was not
 //!   handled.
@@ -134,7 +137,10 @@ impl<S: Source> Consumer<S> {
     /// The broker's own delivery count (JetStream's `num_delivered`, RabbitMQ's
     /// `x-delivery-count`) is not used for this: the messages held behind a failing one of
     /// their aggregate are redelivered after each crash exactly as often as the culprit, and
-    /// would die with it.
+    /// would die with it. For the same reason, after a crash every message whose earlier
+    /// attempts never finished runs alone once, one after the other: a crash while it runs
+    /// alone is its own, and a message that was only running beside the culprit is charged
+    /// one crash at most.
     pub fn attempts_in<DB: Backend>(mut self, inbox: Inbox<DB>) -> Self {
         self.attempts = Some(Arc::new(inbox));
         self
@@ -166,10 +172,7 @@ impl<S: Source> Consumer<S> {
             interval
         });
         loop {
-            while running.len() < self.concurrency {
-                let Some((key, message)) = held.next_ready() else {
-                    break;
-                };
+            while let Some((key, message)) = held.next_to_run(running.len(), self.concurrency) {
                 running.push(self.attempt(key, message));
             }
             tokio::select! {
@@ -251,6 +254,7 @@ impl<S: Source> Consumer<S> {
             match self.handle(message).instrument(span).await {
                 Handled::Ok => return self.ack(message).await,
                 Handled::Retry(delay) => return Step::RetryAt(Instant::now() + delay),
+                Handled::Alone => return Step::Alone,
                 Handled::Dead(reason) => message.dead = Some(reason),
             }
         }
@@ -284,6 +288,23 @@ impl<S: Source> Consumer<S> {
                 "attempt {attempt} of at most {max}: the earlier attempts never finished (the \
                  consumer stopped or crashed while handling this message)"
             ));
+        }
+        if let (Some(log), false) = (&self.attempts, message.cleared) {
+            if attempt > message.tries && !message.alone {
+                // Earlier attempts never finished: this message may be what crashed the process,
+                // or it was only running beside the culprit. Run alone, a crash is charged to
+                // the culprit only; the attempt just counted is taken back until then.
+                tracing::info!(
+                    attempt,
+                    "earlier attempts at this message never finished; it runs alone first"
+                );
+                message.tries -= 1;
+                if let Err(error) = log.uncount(envelope.id).await {
+                    tracing::warn!(%error, "cannot take back the attempt count; it stays counted");
+                }
+                return Handled::Alone;
+            }
+            message.cleared = true;
         }
         let mut envelope = envelope.clone();
         envelope.attempt = attempt;
@@ -501,6 +522,10 @@ struct Message<M> {
     deliveries: Option<u32>,
     /// Attempts started in this process.
     tries: u32,
+    /// Its attempt count was checked for earlier attempts that never finished.
+    cleared: bool,
+    /// Running with nothing else running.
+    alone: bool,
     /// Why it is dead, once it is: dead-lettering is what remains to do.
     dead: Option<String>,
     dead_letter_failures: u32,
@@ -540,6 +565,8 @@ enum Handled {
     Ok,
     Retry(Duration),
     Dead(String),
+    /// Not attempted: it must run with nothing else running.
+    Alone,
 }
 
 /// How an attempt ended for the loop.
@@ -549,6 +576,8 @@ enum Step {
     Done,
     /// Held: try again then.
     RetryAt(Instant),
+    /// Held: run it again once nothing else runs, and nothing beside it.
+    Alone,
 }
 
 /// One aggregate's messages, in order of arrival.
@@ -563,6 +592,10 @@ struct Held<M> {
     queues: HashMap<Key, Queue<M>>,
     ready: VecDeque<Key>,
     wake: BinaryHeap<Reverse<(Instant, Key)>>,
+    /// Aggregates whose head must run alone, in turn.
+    run_alone: VecDeque<Key>,
+    /// A head is running alone: nothing else starts.
+    running_alone: bool,
     alone: u64,
     /// Event ids held now: a broker's redelivered copy of one of them is dropped.
     ids: std::collections::HashSet<Uuid>,
@@ -579,6 +612,8 @@ impl<M> Held<M> {
             queues: HashMap::new(),
             ready: VecDeque::new(),
             wake: BinaryHeap::new(),
+            run_alone: VecDeque::new(),
+            running_alone: false,
             alone: 0,
             ids: Default::default(),
             finished: Default::default(),
@@ -615,6 +650,8 @@ impl<M> Held<M> {
             envelope: received.envelope,
             deliveries: received.deliveries,
             tries: 0,
+            cleared: false,
+            alone: false,
             dead: None,
             dead_letter_failures: 0,
             _room: room,
@@ -626,8 +663,30 @@ impl<M> Held<M> {
         None
     }
 
-    fn next_ready(&mut self) -> Option<(Key, Message<M>)> {
+    /// The next head to attempt, with `running` attempts out of at most `concurrency`: a head
+    /// that must run alone waits until nothing runs, and nothing starts beside it.
+    fn next_to_run(&mut self, running: usize, concurrency: usize) -> Option<(Key, Message<M>)> {
+        if self.running_alone {
+            return None;
+        }
+        if !self.run_alone.is_empty() {
+            if running > 0 {
+                return None;
+            }
+            let key = self.run_alone.pop_front().expect("not empty");
+            let (key, mut message) = self.take_head(key);
+            message.alone = true;
+            self.running_alone = true;
+            return Some((key, message));
+        }
+        if running >= concurrency {
+            return None;
+        }
         let key = self.ready.pop_front()?;
+        Some(self.take_head(key))
+    }
+
+    fn take_head(&mut self, key: Key) -> (Key, Message<M>) {
         let queue = self
             .queues
             .get_mut(&key)
@@ -637,10 +696,13 @@ impl<M> Held<M> {
             .pop_front()
             .expect("a ready aggregate has a head");
         queue.running = Some(message.message.clone());
-        Some((key, message))
+        (key, message)
     }
 
-    fn finish(&mut self, key: Key, message: Message<M>, step: Step) {
+    fn finish(&mut self, key: Key, mut message: Message<M>, step: Step) {
+        if std::mem::take(&mut message.alone) {
+            self.running_alone = false;
+        }
         let queue = self
             .queues
             .get_mut(&key)
@@ -669,6 +731,10 @@ impl<M> Held<M> {
                 queue.messages.push_front(message);
                 self.wake.push(Reverse((at, key)));
             }
+            Step::Alone => {
+                queue.messages.push_front(message);
+                self.run_alone.push_back(key);
+            }
         }
     }
 
@@ -696,12 +762,17 @@ impl<M> Held<M> {
 /// Attempt counts that survive a restart: an [`Inbox`]'s table.
 trait AttemptLog: Send + Sync {
     fn count(&self, message_id: Uuid) -> BoxFuture<'_, Result<u32>>;
+    fn uncount(&self, message_id: Uuid) -> BoxFuture<'_, Result<()>>;
     fn forget(&self, message_id: Uuid) -> BoxFuture<'_, Result<()>>;
 }
 
 impl<DB: Backend> AttemptLog for Inbox<DB> {
     fn count(&self, message_id: Uuid) -> BoxFuture<'_, Result<u32>> {
         self.count_attempt(message_id).boxed()
+    }
+
+    fn uncount(&self, message_id: Uuid) -> BoxFuture<'_, Result<()>> {
+        self.uncount_attempt(message_id).boxed()
     }
 
     fn forget(&self, message_id: Uuid) -> BoxFuture<'_, Result<()>> {

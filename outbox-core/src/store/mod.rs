@@ -305,6 +305,15 @@ pub trait InboxStore: Send + Sync + fmt::Debug + 'static {
         message_id: Uuid,
     ) -> impl Future<Output = Result<u32>> + Send + 'a;
 
+    /// Takes back the attempt just counted by [`count_attempt`](Self::count_attempt) when the
+    /// consumer decided not to run it now (it runs the message alone first, see
+    /// [`Consumer`](crate::Consumer)).
+    fn uncount_attempt<'a>(
+        &'a self,
+        consumer: &'a str,
+        message_id: Uuid,
+    ) -> impl Future<Output = Result<()>> + Send + 'a;
+
     /// Drops the attempt count of a message that was handled or dead-lettered.
     fn forget_attempts<'a>(
         &'a self,

@@ -1000,6 +1000,7 @@ pub struct PgInbox {
     create_attempts: String,
     insert: String,
     count_attempt: String,
+    uncount_attempt: String,
     forget_attempts: String,
 }
 
@@ -1039,6 +1040,11 @@ ON CONFLICT (consumer, message_id)
 DO UPDATE SET attempts = a.attempts + 1, updated_at = now()
 RETURNING attempts"#
             ),
+            uncount_attempt: format!(
+                r#"UPDATE "{a}" SET attempts = attempts - 1
+WHERE consumer = $1 AND message_id = $2 AND attempts > 0
+AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'"#
+            ),
             forget_attempts: format!(
                 r#"DELETE FROM "{a}" WHERE consumer = $1 AND message_id = $2
 AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'"#
@@ -1063,6 +1069,15 @@ impl InboxStore for PgInbox {
             .fetch_one(&self.pool)
             .await?;
         Ok(u32::try_from(attempts).unwrap_or(u32::MAX))
+    }
+
+    async fn uncount_attempt<'a>(&'a self, consumer: &'a str, message_id: Uuid) -> Result<()> {
+        sqlx::query(&self.uncount_attempt)
+            .bind(consumer)
+            .bind(message_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn forget_attempts<'a>(&'a self, consumer: &'a str, message_id: Uuid) -> Result<()> {

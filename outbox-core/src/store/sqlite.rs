@@ -741,6 +741,7 @@ pub struct SqliteInbox {
     create_attempts: String,
     insert: String,
     count_attempt: String,
+    uncount_attempt: String,
     forget_attempts: String,
 }
 
@@ -777,6 +778,10 @@ ON CONFLICT (consumer, message_id)
 DO UPDATE SET attempts = attempts + 1, updated_at = excluded.updated_at
 RETURNING attempts"#
             ),
+            uncount_attempt: format!(
+                r#"UPDATE "{a}" SET attempts = attempts - 1
+WHERE consumer = ?1 AND message_id = ?2 AND attempts > 0"#
+            ),
             forget_attempts: format!(
                 r#"DELETE FROM "{a}" WHERE consumer = ?1 AND message_id = ?2"#
             ),
@@ -801,6 +806,15 @@ impl InboxStore for SqliteInbox {
             .fetch_one(&self.pool)
             .await?;
         Ok(u32::try_from(attempts).unwrap_or(u32::MAX))
+    }
+
+    async fn uncount_attempt<'a>(&'a self, consumer: &'a str, message_id: Uuid) -> Result<()> {
+        sqlx::query(&self.uncount_attempt)
+            .bind(consumer)
+            .bind(message_id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn forget_attempts<'a>(&'a self, consumer: &'a str, message_id: Uuid) -> Result<()> {

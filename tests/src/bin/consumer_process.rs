@@ -4,7 +4,8 @@
 //!
 //! It consumes `ItemChanged` events of the lane (see `outbox_tests::lanes`) with attempt counts
 //! in a PostgreSQL inbox (`OUTBOX_TEST_DATABASE_URL`), at most 3 attempts. The event `abort 1`
-//! aborts the process; every other one is printed as `handled <item> <n>` on stdout.
+//! aborts the process; every other one is printed as `handled <item> <n>` on stdout, the ones
+//! of item `slow` after two seconds.
 
 use outbox::{HandlerContext, Inbox, Registry, RetryPolicy};
 use outbox_tests::lanes::{Broker, Lane, Setup};
@@ -33,10 +34,16 @@ async fn main() {
             if ev.item == "abort" && ev.n == 1 {
                 std::process::abort();
             }
-            let mut out = std::io::stdout().lock();
-            writeln!(out, "handled {} {}", ev.item, ev.n).unwrap();
-            out.flush().unwrap();
-            async { Ok(()) }
+            async move {
+                if ev.item == "slow" {
+                    // Still running when `abort 1` kills the process.
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "handled {} {}", ev.item, ev.n).unwrap();
+                out.flush().unwrap();
+                Ok(())
+            }
         })
         .expect("one handler")
         .build();
