@@ -121,6 +121,24 @@ impl AmqpTransport {
     }
 }
 
+/// `text` (an error of the AMQP client) with `uri` and its password taken out: a URI the client
+/// cannot parse comes back whole in its error, and the reason is stored and logged.
+fn without_credentials(text: &str, uri: &str) -> String {
+    let mut text = text.replace(uri, "<the AMQP URI>");
+    // The password: between the last ':' and the '@' of the user info, however malformed the
+    // rest is.
+    if let Some(at) = uri.rfind('@') {
+        let user_info = &uri[..at];
+        let user_info = user_info.rsplit_once("//").map_or(user_info, |(_, u)| u);
+        if let Some((_, password)) = user_info.rsplit_once(':') {
+            if !password.is_empty() {
+                text = text.replace(password, "***");
+            }
+        }
+    }
+    text
+}
+
 /// The AMQP properties of an event.
 pub fn properties(envelope: &Envelope) -> BasicProperties {
     let mut headers = FieldTable::default();
@@ -217,7 +235,10 @@ impl AmqpTransport {
             .is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected())
         {
             let connected = self.connect().await.map_err(|error| {
-                DeliveryError::retry(format!("cannot connect to RabbitMQ: {error}"))
+                DeliveryError::retry(format!(
+                    "cannot connect to RabbitMQ: {}",
+                    without_credentials(&error.to_string(), &self.uri)
+                ))
             })?;
             *slot = Some(connected);
         }
@@ -549,13 +570,28 @@ impl fmt::Debug for AmqpSource {
     }
 }
 
+/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+fn truncated(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 impl AmqpSource {
     /// Consumes `queue` on `channel`, with up to 256 unacknowledged deliveries (the
     /// consumer's default window).
     pub fn new(channel: Channel, queue: impl Into<String>) -> Self {
         let queue = queue.into();
         Self {
-            tag: format!("outbox-{queue}-{}", uuid::Uuid::now_v7().simple()),
+            // A consumer tag is a short string (at most 255 bytes) and a queue name may be as
+            // long: the tag keeps only the queue name's first 200 bytes.
+            tag: format!(
+                "outbox-{}-{}",
+                truncated(&queue, 200),
+                uuid::Uuid::now_v7().simple()
+            ),
             name: format!("amqp:{queue}"),
             channel,
             queue,
@@ -734,5 +770,29 @@ mod tests {
             NOT_FOUND - no exchange 'nowhere' in vhost '/'";
         assert_eq!(super::missing_exchange(reason), Some("nowhere"));
         assert_eq!(super::missing_exchange("RabbitMQ: connection reset"), None);
+    }
+
+    #[test]
+    fn connection_errors_lose_the_uri_and_its_password() {
+        for uri in [
+            "amqp:user:s3cret@localhost:5672",
+            "amqp://user:s3cret@localhost:5672/%2f",
+            "amqps://user:s3cret@[::1]:5671",
+        ] {
+            let text = super::without_credentials(&format!("Invalid URL: '{uri}'"), uri);
+            assert!(!text.contains("s3cret"), "{text}");
+        }
+        let text = super::without_credentials("refused by s3cret-host", "amqp://localhost");
+        assert_eq!(
+            text, "refused by s3cret-host",
+            "no password, nothing taken out"
+        );
+    }
+
+    #[test]
+    fn consumer_tags_stay_short_strings() {
+        let queue = "é".repeat(150); // 300 bytes: longer than a short string
+        let tag = super::truncated(&queue, 200);
+        assert!(tag.len() <= 200 && queue.starts_with(tag));
     }
 }

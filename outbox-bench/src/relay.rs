@@ -50,6 +50,10 @@ impl<D: Destination> Destination for Probe<D> {
     fn delivery_timeout(&self) -> Option<std::time::Duration> {
         self.inner.delivery_timeout()
     }
+
+    fn validate(&self) -> outbox::Result<()> {
+        self.inner.validate()
+    }
 }
 
 /// Sequence numbers seen per aggregate by the handler: the proof that handlers saw each

@@ -309,26 +309,32 @@ pub async fn ensure_stream(
 /// process is dead-lettered after the retry policy's last attempt. Held messages (running,
 /// retrying, or waiting behind an earlier one of their aggregate) are kept from redelivery with
 /// in-progress acknowledgements every third of the consumer's ack wait. A dead-lettered message
-/// is terminated (`+TERM`): the server stops redelivering it and emits an advisory. Released
-/// messages (at shutdown) are `Nak`ed for immediate redelivery, in order, once the consumer's
-/// last pull request has expired (pull requests live 2 s, so shutdown takes that much longer
-/// when there is something to give back).
+/// is terminated (`+TERM`): the server stops redelivering it and emits an advisory.
+///
+/// Messages are pulled in one-shot batches (a pull request of at most 128 messages that lives
+/// 2 s). At shutdown the source reads its last batch to the end, so that nothing the server
+/// delivered is left pending at the server until its ack wait, and gives back (`Nak`, for
+/// immediate redelivery, in order) what the consumer held and then what that batch still held:
+/// shutdown takes up to 2 s longer.
 pub struct NatsSource {
     consumer: PullConsumer,
     name: String,
-    messages: tokio::sync::Mutex<Option<jetstream::consumer::pull::Stream>>,
-    /// When the pull subscription was dropped: its last pull request lives on at the server
-    /// until it expires, and would swallow what is released before then.
-    stopped_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+    batch: tokio::sync::Mutex<Option<jetstream::consumer::pull::Batch>>,
+    /// The last batch, once the consumer stopped taking messages: read to its end, and what it
+    /// still delivers given back after what the consumer held.
+    stopping: tokio::sync::Mutex<Option<jetstream::consumer::pull::Batch>>,
     /// Whether the first pull waited for what a crashed predecessor left unacknowledged.
     caught_up: std::sync::atomic::AtomicBool,
     /// The predecessor's redeliveries, in stream order, handed out before anything else.
     redelivered: std::sync::Mutex<std::collections::VecDeque<jetstream::Message>>,
 }
 
-/// How long a pull request lives at the server: a stopped consumer waits this long before
-/// releasing messages, so they are not delivered into the request it left behind.
+/// How long a pull request lives at the server: a stopping consumer reads its last one to the
+/// end, at most this long.
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
+
+/// Messages asked for by one pull request.
+const PULL_BATCH: usize = 128;
 
 impl std::fmt::Debug for NatsSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -344,8 +350,8 @@ impl From<PullConsumer> for NatsSource {
         Self {
             name: format!("nats:{}/{}", info.stream_name, info.name),
             consumer,
-            messages: tokio::sync::Mutex::new(None),
-            stopped_at: std::sync::Mutex::new(None),
+            batch: tokio::sync::Mutex::new(None),
+            stopping: tokio::sync::Mutex::new(None),
             caught_up: std::sync::atomic::AtomicBool::new(false),
             redelivered: std::sync::Mutex::default(),
         }
@@ -380,18 +386,35 @@ impl NatsSource {
     /// so a new consumer would handle an aggregate's later events before the earlier ones. At
     /// start, with messages pending acknowledgement, the source first fetches what comes at
     /// once (what a graceful predecessor gave back); if more is pending, it waits out the ack
-    /// wait (keeping the fetched alive) and fetches the rest. It hands all of it out in stream
-    /// order, before anything newer. A restart after a crash costs the ack wait; a restart
-    /// after a graceful stop about a second.
+    /// wait, or the longest step of the consumer's `backoff` (keeping the fetched alive), and
+    /// fetches the rest. It hands all of it out in stream order, before anything newer. A
+    /// restart after a crash costs that wait; a restart after a graceful stop about a second,
+    /// unless the stopped consumer's client had messages buffered that it never handed on
+    /// (they stay pending at the server until their ack wait): then the wait too.
     async fn wait_for_redeliveries(&self) -> std::collections::VecDeque<jetstream::Message> {
+        // Right after a server restart the first requests can fail: a few tries before the
+        // consumer starts without the catch-up (and says so).
         let read_info = || async {
-            self.consumer
-                .get_info()
-                .await
-                .inspect_err(|error| {
-                    tracing::warn!(source = %self.name, %error, "cannot read the JetStream consumer's state");
-                })
-                .ok()
+            let mut tries = 0;
+            loop {
+                match self.consumer.get_info().await {
+                    Ok(info) => return Some(info),
+                    Err(error) if tries < 4 => {
+                        tries += 1;
+                        tracing::debug!(source = %self.name, %error, "reading the JetStream consumer's state; trying again");
+                        tokio::time::sleep(Duration::from_millis(250 << tries)).await;
+                    }
+                    Err(error) => {
+                        tracing::warn!(
+                            source = %self.name,
+                            %error,
+                            "cannot read the JetStream consumer's state; starting without waiting \
+                             for a crashed predecessor's messages, which may come back out of order"
+                        );
+                        return None;
+                    }
+                }
+            }
         };
         let Some(info) = read_info().await else {
             return Default::default();
@@ -407,7 +430,7 @@ impl NatsSource {
         if after.num_ack_pending > fetched.len() {
             // The rest was left by a predecessor that died: it comes back only once its ack
             // wait expired. Wait for it, keeping what was fetched alive.
-            let wait = after.config.ack_wait + Duration::from_millis(100);
+            let wait = longest_redelivery_wait(&after.config) + Duration::from_millis(100);
             tracing::info!(
                 source = %self.name,
                 pending = after.num_ack_pending - fetched.len(),
@@ -426,6 +449,40 @@ impl NatsSource {
             fetched.extend(self.fetch(after.num_ack_pending - fetched.len()).await);
         }
         sorted(fetched)
+    }
+
+    /// What the last pull request still delivers until it ends (the server's timeout at its
+    /// expiry, at most [`PULL_EXPIRES`] after it was made), with `held` kept alive meanwhile.
+    async fn drain_last_batch(&self, held: &[&jetstream::Message]) -> Vec<jetstream::Message> {
+        let Some(mut batch) = self.stopping.lock().await.take() else {
+            return Vec::new();
+        };
+        let deadline = tokio::time::Instant::now() + PULL_EXPIRES + Duration::from_millis(500);
+        let period = self.keep_alive_every().unwrap_or(PULL_EXPIRES);
+        let mut keep_alive_at = tokio::time::Instant::now() + period;
+        let mut drained = Vec::new();
+        loop {
+            tokio::select! {
+                next = batch.next() => match next {
+                    Some(Ok(message)) => drained.push(message),
+                    Some(Err(error)) => {
+                        tracing::debug!(source = %self.name, %error, "the last pull ended with an error");
+                        break;
+                    }
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline.min(keep_alive_at)) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        break;
+                    }
+                    for message in held {
+                        let _ = message.ack_with(AckKind::Progress).await;
+                    }
+                    keep_alive_at = tokio::time::Instant::now() + period;
+                }
+            }
+        }
+        drained
     }
 
     /// Up to `count` messages available within a second.
@@ -458,6 +515,27 @@ impl NatsSource {
     }
 }
 
+/// The longest a delivered, unacknowledged message waits before JetStream redelivers it: the
+/// ack wait, or with a `backoff` the longest of its steps (it replaces the ack wait).
+fn longest_redelivery_wait(config: &jetstream::consumer::Config) -> Duration {
+    config
+        .backoff
+        .iter()
+        .copied()
+        .max()
+        .map_or(config.ack_wait, |longest| longest.max(config.ack_wait))
+}
+
+/// The shortest such wait: keep-alives must come more often than this.
+fn shortest_redelivery_wait(config: &jetstream::consumer::Config) -> Duration {
+    config
+        .backoff
+        .iter()
+        .copied()
+        .min()
+        .map_or(config.ack_wait, |shortest| shortest.min(config.ack_wait))
+}
+
 /// Messages in stream order: JetStream redelivers in the order the ack timers fired.
 fn sorted(mut messages: Vec<jetstream::Message>) -> std::collections::VecDeque<jetstream::Message> {
     messages.sort_by_key(|m| m.info().map(|i| i.stream_sequence).unwrap_or(u64::MAX));
@@ -471,7 +549,7 @@ impl Source for NatsSource {
     }
 
     async fn receive(&self) -> outbox_core::Result<Option<Received<jetstream::Message>>> {
-        let mut messages = self.messages.lock().await;
+        let mut batch = self.batch.lock().await;
         let mut failures = 0u32;
         if !self.caught_up.load(std::sync::atomic::Ordering::SeqCst) {
             let redelivered = self.wait_for_redeliveries().await;
@@ -483,27 +561,35 @@ impl Source for NatsSource {
             return Ok(Some(received(message)));
         }
         loop {
-            if messages.is_none() {
-                let stream = self
+            if batch.is_none() {
+                match self
                     .consumer
-                    .stream()
+                    .batch()
+                    .max_messages(PULL_BATCH)
                     .expires(PULL_EXPIRES)
-                    .heartbeat(PULL_EXPIRES / 4)
                     .messages()
                     .await
-                    .map_err(Error::broker)?;
-                *messages = Some(stream);
+                {
+                    Ok(next) => *batch = Some(next),
+                    Err(error) => {
+                        // The server restarts, or the connection is down: pull again soon.
+                        failures += 1;
+                        tracing::warn!(source = %self.name, %error, "cannot pull from the NATS consumer; trying again");
+                        tokio::time::sleep(Duration::from_millis(50 << failures.min(5))).await;
+                        continue;
+                    }
+                }
             }
-            let stream = messages.as_mut().expect("just set");
-            match stream.next().await {
+            match batch.as_mut().expect("just set").next().await {
                 Some(Ok(message)) => return Ok(Some(received(message))),
                 Some(Err(error)) => {
-                    // Missed heartbeats, a server restart: the stream carries on.
                     failures += 1;
-                    tracing::warn!(source = %self.name, %error, "NATS consumer stream error; continuing");
+                    tracing::warn!(source = %self.name, %error, "NATS pull failed; pulling again");
+                    *batch = None;
                     tokio::time::sleep(Duration::from_millis(50 << failures.min(5))).await;
                 }
-                None => return Ok(None),
+                // The pull request expired or was filled: the next one.
+                None => *batch = None,
             }
         }
     }
@@ -521,37 +607,29 @@ impl Source for NatsSource {
     }
 
     async fn stop(&self) -> outbox_core::Result<()> {
-        self.messages.lock().await.take();
-        *self.stopped_at.lock().expect("not poisoned") = Some(tokio::time::Instant::now());
+        *self.stopping.lock().await = self.batch.lock().await.take();
         Ok(())
     }
 
-    /// `Nak`s for immediate redelivery, in order, once the stopped consumer's last pull
-    /// request has expired at the server: NATS 2.9 would deliver into it, and those messages
-    /// would come back only after the ack wait, behind the ones released after them. Until
-    /// then the messages are kept alive, so none is redelivered out of turn meanwhile.
+    /// Reads the last pull request to its end (what the server still delivers into it would
+    /// otherwise come back only after the ack wait, behind the ones released now), keeping
+    /// `messages` alive meanwhile; then `Nak`s for immediate redelivery, in order, `messages`
+    /// and after them what the last request delivered.
     async fn release(&self, messages: &[&jetstream::Message]) -> outbox_core::Result<()> {
-        let stopped_at = self
-            .stopped_at
-            .lock()
-            .expect("not poisoned")
-            .unwrap_or_else(tokio::time::Instant::now);
-        let expired = stopped_at + PULL_EXPIRES + Duration::from_millis(200);
-        let period = self.keep_alive_every().unwrap_or(PULL_EXPIRES);
-        loop {
-            for message in messages {
-                message
-                    .ack_with(AckKind::Progress)
-                    .await
-                    .map_err(Error::broker)?;
-            }
-            let now = tokio::time::Instant::now();
-            if now >= expired {
-                break;
-            }
-            tokio::time::sleep_until(expired.min(now + period)).await;
+        let leftovers = self.drain_last_batch(messages).await;
+        for message in messages.iter().copied().chain(&leftovers) {
+            message
+                .ack_with(AckKind::Nak(None))
+                .await
+                .map_err(Error::broker)?;
         }
-        for message in messages {
+        Ok(())
+    }
+
+    /// Gives back what the last pull request delivered, when the consumer held nothing to
+    /// release.
+    async fn close(&self) -> outbox_core::Result<()> {
+        for message in self.drain_last_batch(&[]).await {
             message
                 .ack_with(AckKind::Nak(None))
                 .await
@@ -568,8 +646,8 @@ impl Source for NatsSource {
     }
 
     fn keep_alive_every(&self) -> Option<Duration> {
-        let ack_wait = self.consumer.cached_info().config.ack_wait;
-        Some((ack_wait / 3).max(Duration::from_millis(100)))
+        let shortest = shortest_redelivery_wait(&self.consumer.cached_info().config);
+        Some((shortest / 3).max(Duration::from_millis(100)))
     }
 }
 

@@ -214,7 +214,14 @@ impl<S: Source> Consumer<S> {
         }
         drop(running);
         let received = match receiver.await {
-            Ok(outcome) => outcome,
+            Ok((outcome, unsent)) => {
+                if let Some((message, room)) = unsent {
+                    if let Some(copy) = held.push(message, room) {
+                        self.ack_copy(copy).await;
+                    }
+                }
+                outcome
+            }
             Err(panic) => Err(crate::Error::broker(format!(
                 "the receiving task failed: {panic}"
             ))),
@@ -435,36 +442,46 @@ impl<S: Source> Consumer<S> {
     }
 }
 
-/// Receives into the loop, holding a place in the window for each message.
+/// A received message and its place in the window.
+type Intake<M> = (Received<M>, OwnedSemaphorePermit);
+
+/// Receives into the loop, holding a place in the window for each message. A message received
+/// when the loop stopped is handed back with the outcome, to be released with the rest.
 async fn receive<S: Source>(
     source: Arc<S>,
     room: Arc<Semaphore>,
-    tx: mpsc::Sender<(Received<S::Message>, OwnedSemaphorePermit)>,
+    tx: mpsc::Sender<Intake<S::Message>>,
     stop: CancellationToken,
-) -> Result<()> {
+) -> (Result<()>, Option<Intake<S::Message>>) {
     loop {
         let place = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => return (Ok(()), None),
             place = room.clone().acquire_owned() => place.expect("the semaphore is never closed"),
         };
         let received = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => return (Ok(()), None),
             received = source.receive() => received,
         };
         match received {
             Ok(Some(received)) => {
+                let intake = (received, place);
+                // `reserve` first: a send given up at the stop would drop the message, unacknowledged
+                // and unreleased.
                 tokio::select! {
-                    _ = stop.cancelled() => return Ok(()),
-                    sent = tx.send((received, place)) => if sent.is_err() { return Ok(()) },
+                    _ = stop.cancelled() => return (Ok(()), Some(intake)),
+                    slot = tx.reserve() => match slot {
+                        Ok(slot) => slot.send(intake),
+                        Err(_) => return (Ok(()), Some(intake)),
+                    },
                 }
             }
             Ok(None) => {
                 tracing::info!(source = source.name(), "the source ended");
-                return Ok(());
+                return (Ok(()), None);
             }
             Err(error) => {
                 tracing::error!(source = source.name(), %error, "receiving failed; the consumer stops");
-                return Err(error);
+                return (Err(error), None);
             }
         }
     }

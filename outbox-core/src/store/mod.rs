@@ -608,9 +608,11 @@ impl<DB: Backend> OutboxBuilder<DB> {
 
     /// Refuses, at enqueue, an event whose serialised payload is longer than `bytes`
     /// ([`Error::PayloadTooLarge`](crate::Error::PayloadTooLarge)), before anything is written
-    /// and before the caller's transaction commits. No limit by default; set it to what your
-    /// brokers accept (NATS and Kafka: 1 MiB by default), so that an event no broker would take
-    /// fails the request that wrote it instead of going dead later.
+    /// and before the caller's transaction commits. No limit by default; set it below what
+    /// your brokers accept (NATS and Kafka: 1 MiB by default), so that an event no broker would
+    /// take fails the request that wrote it instead of going dead later. It counts the payload
+    /// only; brokers count the headers too (the outbox's, about 400 bytes, and yours), so leave
+    /// room for them.
     pub fn max_payload_bytes(mut self, bytes: usize) -> Self {
         self.max_payload_bytes = Some(bytes);
         self
