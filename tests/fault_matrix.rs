@@ -5,7 +5,7 @@
 //! - `short_matrix` (the test suite, `.ci/run`): one cell per fault, rotating over the
 //!   destinations, 3,000 events each, and a 20,000-event soak.
 //! - `full_matrix` (`cargo test -p outbox-tests --test fault_matrix -- --ignored --nocapture`):
-//!   every fault on every destination, 20,000 events each, and the 1,000,000-event soak on each
+//!   every fault on every destination, 10,000 events each, and the 1,000,000-event soak on each
 //!   destination; `OUTBOX_FAULTS_SOAK_EVENTS` and `OUTBOX_FAULTS_EVENTS` change the sizes,
 //!   `OUTBOX_FAULTS_CELLS=kafka/1,nats/soak` picks cells (destination/fault number),
 //!   `OUTBOX_FAULTS_ACCOUNTS`, `OUTBOX_FAULTS_RATE` and `OUTBOX_FAULTS_LEASE_MS` the load. The

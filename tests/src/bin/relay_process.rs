@@ -49,7 +49,13 @@ async fn main() {
     let fault = Fault::from_env();
     let outcome = match broker.as_str() {
         "nats" => {
-            let client = async_nats::connect(address.as_str()).await.expect("NATS");
+            // Started while the broker is down (a bounce), it waits for it, as a deployed relay
+            // would under its supervisor.
+            let client = async_nats::ConnectOptions::new()
+                .retry_on_initial_connect()
+                .connect(address.as_str())
+                .await
+                .expect("NATS");
             let transport = outbox::nats::NatsTransport::new(async_nats::jetstream::new(client))
                 .subject_prefix(target);
             run(outbox, fault.wrap(transport), lease, shutdown).await
@@ -180,5 +186,9 @@ impl<D: Destination> Destination for Faulty<D> {
 
     fn delivery_timeout(&self) -> Option<Duration> {
         self.inner.delivery_timeout()
+    }
+
+    fn validate(&self) -> outbox::Result<()> {
+        self.inner.validate()
     }
 }

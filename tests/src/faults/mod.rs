@@ -337,6 +337,9 @@ impl Figures {
     }
 }
 
+/// Events per business transaction in the soak.
+const SOAK_EVENTS_PER_TX: usize = 10;
+
 /// How big the cells are.
 #[derive(Debug, Clone)]
 pub struct Size {
@@ -367,7 +370,7 @@ impl Size {
     /// The form RELIABILITY.md reports.
     pub fn full() -> Self {
         Self {
-            events: 20_000,
+            events: 10_000,
             soak_events: 1_000_000,
             accounts: 1_000,
             lease: Duration::from_millis(3000),
@@ -819,6 +822,8 @@ struct WriterPlan {
     hold_max: Duration,
     /// Transactions per second, all writers together (`None`: as fast as they can).
     rate: Option<u32>,
+    /// Events each transaction enqueues for its account (an order and its lines).
+    events_per_tx: usize,
 }
 
 /// Commits `target` `Probe` events from `plan.writers` tasks; each transaction locks its
@@ -861,13 +866,21 @@ async fn write(
                     .rollback_one_in
                     .is_some_and(|one_in| fastrand::u32(..one_in) == 0);
                 let hold = plan.hold_max.mul_f64(fastrand::f64());
-                match write_one(&outbox, &upsert, account, rollback, hold).await {
-                    Ok((id, true)) => {
-                        let _ = id;
-                        committed.fetch_add(1, Ordering::SeqCst);
+                match write_one(
+                    &outbox,
+                    &upsert,
+                    account,
+                    plan.events_per_tx,
+                    rollback,
+                    hold,
+                )
+                .await
+                {
+                    Ok((ids, true)) => {
+                        committed.fetch_add(ids.len() as u64, Ordering::SeqCst);
                     }
-                    Ok((id, false)) => {
-                        written.rolled_back.insert(id);
+                    Ok((ids, false)) => {
+                        written.rolled_back.extend(ids);
                     }
                     Err(_) => {
                         // The database went away (a restart): the outcome of a failed commit is
@@ -889,28 +902,37 @@ async fn write(
     all
 }
 
+/// One business transaction: `events` times, count the account up and enqueue the event.
 async fn write_one(
     outbox: &Outbox<Postgres>,
     upsert: &str,
     account: String,
+    events: usize,
     rollback: bool,
     hold: Duration,
-) -> outbox::Result<(Uuid, bool)> {
+) -> outbox::Result<(Vec<Uuid>, bool)> {
     let mut tx = outbox.pool().begin().await?;
-    let n: i64 = sqlx::query_scalar(upsert)
-        .bind(&account)
-        .fetch_one(&mut *tx)
-        .await?;
-    let id = outbox.enqueue(&mut *tx, &Probe { account, n }).await?;
+    let mut ids = Vec::with_capacity(events);
+    for _ in 0..events {
+        let n: i64 = sqlx::query_scalar(upsert)
+            .bind(&account)
+            .fetch_one(&mut *tx)
+            .await?;
+        let probe = Probe {
+            account: account.clone(),
+            n,
+        };
+        ids.push(outbox.enqueue(&mut *tx, &probe).await?);
+    }
     if !hold.is_zero() {
         tokio::time::sleep(hold).await;
     }
     if rollback {
         tx.rollback().await?;
-        return Ok((id, false));
+        return Ok((ids, false));
     }
     tx.commit().await?;
-    Ok((id, true))
+    Ok((ids, true))
 }
 
 /// One cell of the matrix, from fresh tables to its figures.
@@ -969,7 +991,8 @@ pub async fn run_cell(
         relay_env.push(("OUTBOX_RELAY_BATCH".into(), "100".into()));
     }
     let relay_args: Vec<String> = [
-        servers.pg.url(),
+        // Named, so that cell 7 can see whether a relay statement waits on a lock.
+        format!("{}?application_name={RELAY_APPLICATION}", servers.pg.url()),
         table.clone(),
         size.lease.as_millis().to_string(),
     ]
@@ -1013,6 +1036,13 @@ pub async fn run_cell(
             Duration::ZERO
         },
         rate: (fault != Fault::Soak).then_some(size.rate),
+        // The soak writes as fast as it can: orders of several lines, so that a million events
+        // take minutes, not an hour, on two cores shared with the servers and the relays.
+        events_per_tx: if fault == Fault::Soak {
+            SOAK_EVENTS_PER_TX
+        } else {
+            1
+        },
     };
 
     // Fault 7: an application transaction that stays open for the whole cell, holding the
@@ -1025,7 +1055,7 @@ pub async fn run_cell(
             .await
             .unwrap();
         let held = write_in(&outbox, &mut tx, "held-account").await;
-        long_tx = Some((tx, held));
+        long_tx = Some((tx, held, LockWaits::watch(servers.pool.clone())));
     }
 
     let mut poison = HashSet::new();
@@ -1033,6 +1063,15 @@ pub async fn run_cell(
         let (ids, refused) = enqueue_poison(&outbox, dest).await;
         poison = ids;
         figures.refused_at_enqueue = refused;
+        figures
+            .notes
+            .push(format!("bad input refused at enqueue: {refused} of 2"));
+        if refused != 2 {
+            figures.failures.push(format!(
+                "enqueue refused {refused} of the 2 bad inputs (a header a broker cannot carry, \
+                 an oversize aggregate id)"
+            ));
+        }
     }
 
     let committed = Arc::new(AtomicU64::new(0));
@@ -1060,9 +1099,20 @@ pub async fn run_cell(
     let written = writers.await.unwrap();
     figures.writer_errors = written.errors;
 
-    if let Some((tx, held)) = long_tx.take() {
+    if let Some((tx, held, lock_waits)) = long_tx.take() {
         // Everything else drained while the transaction held its locks.
         wait_drained(&outbox, Duration::from_secs(300), &relays).await;
+        let (samples, waiting) = lock_waits.stop().await;
+        figures.notes.push(format!(
+            "relay statements seen waiting on a lock: {waiting} in {samples} samples of \
+             pg_stat_activity"
+        ));
+        if waiting > 0 || samples == 0 {
+            figures.failures.push(format!(
+                "{waiting} relay statements waited on a lock held by the application's \
+                 transaction ({samples} samples)"
+            ));
+        }
         let seconds = started.elapsed().as_secs_f64();
         let (dead_tuples, cursor_dead): (i64, i64) = dead_tuples(&servers.pool, &table).await;
         figures.notes.push(format!(
@@ -1084,8 +1134,14 @@ pub async fn run_cell(
         // Tansu's known loss (see `known_limitation`) need not be waited for long.
         let patience = if dest == Dest::Kafka { 60 } else { 300 };
         let deadline = Instant::now() + Duration::from_secs(patience);
+        // The consumer goes on aborting itself one event in N while it catches up; each of
+        // those deaths counts, and recovery runs from the last one.
+        let mut last_death = fault_ended;
         loop {
-            consumer.revive();
+            if consumer.revive() {
+                figures.deaths += 1;
+                last_death = Some(Instant::now());
+            }
             let distinct = count(
                 &servers.pool,
                 &format!(r#"SELECT count(DISTINCT id) FROM "{effects}""#),
@@ -1093,7 +1149,7 @@ pub async fn run_cell(
             .await;
             if distinct >= expected || Instant::now() > deadline {
                 // The consumer's recovery: from its last death until it applied everything.
-                figures.recovery_ms = fault_ended.map(|t| t.elapsed().as_millis() as u64);
+                figures.recovery_ms = last_death.map(|t| t.elapsed().as_millis() as u64);
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1330,10 +1386,11 @@ async fn drive(
                 left.1,
                 size.lease.as_millis()
             ));
-            if !status.is_some_and(|s| s.success()) || left.1 > size.lease.as_millis() as i64 {
+            // A graceful stop gives every lease back: none may be left to expire.
+            if !status.is_some_and(|s| s.success()) || left.0 > 0 {
                 figures
                     .failures
-                    .push("the graceful stop failed or left a lease longer than the lease".into());
+                    .push("the graceful stop failed or left leases behind".into());
             }
             let restarted = Proc::spawn(&relay.program, &relay.args, &relay.env);
             relays.lock().unwrap().push(restarted);
@@ -1380,9 +1437,21 @@ async fn drive(
         }
         Fault::ConsumerKill => {
             let consumer = consumer.as_mut().unwrap();
+            let effects = format!(r#"SELECT count(*) FROM "{}_effects""#, route.table);
             let mut ended = None;
             while progress() < 1.0 {
-                pause(400 + fastrand::u64(..800)).await;
+                // Each kill lands while the consumer is applying effects: once it has applied
+                // some since its start (a restarting NATS consumer first waits out the ack
+                // wait), a little later.
+                let before = count(&servers.pool, &effects).await;
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while count(&servers.pool, &effects).await <= before
+                    && Instant::now() < deadline
+                    && progress() < 1.0
+                {
+                    pause(20).await;
+                }
+                pause(100 + fastrand::u64(..600)).await;
                 consumer.kill_and_restart(&[]);
                 figures.deaths += 1;
                 ended = Some(Instant::now());
@@ -1510,6 +1579,48 @@ async fn wait_drained(
 
 async fn count(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// The `application_name` of the relay processes' connections.
+const RELAY_APPLICATION: &str = "outbox-relay";
+
+/// Samples `pg_stat_activity` every 20 ms for relay connections waiting on a lock.
+struct LockWaits {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(u64, u64)>,
+}
+
+impl LockWaits {
+    fn watch(pool: PgPool) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let (mut samples, mut waiting) = (0, 0);
+                while !stop.load(Ordering::SeqCst) {
+                    let now: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM pg_stat_activity \
+                         WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                    )
+                    .bind(RELAY_APPLICATION)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                    samples += 1;
+                    waiting += now as u64;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                (samples, waiting)
+            }
+        });
+        Self { stop, task }
+    }
+
+    /// Samples taken, and relay connections seen waiting in all of them together.
+    async fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.unwrap()
+    }
 }
 
 /// Cursors still leased (by a relay that is gone): how many, and the longest time left.
