@@ -148,7 +148,13 @@ async fn nats_restart_after_a_graceful_stop_under_a_backlog_starts_at_once() {
         ..Default::default()
     };
     let log = Log::default();
-    let run = |consumer: NatsConsumer| {
+    // A consumer on the durable, running until its token is cancelled.
+    let start = || async {
+        let pull = stream
+            .get_or_create_consumer(&name, config())
+            .await
+            .unwrap();
+        let consumer = NatsConsumer::new(pull, slow_dispatcher(&log)).concurrency(2);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
             let shutdown = shutdown.clone();
@@ -157,11 +163,7 @@ async fn nats_restart_after_a_graceful_stop_under_a_backlog_starts_at_once() {
         (shutdown, task)
     };
 
-    let first = stream
-        .get_or_create_consumer(&name, config())
-        .await
-        .unwrap();
-    let (shutdown, task) = run(NatsConsumer::new(first, slow_dispatcher(&log)).concurrency(2));
+    let (shutdown, task) = start().await;
     eventually(
         "the first consumer handles some",
         Duration::from_secs(30),
@@ -177,11 +179,7 @@ async fn nats_restart_after_a_graceful_stop_under_a_backlog_starts_at_once() {
     );
 
     let started = Instant::now();
-    let second = stream
-        .get_or_create_consumer(&name, config())
-        .await
-        .unwrap();
-    let (shutdown, task) = run(NatsConsumer::new(second, slow_dispatcher(&log)).concurrency(2));
+    let (shutdown, task) = start().await;
     eventually(
         "the next consumer handles an event within 10 s",
         Duration::from_secs(10),
