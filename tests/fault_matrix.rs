@@ -8,7 +8,9 @@
 //!   every fault on every destination, 10,000 events each, and the 1,000,000-event soak on each
 //!   destination; `OUTBOX_FAULTS_SOAK_EVENTS` and `OUTBOX_FAULTS_EVENTS` change the sizes,
 //!   `OUTBOX_FAULTS_CELLS=kafka/1,nats/soak` picks cells (destination/fault number),
-//!   `OUTBOX_FAULTS_ACCOUNTS`, `OUTBOX_FAULTS_RATE` and `OUTBOX_FAULTS_LEASE_MS` the load. The
+//!   `OUTBOX_FAULTS_ACCOUNTS`, `OUTBOX_FAULTS_RATE` and `OUTBOX_FAULTS_LEASE_MS` the load;
+//!   `OUTBOX_FAULTS_RELAY_LOG` and `OUTBOX_FAULTS_CONSUMER_LOG` the processes' `RUST_LOG`, and
+//!   `OUTBOX_FAULT_KAFKA_DEBUG=cgrp` librdkafka's debug contexts in the consumer. The
 //!   table is printed and written to `$CARGO_TARGET_TMPDIR/fault-matrix.md` (RELIABILITY.md).
 
 use outbox_tests::faults::{markdown, run_cell, Dest, Fault, Figures, Programs, Servers, Size};

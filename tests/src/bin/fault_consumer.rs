@@ -117,6 +117,10 @@ async fn main() {
                 .set("auto.offset.reset", "earliest")
                 .set("session.timeout.ms", "6000")
                 .set("heartbeat.interval.ms", "1000");
+            // librdkafka's own debug contexts (`cgrp,consumer`), logged at the `rdkafka` target.
+            if let Ok(contexts) = std::env::var("OUTBOX_FAULT_KAFKA_DEBUG") {
+                config.set("debug", contexts);
+            }
             let topic = format!("{route}.probe");
             let source = KafkaSource::from_config(config, &[&topic]).expect("Kafka consumer");
             KafkaConsumer::new(source, dispatcher)
