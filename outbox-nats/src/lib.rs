@@ -388,9 +388,8 @@ impl NatsSource {
     /// once (what a graceful predecessor gave back); if more is pending, it waits out the ack
     /// wait, or the longest step of the consumer's `backoff` (keeping the fetched alive), and
     /// fetches the rest. It hands all of it out in stream order, before anything newer. A
-    /// restart after a crash costs that wait; a restart after a graceful stop about a second,
-    /// unless the stopped consumer's client had messages buffered that it never handed on
-    /// (they stay pending at the server until their ack wait): then the wait too.
+    /// restart after a crash costs that wait; a restart after a graceful stop about a second
+    /// (the stopping source gave back everything it had been delivered).
     async fn wait_for_redeliveries(&self) -> std::collections::VecDeque<jetstream::Message> {
         // Right after a server restart the first requests can fail: a few tries before the
         // consumer starts without the catch-up (and says so).
