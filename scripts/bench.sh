@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 scripts/services.sh
 scripts/services.sh kafka-restart
-cargo run --release -p outbox-bench -- --out benchmarks "$@"
+cargo run --release -p outbox-bench --bin outbox-bench -- --out benchmarks "$@"
