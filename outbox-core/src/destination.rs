@@ -145,6 +145,14 @@ pub trait Destination: Send + Sync + 'static {
     fn validate(&self) -> crate::Result<()> {
         Ok(())
     }
+
+    /// Where events of `event_type` go, as the `destination` label of the relay's
+    /// [metrics](crate::metrics): a transport's name, `handlers`, or a router's route. Keep it
+    /// to a few fixed names. The default is `custom`.
+    fn name_for(&self, event_type: &str) -> &str {
+        let _ = event_type;
+        "custom"
+    }
 }
 
 /// A message broker the relay publishes to. Broker crates (`outbox-kafka`, `outbox-amqp`,
@@ -202,6 +210,10 @@ impl<T: Transport> Destination for T {
 
     fn validate(&self) -> crate::Result<()> {
         Transport::validate(self)
+    }
+
+    fn name_for(&self, _event_type: &str) -> &str {
+        self.name()
     }
 }
 

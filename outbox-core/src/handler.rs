@@ -393,6 +393,11 @@ impl Registry {
         self.handlers.is_empty()
     }
 
+    /// Whether some version of `event_type` has a handler.
+    pub fn handles_type(&self, event_type: &str) -> bool {
+        self.handlers.contains_key(event_type)
+    }
+
     fn get(&self, event_type: &str, version: u32) -> Option<&Entry> {
         self.handlers
             .get(event_type)?

@@ -10,6 +10,7 @@ mod error;
 mod event;
 pub mod handler;
 mod inbox;
+pub mod metrics;
 mod receipt;
 mod relay;
 mod retention;
@@ -41,9 +42,11 @@ pub use store::postgres::{PgInbox, PgStore};
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use store::sqlite::{SqliteInbox, SqliteStore};
 pub use store::{
-    Backend, Check, Claim, Discard, Enqueued, EventFilter, EventRecord, EventStatus, ExplainClaim,
-    Fate, FullStore, InboxStore, Inconsistency, Lookup, MarkConsumed, Outbox, OutboxBuilder,
-    Republish, Requeue, Run, RunEvent, Settlement, Store, StoreOptions,
+    dead_fingerprint, group_dead, normalise_reason, ArchiveDead, Backend, Check, Claim, DeadGroup,
+    Discard, Enqueued, EventFilter, EventRecord, EventStatus, ExplainClaim, Fate, FullStore,
+    InboxStore, Inconsistency, Inspect, Lookup, MarkConsumed, Outbox, OutboxBuilder, OutboxStatus,
+    ParkedAggregate, Republish, Requeue, Run, RunEvent, Settlement, StatusCount, Store,
+    StoreOptions, StuckAggregate,
 };
 pub use table::{TableName, MAX_TABLE_NAME_LEN};
 

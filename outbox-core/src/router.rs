@@ -205,6 +205,10 @@ impl Destination for Router {
         self.deliver_in_rounds(batch, Some(budget)).await
     }
 
+    fn name_for(&self, event_type: &str) -> &str {
+        self.transport_for(event_type).unwrap_or("unrouted")
+    }
+
     /// The longest of its transports'.
     fn delivery_timeout(&self) -> Option<Duration> {
         self.transports

@@ -315,6 +315,7 @@ impl<S: Source> Consumer<S> {
         }
         let mut envelope = envelope.clone();
         envelope.attempt = attempt;
+        let started = Instant::now();
         let handling = self.dispatcher.dispatch(&envelope);
         let outcome = match self.source.keep_alive_every() {
             None => handling.await,
@@ -322,10 +323,26 @@ impl<S: Source> Consumer<S> {
                 keep_alive_while(&*self.source, &message.message, period, handling).await
             }
         };
+        let took = Some(started.elapsed());
+        let event_type = self.metric_event_type(&message.envelope);
         match outcome {
-            Ok(()) => Handled::Ok,
+            Ok(()) => {
+                crate::metrics::handled(
+                    self.source.name(),
+                    event_type,
+                    crate::metrics::Handled::Acked,
+                    took,
+                );
+                Handled::Ok
+            }
             Err(error) => match self.retry.next_delay(attempt, error.retry) {
                 Some(delay) => {
+                    crate::metrics::handled(
+                        self.source.name(),
+                        event_type,
+                        crate::metrics::Handled::Retried,
+                        took,
+                    );
                     tracing::warn!(
                         reason = %error.reason,
                         retry_in = ?delay,
@@ -363,6 +380,13 @@ impl<S: Source> Consumer<S> {
         match outcome {
             Ok(()) => {
                 span.in_scope(|| tracing::error!(reason, "message dead-lettered"));
+                let event_type = self.metric_event_type(&message.envelope);
+                crate::metrics::handled(
+                    self.source.name(),
+                    event_type,
+                    crate::metrics::Handled::Dead,
+                    None,
+                );
                 self.forget(message).await;
                 Step::Done
             }
@@ -379,6 +403,19 @@ impl<S: Source> Consumer<S> {
                 });
                 Step::RetryAt(Instant::now() + delay)
             }
+        }
+    }
+
+    /// The `event_type` label: only types this consumer has handlers for, so that messages
+    /// from elsewhere cannot grow the metrics without bound.
+    fn metric_event_type<'m>(
+        &self,
+        envelope: &'m std::result::Result<Envelope, String>,
+    ) -> &'m str {
+        match envelope {
+            Ok(e) if self.dispatcher.registry().handles_type(&e.event_type) => &e.event_type,
+            Ok(_) => "unknown",
+            Err(_) => "malformed",
         }
     }
 

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::event::Envelope;
 use crate::retention::Retention;
 use crate::retry::RetryPolicy;
-use crate::store::{Backend, Claim, Outbox, Run, Settlement, Store};
+use crate::store::{Backend, Claim, EventStatus, Outbox, Run, Settlement, Store};
 use futures_util::FutureExt;
 use settle::{Failed, Outcome};
 use std::collections::HashMap;
@@ -481,10 +481,14 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
                 aggregates = runs.len(),
                 events
             );
+            let started = Instant::now();
             let outcomes = tokio::select! {
                 outcomes = self.deliver(&runs, deadline).instrument(span.clone()) => outcomes,
                 _ = abandon.cancelled() => return,
             };
+            if events > 0 {
+                crate::metrics::published(self.outbox.table().as_str(), started.elapsed());
+            }
             self.settle(token, &runs, outcomes).instrument(span).await;
         }
     }
@@ -632,20 +636,28 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
             .collect();
         for attempt in 1..=3u32 {
             match self.outbox.store().settle(token, &settlements).await {
-                Ok(()) => return,
+                Ok(()) => {
+                    for (run, settlement) in runs.iter().zip(&settlements) {
+                        self.count(run, settlement);
+                    }
+                    return;
+                }
                 Err(error) if attempt < 3 => {
                     tracing::debug!(%error, attempt, "settling the batch failed; retrying");
                     tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
                 }
                 Err(error) if settlements.len() > 1 => {
                     tracing::warn!(%error, "settling the batch failed; settling run by run");
-                    for one in &settlements {
-                        if let Err(error) = self
+                    for (run, one) in runs.iter().zip(&settlements) {
+                        let settled = self
                             .outbox
                             .store()
                             .settle(token, std::slice::from_ref(one))
-                            .await
-                        {
+                            .await;
+                        if settled.is_ok() {
+                            self.count(run, one);
+                        }
+                        if let Err(error) = settled {
                             tracing::error!(
                                 %error,
                                 aggregate_type = %one.aggregate_type,
@@ -660,6 +672,31 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
                     "cannot settle the batch; it will be delivered again after its lease"
                 ),
             }
+        }
+    }
+}
+
+impl<DB: Backend, D: Destination> Shared<DB, D> {
+    /// Metrics of a settlement the store recorded: what happened to each event it names.
+    fn count(&self, run: &Run, settlement: &Settlement) {
+        let table = self.outbox.table().as_str();
+        let now = chrono::Utc::now();
+        for fate in &settlement.events {
+            let Some(event) = run.events.iter().find(|e| e.envelope.id == fate.id) else {
+                continue;
+            };
+            let envelope = &event.envelope;
+            let outcome = match fate.status {
+                EventStatus::Delivered => crate::metrics::Settled::Delivered,
+                EventStatus::Dead => crate::metrics::Settled::Dead,
+                EventStatus::Pending => crate::metrics::Settled::Failed,
+            };
+            // From when it could first be delivered: its commit, or its `enqueue_at` time.
+            let waited = (now - envelope.created_at.max(event.available_at))
+                .to_std()
+                .ok();
+            let destination = self.destination.name_for(&envelope.event_type);
+            crate::metrics::settled(table, &envelope.event_type, destination, outcome, waited);
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The outbox table: schema, enqueue, and the statements the relay runs.
 
+mod inspect;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
@@ -21,6 +22,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
+
+pub use inspect::{
+    dead_fingerprint, group_dead, normalise_reason, ArchiveDead, DeadGroup, Inspect, OutboxStatus,
+    ParkedAggregate, StatusCount, StuckAggregate,
+};
 
 /// A database the outbox can live in: PostgreSQL (`postgres` feature) or SQLite (`sqlite`).
 ///
@@ -186,6 +192,10 @@ pub struct EventFilter {
     pub created_from: Option<DateTime<Utc>>,
     /// ... and before this one.
     pub created_until: Option<DateTime<Utc>>,
+    /// Events whose last failure's reason contains this text, ignoring ASCII case.
+    pub reason: Option<String>,
+    /// Dead events whose [`dead_fingerprint`] is this one (a [`DeadGroup`]).
+    pub group: Option<String>,
 }
 
 impl EventFilter {
@@ -223,6 +233,30 @@ impl EventFilter {
         self
     }
 
+    /// Only events created at or after `from`.
+    pub fn created_from(mut self, from: DateTime<Utc>) -> Self {
+        self.created_from = Some(from);
+        self
+    }
+
+    /// Only events created before `until`.
+    pub fn created_until(mut self, until: DateTime<Utc>) -> Self {
+        self.created_until = Some(until);
+        self
+    }
+
+    /// Only events whose last failure's reason contains `text` (ASCII case ignored).
+    pub fn reason(mut self, text: impl Into<String>) -> Self {
+        self.reason = Some(text.into());
+        self
+    }
+
+    /// Only the dead events of one cause: a [`DeadGroup::fingerprint`].
+    pub fn group(mut self, fingerprint: impl Into<String>) -> Self {
+        self.group = Some(fingerprint.into());
+        self
+    }
+
     /// Whether it sets no condition: it would select every event.
     pub fn is_empty(&self) -> bool {
         self.ids.is_none()
@@ -230,6 +264,26 @@ impl EventFilter {
             && self.event_type.is_none()
             && self.created_from.is_none()
             && self.created_until.is_none()
+            && self.reason.is_none()
+            && self.group.is_none()
+    }
+
+    /// Whether `record` passes the conditions a store leaves to the caller (the group).
+    fn keeps(&self, record: &EventRecord) -> bool {
+        self.group.as_ref().is_none_or(|group| {
+            *group == dead_fingerprint(&record.event_type, record.last_error.as_deref())
+        })
+    }
+
+    fn refuse_dead_conditions(&self) -> Result<()> {
+        if self.reason.is_some() || self.group.is_some() {
+            return Err(crate::Error::InvalidField {
+                field: "event filter".into(),
+                reason: "a reason or a group selects dead events; republish puts back \
+                         delivered ones (requeue the dead ones instead)",
+            });
+        }
+        Ok(())
     }
 
     fn refuse_empty(&self) -> Result<()> {
@@ -269,12 +323,30 @@ pub trait ExplainClaim: Store {
 /// `fn admin<DB: Backend<Store: FullStore>>(outbox: &Outbox<DB>)`. Both stores of this crate
 /// have it.
 pub trait FullStore:
-    Store + Lookup + Requeue + Discard + Republish + Check + MarkConsumed + ExplainClaim
+    Store
+    + Lookup
+    + Requeue
+    + Discard
+    + Republish
+    + Check
+    + MarkConsumed
+    + ExplainClaim
+    + Inspect
+    + ArchiveDead
 {
 }
 
 impl<S> FullStore for S where
-    S: Store + Lookup + Requeue + Discard + Republish + Check + MarkConsumed + ExplainClaim
+    S: Store
+        + Lookup
+        + Requeue
+        + Discard
+        + Republish
+        + Check
+        + MarkConsumed
+        + ExplainClaim
+        + Inspect
+        + ArchiveDead
 {
 }
 
@@ -477,7 +549,8 @@ pub struct Inconsistency {
 }
 
 /// Where an event is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum EventStatus {
     /// Waiting for delivery (possibly leased by a relay, or waiting for a retry).
@@ -489,7 +562,8 @@ pub enum EventStatus {
 }
 
 impl EventStatus {
-    pub(crate) fn as_str(self) -> &'static str {
+    /// `pending`, `delivered` or `dead`, as stored.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
             Self::Delivered => "delivered",
@@ -508,7 +582,7 @@ impl EventStatus {
 }
 
 /// One outbox row, as returned by [`Outbox::get`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 #[non_exhaustive]
 pub struct EventRecord {
     /// The event id.
@@ -539,6 +613,12 @@ pub struct EventRecord {
     pub consumed_at: Option<DateTime<Utc>>,
     /// The payload, as JSON text.
     pub payload: String,
+    /// The schema version.
+    pub schema_version: u32,
+    /// The route (topic, exchange, subject base).
+    pub topic: String,
+    /// The headers stored with it.
+    pub headers: crate::event::Headers,
 }
 
 /// The outbox: enqueue events in your transactions, and hand it to a [`Relay`](crate::Relay).
@@ -902,6 +982,7 @@ where
     /// within the stream's duplicate window. A filter without conditions is refused.
     pub async fn republish(&self, filter: &EventFilter) -> Result<u64> {
         filter.refuse_empty()?;
+        filter.refuse_dead_conditions()?;
         self.store()
             .republish(filter, false)
             .instrument(tracing::info_span!("outbox.republish", table = %self.inner.table))
@@ -911,6 +992,7 @@ where
     /// How many events [`republish`](Self::republish) would put back, changing nothing.
     pub async fn republish_dry_run(&self, filter: &EventFilter) -> Result<u64> {
         filter.refuse_empty()?;
+        filter.refuse_dead_conditions()?;
         self.store().republish(filter, true).await
     }
 }
@@ -924,6 +1006,150 @@ where
     /// run from a periodic health check on tables of a few million rows.
     pub async fn check(&self) -> Result<Vec<Inconsistency>> {
         self.store().check().await
+    }
+}
+
+impl<DB: Backend> Outbox<DB>
+where
+    DB::Store: Inspect,
+{
+    /// The outbox at a glance: counts by status and event type, the age of the oldest due
+    /// event (the lag), leases, parked aggregates, and up to 20 aggregates whose oldest pending
+    /// event has waited longer than `stuck_after`.
+    pub async fn status(&self, stuck_after: Duration) -> Result<OutboxStatus> {
+        self.store().status(stuck_after, 20).await
+    }
+
+    /// The dead events `filter` selects (an empty filter selects all), the most recent first,
+    /// at most `limit`; each carries its payload, headers and last reason.
+    pub async fn dead(&self, filter: &EventFilter, limit: usize) -> Result<Vec<EventRecord>> {
+        if filter.group.is_none() {
+            return self.store().dead(filter, limit).await;
+        }
+        // The fingerprint is computed here, not in SQL: read every candidate, then keep the group.
+        let mut records = self.store().dead(filter, usize::MAX).await?;
+        records.retain(|r| filter.keeps(r));
+        records.truncate(limit);
+        Ok(records)
+    }
+
+    /// The dead events `filter` selects, grouped by cause ([`group_dead`]), the largest group
+    /// first.
+    pub async fn dead_groups(&self, filter: &EventFilter) -> Result<Vec<DeadGroup>> {
+        Ok(group_dead(&self.dead(filter, usize::MAX).await?))
+    }
+
+    /// Aggregates parked at a dead event, the longest parked first, at most `limit`.
+    pub async fn parked(&self, limit: usize) -> Result<Vec<ParkedAggregate>> {
+        self.store().parked(limit).await
+    }
+
+    /// How many delivered rows [`purge`](Self::purge) with `retention` would remove now.
+    pub async fn purgeable(&self, retention: &Retention) -> Result<u64> {
+        self.store().purgeable(retention).await
+    }
+
+    /// Reads [`status`](Self::status) every `every` into the gauges of [`metrics`](crate::metrics)
+    /// (`outbox_events{status}`, `outbox_oldest_pending_age_seconds`, `outbox_aggregates_parked`)
+    /// until `shutdown`. Run one per table, beside the relay; each reading counts the table's
+    /// rows by status, so every 15 to 60 seconds is plenty.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "postgres")]
+    /// # async fn demo(outbox: outbox_core::Outbox<sqlx::Postgres>) {
+    /// let shutdown = outbox_core::CancellationToken::new();
+    /// tokio::spawn({
+    ///     let outbox = outbox.clone();
+    ///     let shutdown = shutdown.clone();
+    ///     async move { outbox.record_gauges(std::time::Duration::from_secs(15), shutdown).await }
+    /// });
+    /// # }
+    /// ```
+    pub async fn record_gauges(&self, every: Duration, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self
+                .store()
+                .status(Duration::from_secs(10 * 365 * 86_400), 0)
+                .await
+            {
+                Ok(status) => {
+                    failing = false;
+                    crate::metrics::gauges(self.inner.table.as_str(), &status);
+                }
+                // Once per outage, not once per tick.
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::warn!(%error, table = %self.inner.table, "cannot read the outbox gauges; trying again");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+impl<DB: Backend> Outbox<DB>
+where
+    DB::Store: Inspect + Requeue,
+{
+    /// Requeues every dead event `filter` selects ([`requeue`](Self::requeue) for each); with
+    /// `dry_run`, changes nothing. Returns how many were (or would be) requeued. Each aggregate
+    /// is delivered again from its earliest requeued event, in `seq` order. A filter without
+    /// conditions is refused.
+    pub async fn requeue_dead(&self, filter: &EventFilter, dry_run: bool) -> Result<u64> {
+        filter.refuse_empty()?;
+        let span = tracing::info_span!("outbox.requeue", table = %self.inner.table, dry_run);
+        async {
+            let dead = self.dead(filter, usize::MAX).await?;
+            if dry_run {
+                return Ok(dead.len() as u64);
+            }
+            let mut requeued = 0;
+            for record in &dead {
+                requeued += u64::from(self.store().requeue(record.id).await?);
+            }
+            tracing::info!(requeued, "requeued dead events");
+            Ok(requeued)
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+impl<DB: Backend> Outbox<DB>
+where
+    DB::Store: Inspect + Discard + ArchiveDead,
+{
+    /// Gives up on every dead event `filter` selects: releases the aggregates parked at them
+    /// ([`discard`](Self::discard)) and moves them into `<table>_archive`, where they stay dead
+    /// and readable but leave the dead list. An event whose aggregate has not moved past it
+    /// (an earlier event of the aggregate was requeued) stays where it is. With `dry_run`,
+    /// changes nothing. Returns how many were (or would be) discarded. A filter without
+    /// conditions is refused.
+    pub async fn discard_dead(&self, filter: &EventFilter, dry_run: bool) -> Result<u64> {
+        filter.refuse_empty()?;
+        let span = tracing::info_span!("outbox.discard", table = %self.inner.table, dry_run);
+        async {
+            let dead = self.dead(filter, usize::MAX).await?;
+            if dry_run {
+                return Ok(dead.len() as u64);
+            }
+            let mut discarded = 0;
+            for record in &dead {
+                self.store().discard(record.id).await?;
+                discarded += u64::from(self.store().archive_dead(record.id).await?);
+            }
+            tracing::info!(discarded, "discarded dead events");
+            Ok(discarded)
+        }
+        .instrument(span)
+        .await
     }
 }
 

@@ -1,8 +1,9 @@
 use super::sql::{self, duration_ms};
 use super::{
-    clamp_i32, clamp_u32, parse_headers, Backend, Check, Claim, Discard, Enqueued, EventFilter,
-    EventRecord, ExplainClaim, InboxStore, Inconsistency, Lookup, MarkConsumed, Republish, Requeue,
-    Run, RunEvent, Settlement, Store, StoreOptions,
+    clamp_i32, clamp_u32, parse_headers, ArchiveDead, Backend, Check, Claim, Discard, Enqueued,
+    EventFilter, EventRecord, ExplainClaim, InboxStore, Inconsistency, Inspect, Lookup,
+    MarkConsumed, OutboxStatus, ParkedAggregate, Republish, Requeue, Run, RunEvent, Settlement,
+    Store, StoreOptions,
 };
 use crate::error::{Error, Result};
 use crate::event::{Deliver, Envelope, Message};
@@ -886,15 +887,169 @@ impl Lookup for PgStore {
         else {
             return Ok(None);
         };
-        let status: String = row.try_get("status")?;
-        let times = sql::RecordTimes {
-            available_at: row.try_get("available_at")?,
-            delivered_at: row.try_get("delivered_at")?,
-            dead_at: row.try_get("dead_at")?,
-            consumed_at: row.try_get("consumed_at")?,
-        };
-        sql::record(envelope(&row)?, &status, row.try_get("last_error")?, times).map(Some)
+        record(&row).map(Some)
     }
+}
+
+/// An [`EventRecord`] from a row with `COLUMNS` and the record's own columns.
+fn record(row: &PgRow) -> Result<EventRecord> {
+    let status: String = row.try_get("status")?;
+    let times = sql::RecordTimes {
+        available_at: row.try_get("available_at")?,
+        delivered_at: row.try_get("delivered_at")?,
+        dead_at: row.try_get("dead_at")?,
+        consumed_at: row.try_get("consumed_at")?,
+    };
+    sql::record(envelope(row)?, &status, row.try_get("last_error")?, times)
+}
+
+/// The dead events an `EventFilter` selects (its group aside); see `Inspect::dead`.
+const DEAD: &str = "o.status = 'dead'
+    AND ($1::uuid[] IS NULL OR o.id = ANY($1))
+    AND ($2::text IS NULL OR (o.aggregate_type = $2 AND o.aggregate_id = $3))
+    AND ($4::text IS NULL OR o.event_type = $4)
+    AND ($5::timestamptz IS NULL OR o.created_at >= $5)
+    AND ($6::timestamptz IS NULL OR o.created_at < $6)
+    AND ($7::text IS NULL OR strpos(lower(coalesce(o.last_error, '')), lower($7)) > 0)";
+
+impl Inspect for PgStore {
+    async fn status(&self, stuck_after: Duration, limit: usize) -> Result<OutboxStatus> {
+        let (pool, t) = (&self.pool, self.table.as_str());
+        // One snapshot, so the figures agree with each other.
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let read_at: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+            .fetch_one(&mut *tx)
+            .await?;
+        let counts: Vec<(String, String, i64)> = sqlx::query_as(&format!(
+            r#"SELECT status, event_type, count(*) FROM "{t}" GROUP BY status, event_type ORDER BY status, event_type"#
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        // Due now: a deferred event (`enqueue_at`) is not late before its time.
+        let oldest: Option<DateTime<Utc>> = sqlx::query_scalar(&format!(
+            r#"SELECT min(GREATEST(created_at, available_at)) FROM "{t}"
+WHERE status = 'pending' AND available_at <= now()"#
+        ))
+        .fetch_one(&mut *tx)
+        .await?;
+        let mut status = OutboxStatus::new(read_at, sql::status_counts(counts)?, oldest);
+        let (relays, leased, retrying, parked): (i64, i64, i64, i64) = sqlx::query_as(&format!(
+            r#"SELECT count(DISTINCT leased_by) FILTER (WHERE leased_by IS NOT NULL AND due_at > now()),
+       count(*) FILTER (WHERE leased_by IS NOT NULL AND due_at > now()),
+       count(*) FILTER (WHERE attempts > 0 AND done_seq < known_seq),
+       count(*) FILTER (WHERE parked_seq IS NOT NULL)
+FROM "{t}_cursors""#
+        ))
+        .fetch_one(&mut *tx)
+        .await?;
+        status.relays_leasing = relays.max(0) as u64;
+        status.aggregates_leased = leased.max(0) as u64;
+        status.aggregates_retrying = retrying.max(0) as u64;
+        status.aggregates_parked = parked.max(0) as u64;
+        let stuck: Vec<sql::StuckRow> = sqlx::query_as(&format!(
+            r#"SELECT p.aggregate_type, p.aggregate_id, p.pending, p.oldest,
+       coalesce(c.attempts, 0)::int8, c.parked_seq, n.last_error
+FROM (SELECT aggregate_type, aggregate_id, count(*) AS pending, min(created_at) AS oldest,
+             min(seq) AS first_seq
+      FROM "{t}" WHERE status = 'pending'
+      GROUP BY aggregate_type, aggregate_id
+      HAVING min(created_at) < now() - $1 * interval '1 millisecond') p
+LEFT JOIN "{t}_cursors" c USING (aggregate_type, aggregate_id)
+LEFT JOIN "{t}" n ON n.aggregate_type = p.aggregate_type AND n.aggregate_id = p.aggregate_id
+                 AND n.seq = p.first_seq
+ORDER BY p.oldest LIMIT $2"#
+        ))
+        .bind(duration_ms(stuck_after))
+        .bind(limit_i64(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        status.stuck = sql::stuck(stuck);
+        tx.commit().await?;
+        Ok(status)
+    }
+
+    async fn dead<'a>(&'a self, filter: &'a EventFilter, limit: usize) -> Result<Vec<EventRecord>> {
+        let t = self.table.as_str();
+        let (aggregate_type, aggregate_id) = filter
+            .aggregate
+            .as_ref()
+            .map(|(t, id)| (Some(t.as_str()), Some(id.as_str())))
+            .unwrap_or_default();
+        let rows = sqlx::query(&format!(
+            r#"SELECT {COLUMNS}, o.status, o.last_error, o.available_at, o.delivered_at, o.dead_at, o.consumed_at
+FROM "{t}" o WHERE {DEAD}
+ORDER BY o.dead_at DESC, o.id LIMIT $8"#
+        ))
+        .bind(filter.ids.as_deref())
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .bind(filter.event_type.as_deref())
+        .bind(filter.created_from)
+        .bind(filter.created_until)
+        .bind(filter.reason.as_deref())
+        .bind(limit_i64(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(record).collect()
+    }
+
+    async fn parked(&self, limit: usize) -> Result<Vec<ParkedAggregate>> {
+        let t = self.table.as_str();
+        let rows: Vec<sql::ParkedRow> = sqlx::query_as(&format!(
+            r#"SELECT c.aggregate_type, c.aggregate_id, c.parked_seq, o.id, o.event_type, o.last_error,
+       o.dead_at, GREATEST(c.known_seq - c.parked_seq, 0)
+FROM "{t}_cursors" c
+LEFT JOIN "{t}" o ON o.aggregate_type = c.aggregate_type AND o.aggregate_id = c.aggregate_id
+                 AND o.seq = c.parked_seq
+WHERE c.parked_seq IS NOT NULL
+ORDER BY o.dead_at NULLS FIRST, c.aggregate_type, c.aggregate_id LIMIT $1"#
+        ))
+        .bind(limit_i64(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(sql::parked(rows))
+    }
+
+    async fn purgeable<'a>(&'a self, retention: &'a Retention) -> Result<u64> {
+        let t = self.table.as_str();
+        let n: i64 = sqlx::query_scalar(&format!(
+            r#"SELECT count(*) FROM "{t}"
+WHERE status = 'delivered' AND delivered_at < now() - $1 * interval '1 millisecond'"#
+        ))
+        .bind(duration_ms(retention.keep))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n.max(0) as u64)
+    }
+}
+
+impl ArchiveDead for PgStore {
+    async fn archive_dead(&self, id: Uuid) -> Result<bool> {
+        let t = self.table.as_str();
+        // Only behind its aggregate's cursor: an event the relay would still come to must stay.
+        let done = sqlx::query(&format!(
+            r#"WITH moved AS (
+    DELETE FROM "{t}" o WHERE o.id = $1 AND o.status = 'dead'
+      AND NOT EXISTS (SELECT 1 FROM "{t}_cursors" c
+                      WHERE c.aggregate_type = o.aggregate_type AND c.aggregate_id = o.aggregate_id
+                        AND (c.done_seq < o.seq OR c.parked_seq = o.seq))
+    RETURNING o.*
+)
+INSERT INTO "{t}_archive" SELECT * FROM moved"#
+        ))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+/// `LIMIT` for a count that may be `usize::MAX`.
+fn limit_i64(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
 impl Requeue for PgStore {

@@ -1,11 +1,14 @@
 //! What the SQL stores share: statement text where the dialects agree, and turning rows into
 //! the store's types.
 
-use super::{EventRecord, EventStatus, Inconsistency};
+use super::{
+    EventRecord, EventStatus, Inconsistency, ParkedAggregate, StatusCount, StuckAggregate,
+};
 use crate::error::{Error, Result};
 use crate::event::Envelope;
 use chrono::{DateTime, Utc};
 use std::time::Duration;
+use uuid::Uuid;
 
 /// Pending events no relay will ever claim: beyond their cursor's known sequence, or at or
 /// below the point it has settled, or without a cursor; `unannounced` adds the dialect's
@@ -77,10 +80,100 @@ pub(super) fn record(
         attempts: envelope.attempt,
         created_at: envelope.created_at,
         payload: envelope.payload,
+        schema_version: envelope.schema_version,
+        topic: envelope.topic,
+        headers: envelope.headers,
     })
 }
 
 /// Milliseconds, saturating: an absurd duration must not fail a statement.
 pub(super) fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Rows of the status counts: status, event type, count.
+pub(super) fn status_counts(rows: Vec<(String, String, i64)>) -> Result<Vec<StatusCount>> {
+    rows.into_iter()
+        .map(|(status, event_type, count)| {
+            Ok(StatusCount {
+                status: EventStatus::parse(&status).ok_or_else(|| Error::CorruptRow {
+                    id: format!("events of type {event_type}"),
+                    reason: format!("unknown status {status:?}"),
+                })?,
+                event_type,
+                count: count.max(0) as u64,
+            })
+        })
+        .collect()
+}
+
+/// A stuck aggregate: type, id, pending events, oldest pending creation, attempts, parked
+/// sequence, the last failure of its first pending event.
+pub(super) type StuckRow = (
+    String,
+    String,
+    i64,
+    DateTime<Utc>,
+    i64,
+    Option<i64>,
+    Option<String>,
+);
+
+pub(super) fn stuck(rows: Vec<StuckRow>) -> Vec<StuckAggregate> {
+    rows.into_iter()
+        .map(
+            |(aggregate_type, aggregate_id, pending, oldest, attempts, parked_seq, last_error)| {
+                StuckAggregate {
+                    aggregate_type,
+                    aggregate_id,
+                    pending: pending.max(0) as u64,
+                    oldest_created_at: oldest,
+                    attempts: attempts.clamp(0, u32::MAX.into()) as u32,
+                    parked_seq,
+                    last_error,
+                }
+            },
+        )
+        .collect()
+}
+
+/// A parked aggregate: type, id, parked sequence, the dead event's id, type, reason and death,
+/// events waiting behind it.
+pub(super) type ParkedRow = (
+    String,
+    String,
+    i64,
+    Option<Uuid>,
+    Option<String>,
+    Option<String>,
+    Option<DateTime<Utc>>,
+    i64,
+);
+
+pub(super) fn parked(rows: Vec<ParkedRow>) -> Vec<ParkedAggregate> {
+    rows.into_iter()
+        .map(
+            |(
+                aggregate_type,
+                aggregate_id,
+                parked_seq,
+                event_id,
+                event_type,
+                reason,
+                dead_at,
+                waiting,
+            )| {
+                ParkedAggregate {
+                    aggregate_type,
+                    aggregate_id,
+                    parked_seq,
+                    event_id,
+                    event_type,
+                    reason,
+                    dead_at,
+                    waiting: waiting.max(0) as u64,
+                }
+            },
+        )
+        .collect()
 }

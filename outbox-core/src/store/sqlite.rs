@@ -1,8 +1,9 @@
 use super::sql::{self, duration_ms};
 use super::{
-    clamp_i32, clamp_u32, parse_headers, Backend, Check, Claim, Discard, Enqueued, EventFilter,
-    EventRecord, ExplainClaim, InboxStore, Inconsistency, Lookup, MarkConsumed, Republish, Requeue,
-    Run, RunEvent, Settlement, Store, StoreOptions,
+    clamp_i32, clamp_u32, parse_headers, ArchiveDead, Backend, Check, Claim, Discard, Enqueued,
+    EventFilter, EventRecord, ExplainClaim, InboxStore, Inconsistency, Inspect, Lookup,
+    MarkConsumed, OutboxStatus, ParkedAggregate, Republish, Requeue, Run, RunEvent, Settlement,
+    Store, StoreOptions,
 };
 use crate::error::{Error, Result};
 use crate::event::{Deliver, Envelope, Message};
@@ -11,6 +12,7 @@ use crate::table::TableName;
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite, SqlitePool};
+use std::time::Duration;
 use uuid::Uuid;
 
 // SQLite keeps times as integer milliseconds since the Unix epoch (the application's clock is
@@ -577,20 +579,219 @@ impl Lookup for SqliteStore {
         else {
             return Ok(None);
         };
-        let status: String = row.try_get("status")?;
-        let time = |column: &str| -> Result<Option<DateTime<Utc>>> {
-            Ok(row
-                .try_get::<Option<i64>, _>(column)?
-                .and_then(DateTime::from_timestamp_millis))
-        };
-        let times = sql::RecordTimes {
-            available_at: time("available_at")?.unwrap_or_default(),
-            delivered_at: time("delivered_at")?,
-            dead_at: time("dead_at")?,
-            consumed_at: time("consumed_at")?,
-        };
-        sql::record(envelope(&row)?, &status, row.try_get("last_error")?, times).map(Some)
+        record(&row).map(Some)
     }
+}
+
+/// An [`EventRecord`] from a row with `COLUMNS` and the record's own columns.
+fn record(row: &SqliteRow) -> Result<EventRecord> {
+    let status: String = row.try_get("status")?;
+    let time = |column: &str| -> Result<Option<DateTime<Utc>>> {
+        Ok(row
+            .try_get::<Option<i64>, _>(column)?
+            .and_then(DateTime::from_timestamp_millis))
+    };
+    let times = sql::RecordTimes {
+        available_at: time("available_at")?.unwrap_or_default(),
+        delivered_at: time("delivered_at")?,
+        dead_at: time("dead_at")?,
+        consumed_at: time("consumed_at")?,
+    };
+    sql::record(envelope(row)?, &status, row.try_get("last_error")?, times)
+}
+
+/// The dead events an `EventFilter` selects (its group aside); see `Inspect::dead`.
+const DEAD: &str = "status = 'dead'
+    AND (?1 IS NULL OR id IN (SELECT value FROM json_each(?1)))
+    AND (?2 IS NULL OR (aggregate_type = ?2 AND aggregate_id = ?3))
+    AND (?4 IS NULL OR event_type = ?4)
+    AND (?5 IS NULL OR created_at >= ?5)
+    AND (?6 IS NULL OR created_at < ?6)
+    AND (?7 IS NULL OR instr(lower(coalesce(last_error, '')), lower(?7)) > 0)";
+
+fn time_ms(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+impl Inspect for SqliteStore {
+    async fn status(&self, stuck_after: Duration, limit: usize) -> Result<OutboxStatus> {
+        let t = self.table.as_str();
+        let now = now_ms();
+        // One read transaction, so the figures agree with each other.
+        let mut tx = self.pool.begin().await?;
+        let counts: Vec<(String, String, i64)> = sqlx::query_as(&format!(
+            r#"SELECT status, event_type, count(*) FROM "{t}" GROUP BY status, event_type ORDER BY status, event_type"#
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        // Due now: a deferred event (`enqueue_at`) is not late before its time.
+        let oldest: Option<i64> = sqlx::query_scalar(&format!(
+            r#"SELECT min(max(created_at, available_at)) FROM "{t}"
+WHERE status = 'pending' AND available_at <= ?1"#
+        ))
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let mut status = OutboxStatus::new(
+            time_ms(now),
+            sql::status_counts(counts)?,
+            oldest.map(time_ms),
+        );
+        let (relays, leased, retrying, parked): (i64, i64, i64, i64) = sqlx::query_as(&format!(
+            r#"SELECT count(DISTINCT CASE WHEN due_at > ?1 THEN leased_by END),
+       coalesce(sum(leased_by IS NOT NULL AND due_at > ?1), 0),
+       coalesce(sum(attempts > 0 AND done_seq < known_seq), 0),
+       coalesce(sum(parked_seq IS NOT NULL), 0)
+FROM "{t}_cursors""#
+        ))
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        status.relays_leasing = relays.max(0) as u64;
+        status.aggregates_leased = leased.max(0) as u64;
+        status.aggregates_retrying = retrying.max(0) as u64;
+        status.aggregates_parked = parked.max(0) as u64;
+        type Row = (String, String, i64, i64, i64, Option<i64>, Option<String>);
+        let stuck: Vec<Row> = sqlx::query_as(&format!(
+            r#"SELECT p.aggregate_type, p.aggregate_id, p.pending, p.oldest,
+       coalesce(c.attempts, 0), c.parked_seq, n.last_error
+FROM (SELECT aggregate_type, aggregate_id, count(*) AS pending, min(created_at) AS oldest,
+             min(seq) AS first_seq
+      FROM "{t}" WHERE status = 'pending'
+      GROUP BY aggregate_type, aggregate_id
+      HAVING min(created_at) < ?1) p
+LEFT JOIN "{t}_cursors" c ON c.aggregate_type = p.aggregate_type AND c.aggregate_id = p.aggregate_id
+LEFT JOIN "{t}" n ON n.aggregate_type = p.aggregate_type AND n.aggregate_id = p.aggregate_id
+                 AND n.seq = p.first_seq
+ORDER BY p.oldest LIMIT ?2"#
+        ))
+        .bind(now.saturating_sub(duration_ms(stuck_after)))
+        .bind(limit_i64(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        status.stuck = sql::stuck(
+            stuck
+                .into_iter()
+                .map(|(ty, id, pending, oldest, attempts, parked, error)| {
+                    (ty, id, pending, time_ms(oldest), attempts, parked, error)
+                })
+                .collect(),
+        );
+        tx.commit().await?;
+        Ok(status)
+    }
+
+    async fn dead<'a>(&'a self, filter: &'a EventFilter, limit: usize) -> Result<Vec<EventRecord>> {
+        let t = self.table.as_str();
+        let (aggregate_type, aggregate_id) = filter
+            .aggregate
+            .as_ref()
+            .map(|(t, id)| (Some(t.as_str()), Some(id.as_str())))
+            .unwrap_or_default();
+        let rows = sqlx::query(&format!(
+            r#"SELECT {COLUMNS}, status, last_error, available_at, delivered_at, dead_at, consumed_at
+FROM "{t}" WHERE {DEAD}
+ORDER BY dead_at DESC, id LIMIT ?8"#
+        ))
+        .bind(filter.ids.as_deref().map(json_ids))
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .bind(filter.event_type.as_deref())
+        .bind(filter.created_from.map(|t| t.timestamp_millis()))
+        .bind(filter.created_until.map(|t| t.timestamp_millis()))
+        .bind(filter.reason.as_deref())
+        .bind(limit_i64(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(record).collect()
+    }
+
+    async fn parked(&self, limit: usize) -> Result<Vec<ParkedAggregate>> {
+        let t = self.table.as_str();
+        type Row = (
+            String,
+            String,
+            i64,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+            i64,
+        );
+        let rows: Vec<Row> = sqlx::query_as(&format!(
+            r#"SELECT c.aggregate_type, c.aggregate_id, c.parked_seq, o.id, o.event_type, o.last_error,
+       o.dead_at, max(c.known_seq - c.parked_seq, 0)
+FROM "{t}_cursors" c
+LEFT JOIN "{t}" o ON o.aggregate_type = c.aggregate_type AND o.aggregate_id = c.aggregate_id
+                 AND o.seq = c.parked_seq
+WHERE c.parked_seq IS NOT NULL
+ORDER BY o.dead_at NULLS FIRST, c.aggregate_type, c.aggregate_id LIMIT ?1"#
+        ))
+        .bind(limit_i64(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(sql::parked(
+            rows.into_iter()
+                .map(
+                    |(ty, id, seq, event, event_type, reason, dead_at, waiting)| {
+                        let event = event.and_then(|e| Uuid::parse_str(&e).ok());
+                        (
+                            ty,
+                            id,
+                            seq,
+                            event,
+                            event_type,
+                            reason,
+                            dead_at.map(time_ms),
+                            waiting,
+                        )
+                    },
+                )
+                .collect(),
+        ))
+    }
+
+    async fn purgeable<'a>(&'a self, retention: &'a Retention) -> Result<u64> {
+        let t = self.table.as_str();
+        let n: i64 = sqlx::query_scalar(&format!(
+            r#"SELECT count(*) FROM "{t}" WHERE status = 'delivered' AND delivered_at < ?1"#
+        ))
+        .bind(now_ms().saturating_sub(duration_ms(retention.keep)))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n.max(0) as u64)
+    }
+}
+
+impl ArchiveDead for SqliteStore {
+    async fn archive_dead(&self, id: Uuid) -> Result<bool> {
+        let t = self.table.as_str();
+        // Only behind its aggregate's cursor: an event the relay would still come to must stay.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let moved = sqlx::query(&format!(
+            r#"INSERT INTO "{t}_archive" SELECT * FROM "{t}" o WHERE o.id = ?1 AND o.status = 'dead'
+  AND NOT EXISTS (SELECT 1 FROM "{t}_cursors" c
+                  WHERE c.aggregate_type = o.aggregate_type AND c.aggregate_id = o.aggregate_id
+                    AND (c.done_seq < o.seq OR c.parked_seq = o.seq))"#
+        ))
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        if moved.rows_affected() == 0 {
+            return Ok(false);
+        }
+        sqlx::query(&format!(r#"DELETE FROM "{t}" WHERE id = ?1"#))
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+}
+
+/// `LIMIT` for a count that may be `usize::MAX`.
+fn limit_i64(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
 impl Requeue for SqliteStore {

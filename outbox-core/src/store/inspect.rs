@@ -1,0 +1,382 @@
+//! What an operator reads: the outbox's health, its dead events grouped by cause, the aggregates
+//! parked behind them. The CLI and the dashboard are thin layers over these.
+
+use super::{EventFilter, EventRecord, EventStatus, Store};
+use crate::error::Result;
+use crate::retention::Retention;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Read-only inspection of an outbox ([`Outbox::status`](crate::Outbox::status),
+/// [`Outbox::dead`](crate::Outbox::dead), [`Outbox::parked`](crate::Outbox::parked)).
+pub trait Inspect: Store {
+    /// Counts, lag, leases and the aggregates held back longer than `stuck_after` (at most
+    /// `limit` of them, the oldest first).
+    fn status(
+        &self,
+        stuck_after: Duration,
+        limit: usize,
+    ) -> impl Future<Output = Result<OutboxStatus>> + Send + '_;
+
+    /// The dead events `filter` selects (its `group` aside), the most recent first, at most
+    /// `limit`.
+    fn dead<'a>(
+        &'a self,
+        filter: &'a EventFilter,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<EventRecord>>> + Send + 'a;
+
+    /// Aggregates parked at a dead event ([`DeadLetters::Park`](crate::DeadLetters::Park)),
+    /// the longest parked first, at most `limit`.
+    fn parked(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<ParkedAggregate>>> + Send + '_;
+
+    /// How many delivered rows `retention` would remove now.
+    fn purgeable<'a>(
+        &'a self,
+        retention: &'a Retention,
+    ) -> impl Future<Output = Result<u64>> + Send + 'a;
+}
+
+/// Moves a dead event out of the way ([`Outbox::discard_dead`](crate::Outbox::discard_dead)).
+pub trait ArchiveDead: Store {
+    /// Moves dead event `id` into `<table>_archive` (where it stays dead and can be read) if its
+    /// aggregate has moved past it; whether it did.
+    fn archive_dead(&self, id: Uuid) -> impl Future<Output = Result<bool>> + Send + '_;
+}
+
+/// The outbox at a glance ([`Outbox::status`](crate::Outbox::status)).
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct OutboxStatus {
+    /// When the figures were read (the database's clock for PostgreSQL).
+    pub read_at: DateTime<Utc>,
+    /// Events by status and event type.
+    pub counts: Vec<StatusCount>,
+    /// Pending events in all.
+    pub pending: u64,
+    /// Delivered events still in the table.
+    pub delivered: u64,
+    /// Dead events.
+    pub dead: u64,
+    /// The oldest pending event that is due now: since when it has been waiting (its creation,
+    /// or its `enqueue_at` time). `None` when nothing is due.
+    pub oldest_pending_since: Option<DateTime<Utc>>,
+    /// How long that event has been waiting: the lag an alert should fire on.
+    pub oldest_pending_age_ms: Option<i64>,
+    /// Relays holding at least one unexpired lease.
+    pub relays_leasing: u64,
+    /// Aggregates leased right now.
+    pub aggregates_leased: u64,
+    /// Aggregates retrying their next event (at least one failed attempt).
+    pub aggregates_retrying: u64,
+    /// Aggregates parked at a dead event.
+    pub aggregates_parked: u64,
+    /// Aggregates whose oldest pending event has waited longer than the threshold.
+    pub stuck: Vec<StuckAggregate>,
+}
+
+impl OutboxStatus {
+    /// Builds the totals and the age from the counts and the oldest due event.
+    pub(crate) fn new(
+        read_at: DateTime<Utc>,
+        counts: Vec<StatusCount>,
+        oldest_pending_since: Option<DateTime<Utc>>,
+    ) -> Self {
+        let total = |status| {
+            counts
+                .iter()
+                .filter(|c| c.status == status)
+                .map(|c| c.count)
+                .sum()
+        };
+        Self {
+            read_at,
+            pending: total(EventStatus::Pending),
+            delivered: total(EventStatus::Delivered),
+            dead: total(EventStatus::Dead),
+            oldest_pending_age_ms: oldest_pending_since
+                .map(|since| (read_at - since).num_milliseconds().max(0)),
+            oldest_pending_since,
+            counts,
+            relays_leasing: 0,
+            aggregates_leased: 0,
+            aggregates_retrying: 0,
+            aggregates_parked: 0,
+            stuck: Vec::new(),
+        }
+    }
+}
+
+/// How many events of one type have one status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct StatusCount {
+    /// The status.
+    pub status: EventStatus,
+    /// The event type.
+    pub event_type: String,
+    /// How many.
+    pub count: u64,
+}
+
+/// An aggregate whose oldest pending event has waited longer than the threshold.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct StuckAggregate {
+    /// The aggregate type.
+    pub aggregate_type: String,
+    /// The aggregate id.
+    pub aggregate_id: String,
+    /// Its pending events.
+    pub pending: u64,
+    /// When its oldest pending event was created.
+    pub oldest_created_at: DateTime<Utc>,
+    /// Failed attempts at its next event.
+    pub attempts: u32,
+    /// The sequence it is parked at, if it is parked.
+    pub parked_seq: Option<i64>,
+    /// The last failure of its next event, if any.
+    pub last_error: Option<String>,
+}
+
+/// An aggregate parked at a dead event: its later events wait until the dead one is requeued
+/// or discarded.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct ParkedAggregate {
+    /// The aggregate type.
+    pub aggregate_type: String,
+    /// The aggregate id.
+    pub aggregate_id: String,
+    /// The sequence of the dead event it is parked at.
+    pub parked_seq: i64,
+    /// That event, if it is still in the table.
+    pub event_id: Option<Uuid>,
+    /// Its type.
+    pub event_type: Option<String>,
+    /// Why it died.
+    pub reason: Option<String>,
+    /// When it died.
+    pub dead_at: Option<DateTime<Utc>>,
+    /// Events of the aggregate known to wait behind it.
+    pub waiting: u64,
+}
+
+/// Dead events with one cause: one event type and one normalised reason.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct DeadGroup {
+    /// A short stable id of the cause: select the group with
+    /// [`EventFilter::group`](crate::EventFilter::group).
+    pub fingerprint: String,
+    /// The event type.
+    pub event_type: String,
+    /// The reason with its variable parts (numbers, ids, quoted values) replaced by
+    /// placeholders.
+    pub reason: String,
+    /// Dead events in the group.
+    pub count: u64,
+    /// When the first of them died.
+    pub first_dead_at: Option<DateTime<Utc>>,
+    /// When the last of them died.
+    pub last_dead_at: Option<DateTime<Utc>>,
+    /// One of them, to look at with `dead show`.
+    pub example: Uuid,
+}
+
+/// The reason of a failure without its variable parts: UUIDs, numbers, hexadecimal strings and
+/// quoted values become placeholders, runs of whitespace one space, so failures with one cause
+/// group together.
+///
+/// ```
+/// use outbox_core::normalise_reason;
+/// assert_eq!(
+///     normalise_reason("account 42 not found (request 0b5c6f4e-8b0f-4a4f-9a53-6a8f3f4e2b10)"),
+///     normalise_reason("account 7 not found (request 6d0c3b5e-1f2a-4c3b-8d4e-5f6a7b8c9d0e)"),
+/// );
+/// assert_eq!(normalise_reason("timeout after 3000 ms on \"orders\""), "timeout after <n> ms on <s>");
+/// ```
+pub fn normalise_reason(reason: &str) -> String {
+    const MAX: usize = 300;
+    let mut out = String::with_capacity(reason.len().min(MAX));
+    let chars: Vec<char> = reason.chars().collect();
+    let mut i = 0;
+    let mut last_space = false;
+    while i < chars.len() && out.len() < MAX {
+        let c = chars[i];
+        if let Some(len) = uuid_at(&chars[i..]) {
+            out.push_str("<uuid>");
+            i += len;
+        } else if (c == '"' || c == '\'' || c == '`') && chars[i + 1..].contains(&c) {
+            let close = chars[i + 1..]
+                .iter()
+                .position(|&d| d == c)
+                .expect("contains");
+            out.push_str("<s>");
+            i += close + 2;
+        } else if c.is_ascii_hexdigit() && word_start(&chars, i) {
+            // A number, or a hexadecimal token of 8 or more with a digit in it: a value.
+            let len = chars[i..]
+                .iter()
+                .take_while(|d| d.is_ascii_alphanumeric() || **d == '_')
+                .count();
+            let word = &chars[i..i + len];
+            let digits = word.iter().all(|d| d.is_ascii_digit());
+            let hex = len >= 8
+                && word.iter().all(char::is_ascii_hexdigit)
+                && word.iter().any(char::is_ascii_digit);
+            if digits {
+                out.push_str("<n>");
+            } else if hex {
+                out.push_str("<hex>");
+            } else {
+                out.extend(word);
+            }
+            i += len;
+            last_space = false;
+            continue;
+        } else if c.is_whitespace() {
+            if !last_space && !out.is_empty() {
+                out.push(' ');
+            }
+            last_space = true;
+            i += 1;
+            continue;
+        } else {
+            out.push(c);
+            i += 1;
+        }
+        last_space = false;
+    }
+    out.trim_end().to_owned()
+}
+
+fn word_start(chars: &[char], i: usize) -> bool {
+    i == 0 || !(chars[i - 1].is_ascii_alphanumeric() || chars[i - 1] == '_')
+}
+
+fn uuid_at(chars: &[char]) -> Option<usize> {
+    const GROUPS: [usize; 5] = [8, 4, 4, 4, 12];
+    let mut i = 0;
+    for (n, len) in GROUPS.iter().enumerate() {
+        if n > 0 {
+            (chars.get(i) == Some(&'-')).then_some(())?;
+            i += 1;
+        }
+        let group = chars.get(i..i + len)?;
+        group.iter().all(char::is_ascii_hexdigit).then_some(())?;
+        i += len;
+    }
+    Some(i)
+}
+
+/// The fingerprint of a failure: 12 hex digits of a stable hash (FNV-1a) of the event type and
+/// the normalised reason. Stable across processes and versions of this crate.
+pub fn dead_fingerprint(event_type: &str, reason: Option<&str>) -> String {
+    let normalised = normalise_reason(reason.unwrap_or(""));
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in event_type
+        .bytes()
+        .chain(std::iter::once(0))
+        .chain(normalised.bytes())
+    {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{:012x}", hash >> 16)
+}
+
+/// Groups dead events by [`dead_fingerprint`], the largest group first.
+pub fn group_dead(records: &[EventRecord]) -> Vec<DeadGroup> {
+    let mut groups: BTreeMap<String, DeadGroup> = BTreeMap::new();
+    for record in records {
+        let fingerprint = dead_fingerprint(&record.event_type, record.last_error.as_deref());
+        let group = groups
+            .entry(fingerprint.clone())
+            .or_insert_with(|| DeadGroup {
+                fingerprint,
+                event_type: record.event_type.clone(),
+                reason: normalise_reason(record.last_error.as_deref().unwrap_or("")),
+                count: 0,
+                first_dead_at: record.dead_at,
+                last_dead_at: record.dead_at,
+                example: record.id,
+            });
+        group.count += 1;
+        group.first_dead_at = group.first_dead_at.min(record.dead_at).or(record.dead_at);
+        group.last_dead_at = group.last_dead_at.max(record.dead_at);
+    }
+    let mut groups: Vec<DeadGroup> = groups.into_values().collect();
+    groups.sort_by(|a, b| {
+        b.count
+            .cmp(&a.count)
+            .then(a.fingerprint.cmp(&b.fingerprint))
+    });
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variable_parts_become_placeholders() {
+        assert_eq!(
+            normalise_reason("handler failed: account 42 has balance -17.5"),
+            "handler failed: account <n> has balance -<n>.<n>"
+        );
+        assert_eq!(
+            normalise_reason("no row 'abc' in   table \"t\"\n"),
+            "no row <s> in table <s>"
+        );
+        assert_eq!(
+            normalise_reason("commit deadbeef01 failed, v2 api"),
+            "commit <hex> failed, v2 api"
+        );
+        assert_eq!(normalise_reason("x1 abc 12ab"), "x1 abc 12ab");
+        // An unclosed quote is kept as it is.
+        assert_eq!(normalise_reason("it's 5"), "it's <n>");
+        assert_eq!(normalise_reason(""), "");
+    }
+
+    #[test]
+    fn long_and_odd_reasons_are_bounded_and_never_panic() {
+        let long = "é🎉\u{0} 7 ".repeat(10_000);
+        assert!(normalise_reason(&long).len() <= 310);
+        for reason in [
+            "\"",
+            "'",
+            "-",
+            "0-",
+            "01234567-",
+            "aaaaaaaa-aaaa-aaaa-aaaa-aaaaaaaaaaa",
+        ] {
+            normalise_reason(reason);
+        }
+    }
+
+    #[test]
+    fn fingerprints_separate_types_and_causes() {
+        let a = dead_fingerprint("payment.created", Some("account 1 closed"));
+        assert_eq!(
+            a,
+            dead_fingerprint("payment.created", Some("account 2 closed"))
+        );
+        assert_ne!(
+            a,
+            dead_fingerprint("payment.refunded", Some("account 1 closed"))
+        );
+        assert_ne!(
+            a,
+            dead_fingerprint("payment.created", Some("account 1 frozen"))
+        );
+        assert_eq!(a.len(), 12);
+    }
+}
