@@ -90,10 +90,14 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<u8, Failure> {
     let shown = parse::redact(&cli.url);
     if cli.url.starts_with("postgres://") || cli.url.starts_with("postgresql://") {
+        let options = cli
+            .url
+            .parse::<sqlx::postgres::PgConnectOptions>()
+            .map_err(|e| Failure::usage(format!("bad PostgreSQL URL {shown}: {e}")))?;
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect(&cli.url)
+            .connect_with(options)
             .await
             .map_err(|e| connect_failure(&shown, e))?;
         let exists: bool = sqlx::query_scalar(
@@ -163,8 +167,7 @@ where
         }
         Command::Status { stuck_after } => {
             let status = outbox.status(stuck_after.0).await?;
-            let groups = outbox.dead_groups(&EventFilter::new()).await?.len();
-            output::status(json, &cli.table, &status, groups, stuck_after.0);
+            output::status(json, &cli.table, &status, stuck_after.0);
         }
         Command::Check => {
             let problems = outbox.check().await?;
@@ -293,19 +296,28 @@ where
         }
     });
     let bar = output::progress(json, total);
-    let mut purged = 0u64;
+    let (mut purged, mut stopped) = (0u64, false);
     loop {
         if interrupted.load(Ordering::SeqCst) {
+            stopped = true;
             break;
         }
-        let n = outbox.store().purge_batch(retention).await?;
+        let n = match outbox.store().purge_batch(retention).await {
+            Ok(n) => n,
+            Err(error) => {
+                bar.finish_and_clear();
+                return Err(Failure {
+                    code: 1,
+                    message: format!("{error} (after purging {purged} rows, which stay purged)"),
+                });
+            }
+        };
         purged += n;
         bar.inc(n);
         if n < batch_size as u64 {
             break;
         }
     }
-    let stopped = interrupted.load(Ordering::SeqCst);
     bar.finish_and_clear();
     output::purged(json, purged, total, stopped);
     Ok(if stopped { 130 } else { 0 })

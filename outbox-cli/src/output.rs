@@ -80,17 +80,10 @@ pub(crate) fn done(json: bool, action: &str, value: &serde_json::Value) {
     }
 }
 
-pub(crate) fn status(
-    json: bool,
-    table_name: &str,
-    status: &OutboxStatus,
-    dead_groups: usize,
-    stuck_after: Duration,
-) {
+pub(crate) fn status(json: bool, table_name: &str, status: &OutboxStatus, stuck_after: Duration) {
     if json {
         let mut value = serde_json::to_value(status).expect("status serialises");
         value["table"] = json!(table_name);
-        value["dead_groups"] = json!(dead_groups);
         print_json(&value);
         return;
     }
@@ -103,14 +96,14 @@ pub(crate) fn status(
     println!("  pending    {:>10}   {lag}", status.pending);
     println!("  delivered  {:>10}   still in the table", status.delivered);
     let dead = if status.dead > 0 {
-        format!("{dead_groups} cause(s): outbox dead groups")
+        "by cause: outbox dead groups"
     } else {
-        String::new()
+        ""
     };
     println!("  dead       {:>10}   {dead}", status.dead);
     println!(
-        "  relays leasing {}, aggregates leased {}, retrying {}, parked {}",
-        status.relays_leasing,
+        "  leases held {}, aggregates leased {}, retrying {}, parked {}",
+        status.leases,
         status.aggregates_leased,
         status.aggregates_retrying,
         status.aggregates_parked

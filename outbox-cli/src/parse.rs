@@ -37,9 +37,11 @@ impl FromStr for Span {
                 ))
             }
         };
+        // A century at most: databases refuse times before year 1.
         n.checked_mul(seconds)
+            .filter(|s| *s <= 100 * 365 * 86_400)
             .map(|s| Self(Duration::from_secs(s)))
-            .ok_or_else(|| format!("{text:?} is too long"))
+            .ok_or_else(|| format!("{text:?} is too long (at most a century)"))
     }
 }
 
@@ -74,25 +76,42 @@ pub(crate) fn aggregate(text: &str) -> Result<(String, String), Failure> {
     }
 }
 
-/// The URL with its password replaced by `***`, fit for messages and logs.
+/// The URL with its password replaced by `***`, fit for messages and logs: the user
+/// information's password (up to the last `@`, whatever characters it holds) and the values of
+/// password parameters in the query. Text that is not a `scheme://` URL is not shown at all,
+/// except a `sqlite:` path (SQLite has no password).
 pub(crate) fn redact(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
+        return if url.starts_with("sqlite:") {
+            url.to_owned()
+        } else {
+            "(a database URL that is not shown: it is not of the form scheme://…)".to_owned()
+        };
     };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
+    let (head, rest) = url.split_at(scheme_end + 3);
+    let rest = match rest.rfind('@') {
+        Some(at) => match rest[..at].find(':') {
+            Some(colon) => format!("{}:***{}", &rest[..colon], &rest[at..]),
+            None => rest.to_owned(),
+        },
+        None => rest.to_owned(),
     };
-    match rest[..at].find(':') {
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &url[..scheme_end + 3],
-            &rest[..colon],
-            &rest[at..]
-        ),
-        None => url.to_owned(),
-    }
+    let Some(query_start) = rest.find('?') else {
+        return format!("{head}{rest}");
+    };
+    let (path, query) = rest.split_at(query_start + 1);
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _))
+                if key.to_ascii_lowercase().contains("pass") || key.eq_ignore_ascii_case("pwd") =>
+            {
+                format!("{key}=***")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{head}{path}{}", query.join("&"))
 }
 
 #[cfg(test)]
@@ -136,5 +155,17 @@ mod tests {
         );
         assert_eq!(redact("postgres://app@db/app"), "postgres://app@db/app");
         assert_eq!(redact("sqlite:outbox.db"), "sqlite:outbox.db");
+        // Found by review: a password in the query, an unencoded '/' in the password, a
+        // libpq keyword string.
+        assert_eq!(
+            redact("postgres://db/app?user=app&password=Sekr3t&sslmode=require"),
+            "postgres://db/app?user=app&password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact("postgres://app:ab/cd@db:5432/app"),
+            "postgres://app:***@db:5432/app"
+        );
+        assert!(!redact("host=x password=Sekr3t").contains("Sekr3t"));
+        assert!(!redact("postgres://db/app?sslpassword=Sekr3t").contains("Sekr3t"));
     }
 }

@@ -147,7 +147,7 @@ impl Message {
     }
 
     /// Serialises `event` with `options`.
-    pub fn with_options<E: OutboxEvent>(event: &E, options: EnqueueOptions) -> Result<Self> {
+    pub fn with_options<E: OutboxEvent>(event: &E, mut options: EnqueueOptions) -> Result<Self> {
         let payload = serde_json::to_string(event).map_err(|source| Error::Serialize {
             event_type: E::EVENT_TYPE.into(),
             source,
@@ -172,6 +172,7 @@ impl Message {
                 MAX_HEADER_VALUE_BYTES,
             )?;
         }
+        crate::trace::capture(&mut options.headers);
         Ok(Self {
             id: Uuid::now_v7(),
             event_type: E::EVENT_TYPE,

@@ -692,6 +692,7 @@ impl Dispatcher {
             sequence = envelope.sequence,
             attempt = envelope.attempt,
         );
+        crate::trace::restore(&span, &envelope.headers);
         self.dispatch_inner(envelope).instrument(span).await
     }
 

@@ -18,6 +18,7 @@ mod retry;
 mod router;
 mod store;
 mod table;
+mod trace;
 mod upcast;
 
 pub use consumer::Consumer;
@@ -42,11 +43,11 @@ pub use store::postgres::{PgInbox, PgStore};
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use store::sqlite::{SqliteInbox, SqliteStore};
 pub use store::{
-    dead_fingerprint, group_dead, normalise_reason, ArchiveDead, Backend, Check, Claim, DeadGroup,
-    Discard, Enqueued, EventFilter, EventRecord, EventStatus, ExplainClaim, Fate, FullStore,
-    InboxStore, Inconsistency, Inspect, Lookup, MarkConsumed, Outbox, OutboxBuilder, OutboxStatus,
-    ParkedAggregate, Republish, Requeue, Run, RunEvent, Settlement, StatusCount, Store,
-    StoreOptions, StuckAggregate,
+    dead_fingerprint, group_dead, normalise_reason, ArchiveDead, Backend, Check, Claim, DeadEvent,
+    DeadGroup, Discard, Enqueued, EventFilter, EventRecord, EventStatus, ExplainClaim, Fate,
+    FullStore, InboxStore, Inconsistency, Inspect, Lookup, MarkConsumed, Outbox, OutboxBuilder,
+    OutboxStatus, ParkedAggregate, Republish, Requeue, Run, RunEvent, Settlement, StatusCount,
+    Store, StoreOptions, StuckAggregate,
 };
 pub use table::{TableName, MAX_TABLE_NAME_LEN};
 

@@ -4,7 +4,7 @@
 //!
 //! | name | kind | labels | what |
 //! |---|---|---|---|
-//! | `outbox_events_delivered_total` | counter | `table`, `event_type`, `destination` | events the destination confirmed and the relay recorded |
+//! | `outbox_events_delivered_total` | counter | `table`, `event_type`, `destination` | deliveries the destination confirmed, counted when the relay settles them: an event sent twice (a lease that ran out, a crash) counts twice |
 //! | `outbox_events_failed_total` | counter | `table`, `event_type`, `destination` | failed attempts that will be retried |
 //! | `outbox_events_dead_total` | counter | `table`, `event_type`, `destination` | events given up (dead) |
 //! | `outbox_delivery_latency_seconds` | histogram | `table`, `destination` | from the event's commit (`created_at`, or its `enqueue_at` time) to its delivery being recorded |
@@ -115,7 +115,7 @@ pub(crate) enum Handled {
     Dead,
 }
 
-pub(crate) fn handled(source: &str, event_type: &str, outcome: Handled, took: Option<Duration>) {
+pub(crate) fn handled(source: &str, event_type: &str, outcome: Handled) {
     let labels = [
         ("source", source.to_owned()),
         ("event_type", event_type.to_owned()),
@@ -126,7 +126,13 @@ pub(crate) fn handled(source: &str, event_type: &str, outcome: Handled, took: Op
         Handled::Dead => CONSUMER_DEAD,
     };
     ::metrics::counter!(name, &labels).increment(1);
-    if let Some(took) = took {
-        ::metrics::histogram!(PROCESS_DURATION, &labels).record(took.as_secs_f64());
-    }
+}
+
+/// One handler run, whatever its outcome.
+pub(crate) fn handler_time(source: &str, event_type: &str, took: Duration) {
+    let labels = [
+        ("source", source.to_owned()),
+        ("event_type", event_type.to_owned()),
+    ];
+    ::metrics::histogram!(PROCESS_DURATION, &labels).record(took.as_secs_f64());
 }

@@ -50,6 +50,7 @@
 //! | `kafka`    | the Kafka transport (`outbox-kafka`)          |
 //! | `amqp`     | the RabbitMQ transport (`outbox-amqp`)        |
 //! | `nats`     | the NATS JetStream transport (`outbox-nats`)  |
+//! | `opentelemetry` | W3C trace context from the enqueuing span to the consumer's handler |
 //!
 //! Features are additive: all of them together build and work.
 //!

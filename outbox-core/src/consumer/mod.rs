@@ -323,26 +323,19 @@ impl<S: Source> Consumer<S> {
                 keep_alive_while(&*self.source, &message.message, period, handling).await
             }
         };
-        let took = Some(started.elapsed());
-        let event_type = self.metric_event_type(&message.envelope);
+        let (source, event_type) = (
+            self.source.name(),
+            self.metric_event_type(&message.envelope),
+        );
+        crate::metrics::handler_time(source, event_type, started.elapsed());
         match outcome {
             Ok(()) => {
-                crate::metrics::handled(
-                    self.source.name(),
-                    event_type,
-                    crate::metrics::Handled::Acked,
-                    took,
-                );
+                crate::metrics::handled(source, event_type, crate::metrics::Handled::Acked);
                 Handled::Ok
             }
             Err(error) => match self.retry.next_delay(attempt, error.retry) {
                 Some(delay) => {
-                    crate::metrics::handled(
-                        self.source.name(),
-                        event_type,
-                        crate::metrics::Handled::Retried,
-                        took,
-                    );
+                    crate::metrics::handled(source, event_type, crate::metrics::Handled::Retried);
                     tracing::warn!(
                         reason = %error.reason,
                         retry_in = ?delay,
@@ -385,7 +378,6 @@ impl<S: Source> Consumer<S> {
                     self.source.name(),
                     event_type,
                     crate::metrics::Handled::Dead,
-                    None,
                 );
                 self.forget(message).await;
                 Step::Done
@@ -610,6 +602,7 @@ impl<M> Message<M> {
             span.record("event_type", e.event_type.as_str());
             span.record("aggregate_type", e.aggregate_type.as_str());
             span.record("aggregate_id", e.aggregate_id.as_str());
+            crate::trace::restore(&span, &e.headers);
         }
         span
     }

@@ -30,6 +30,14 @@ pub trait Inspect: Store {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<EventRecord>>> + Send + 'a;
 
+    /// The same events without payloads and headers: what grouping and bulk actions need, a
+    /// few hundred bytes per event however large the payloads.
+    fn dead_summaries<'a>(
+        &'a self,
+        filter: &'a EventFilter,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<DeadEvent>>> + Send + 'a;
+
     /// Aggregates parked at a dead event ([`DeadLetters::Park`](crate::DeadLetters::Park)),
     /// the longest parked first, at most `limit`.
     fn parked(
@@ -70,8 +78,9 @@ pub struct OutboxStatus {
     pub oldest_pending_since: Option<DateTime<Utc>>,
     /// How long that event has been waiting: the lag an alert should fire on.
     pub oldest_pending_age_ms: Option<i64>,
-    /// Relays holding at least one unexpired lease.
-    pub relays_leasing: u64,
+    /// Leases held right now: batches that relay workers have claimed and not yet settled
+    /// (a relay with several workers holds several).
+    pub leases: u64,
     /// Aggregates leased right now.
     pub aggregates_leased: u64,
     /// Aggregates retrying their next event (at least one failed attempt).
@@ -105,7 +114,7 @@ impl OutboxStatus {
                 .map(|since| (read_at - since).num_milliseconds().max(0)),
             oldest_pending_since,
             counts,
-            relays_leasing: 0,
+            leases: 0,
             aggregates_leased: 0,
             aggregates_retrying: 0,
             aggregates_parked: 0,
@@ -169,6 +178,35 @@ pub struct ParkedAggregate {
     pub waiting: u64,
 }
 
+/// A dead event without its payload and headers.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct DeadEvent {
+    /// The event id.
+    pub id: Uuid,
+    /// The event type.
+    pub event_type: String,
+    /// The aggregate type.
+    pub aggregate_type: String,
+    /// The aggregate id.
+    pub aggregate_id: String,
+    /// The per-aggregate sequence number.
+    pub sequence: i64,
+    /// Delivery attempts.
+    pub attempts: u32,
+    /// Why it died.
+    pub reason: Option<String>,
+    /// When it died.
+    pub dead_at: Option<DateTime<Utc>>,
+}
+
+impl DeadEvent {
+    /// Its cause's fingerprint ([`dead_fingerprint`]).
+    pub fn fingerprint(&self) -> String {
+        dead_fingerprint(&self.event_type, self.reason.as_deref())
+    }
+}
+
 /// Dead events with one cause: one event type and one normalised reason.
 #[derive(Debug, Clone, Serialize)]
 #[non_exhaustive]
@@ -191,9 +229,11 @@ pub struct DeadGroup {
     pub example: Uuid,
 }
 
-/// The reason of a failure without its variable parts: UUIDs, numbers, hexadecimal strings and
-/// quoted values become placeholders, runs of whitespace one space, so failures with one cause
-/// group together.
+/// The reason of a failure without its variable parts: UUIDs, numbers and hexadecimal tokens
+/// become placeholders, runs of whitespace one space, so failures with one cause group
+/// together. Words and quoted text are kept: two causes that differ only there (`couldn't
+/// connect to 'db'`, `couldn't authenticate to 'db'`; two JSON error bodies) stay apart, since
+/// an operator acts on a whole group at once. At most about 300 bytes are kept.
 ///
 /// ```
 /// use outbox_core::normalise_reason;
@@ -201,12 +241,13 @@ pub struct DeadGroup {
 ///     normalise_reason("account 42 not found (request 0b5c6f4e-8b0f-4a4f-9a53-6a8f3f4e2b10)"),
 ///     normalise_reason("account 7 not found (request 6d0c3b5e-1f2a-4c3b-8d4e-5f6a7b8c9d0e)"),
 /// );
-/// assert_eq!(normalise_reason("timeout after 3000 ms on \"orders\""), "timeout after <n> ms on <s>");
+/// assert_eq!(normalise_reason("timeout after 3000 ms on \"orders\""), "timeout after <n> ms on \"orders\"");
 /// ```
 pub fn normalise_reason(reason: &str) -> String {
     const MAX: usize = 300;
     let mut out = String::with_capacity(reason.len().min(MAX));
-    let chars: Vec<char> = reason.chars().collect();
+    // What could still shape the first MAX bytes of the result.
+    let chars: Vec<char> = reason.chars().take(MAX * 4).collect();
     let mut i = 0;
     let mut last_space = false;
     while i < chars.len() && out.len() < MAX {
@@ -214,13 +255,10 @@ pub fn normalise_reason(reason: &str) -> String {
         if let Some(len) = uuid_at(&chars[i..]) {
             out.push_str("<uuid>");
             i += len;
-        } else if (c == '"' || c == '\'' || c == '`') && chars[i + 1..].contains(&c) {
-            let close = chars[i + 1..]
-                .iter()
-                .position(|&d| d == c)
-                .expect("contains");
-            out.push_str("<s>");
-            i += close + 2;
+        } else if c.is_ascii_alphanumeric() && !word_start(&chars, i) {
+            // Inside a word (`user_42`, `v2`): kept, digits included.
+            out.push(c);
+            i += 1;
         } else if c.is_ascii_hexdigit() && word_start(&chars, i) {
             // A number, or a hexadecimal token of 8 or more with a digit in it: a value.
             let len = chars[i..]
@@ -237,11 +275,9 @@ pub fn normalise_reason(reason: &str) -> String {
             } else if hex {
                 out.push_str("<hex>");
             } else {
-                out.extend(word);
+                out.extend(word.iter().take(MAX));
             }
             i += len;
-            last_space = false;
-            continue;
         } else if c.is_whitespace() {
             if !last_space && !out.is_empty() {
                 out.push(' ');
@@ -294,24 +330,26 @@ pub fn dead_fingerprint(event_type: &str, reason: Option<&str>) -> String {
 }
 
 /// Groups dead events by [`dead_fingerprint`], the largest group first.
-pub fn group_dead(records: &[EventRecord]) -> Vec<DeadGroup> {
+pub fn group_dead(events: &[DeadEvent]) -> Vec<DeadGroup> {
     let mut groups: BTreeMap<String, DeadGroup> = BTreeMap::new();
-    for record in records {
-        let fingerprint = dead_fingerprint(&record.event_type, record.last_error.as_deref());
+    for event in events {
+        let fingerprint = event.fingerprint();
         let group = groups
             .entry(fingerprint.clone())
             .or_insert_with(|| DeadGroup {
                 fingerprint,
-                event_type: record.event_type.clone(),
-                reason: normalise_reason(record.last_error.as_deref().unwrap_or("")),
+                event_type: event.event_type.clone(),
+                reason: normalise_reason(event.reason.as_deref().unwrap_or("")),
                 count: 0,
-                first_dead_at: record.dead_at,
-                last_dead_at: record.dead_at,
-                example: record.id,
+                first_dead_at: None,
+                last_dead_at: None,
+                example: event.id,
             });
         group.count += 1;
-        group.first_dead_at = group.first_dead_at.min(record.dead_at).or(record.dead_at);
-        group.last_dead_at = group.last_dead_at.max(record.dead_at);
+        if let Some(at) = event.dead_at {
+            group.first_dead_at = Some(group.first_dead_at.map_or(at, |first| first.min(at)));
+            group.last_dead_at = Some(group.last_dead_at.map_or(at, |last| last.max(at)));
+        }
     }
     let mut groups: Vec<DeadGroup> = groups.into_values().collect();
     groups.sort_by(|a, b| {
@@ -334,14 +372,16 @@ mod tests {
         );
         assert_eq!(
             normalise_reason("no row 'abc' in   table \"t\"\n"),
-            "no row <s> in table <s>"
+            "no row 'abc' in table \"t\""
         );
         assert_eq!(
             normalise_reason("commit deadbeef01 failed, v2 api"),
             "commit <hex> failed, v2 api"
         );
-        assert_eq!(normalise_reason("x1 abc 12ab"), "x1 abc 12ab");
-        // An unclosed quote is kept as it is.
+        assert_eq!(
+            normalise_reason("x1 abc 12ab user_42"),
+            "x1 abc 12ab user_42"
+        );
         assert_eq!(normalise_reason("it's 5"), "it's <n>");
         assert_eq!(normalise_reason(""), "");
     }
@@ -350,6 +390,8 @@ mod tests {
     fn long_and_odd_reasons_are_bounded_and_never_panic() {
         let long = "é🎉\u{0} 7 ".repeat(10_000);
         assert!(normalise_reason(&long).len() <= 310);
+        let one_word = format!("a{}", "z".repeat(5_000));
+        assert!(normalise_reason(&one_word).len() <= 310);
         for reason in [
             "\"",
             "'",
@@ -378,5 +420,36 @@ mod tests {
             dead_fingerprint("payment.created", Some("account 1 frozen"))
         );
         assert_eq!(a.len(), 12);
+        // Causes that differ in words or quoted text are not merged.
+        assert_ne!(
+            dead_fingerprint("t", Some("couldn't connect to 'db'")),
+            dead_fingerprint("t", Some("couldn't authenticate to 'db'"))
+        );
+        assert_ne!(
+            dead_fingerprint("t", Some(r#"HTTP 400: {"error":"invalid currency"}"#)),
+            dead_fingerprint("t", Some(r#"HTTP 400: {"error":"card expired"}"#))
+        );
+    }
+
+    #[test]
+    fn groups_keep_their_death_times_when_some_are_unknown() {
+        let at = |s| DateTime::from_timestamp(s, 0);
+        let event = |dead_at| DeadEvent {
+            id: Uuid::now_v7(),
+            event_type: "t".into(),
+            aggregate_type: "a".into(),
+            aggregate_id: "1".into(),
+            sequence: 1,
+            attempts: 1,
+            reason: Some("boom".into()),
+            dead_at,
+        };
+        let groups = group_dead(&[event(at(20)), event(None), event(at(10))]);
+        assert_eq!(groups.len(), 1);
+        assert_eq!(
+            (groups[0].first_dead_at, groups[0].last_dead_at),
+            (at(10), at(20))
+        );
+        assert_eq!(groups[0].count, 3);
     }
 }

@@ -14,6 +14,7 @@ use crate::retention::Retention;
 use crate::table::TableName;
 use chrono::{DateTime, Utc};
 use sqlx::Pool;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
@@ -24,8 +25,8 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 pub use inspect::{
-    dead_fingerprint, group_dead, normalise_reason, ArchiveDead, DeadGroup, Inspect, OutboxStatus,
-    ParkedAggregate, StatusCount, StuckAggregate,
+    dead_fingerprint, group_dead, normalise_reason, ArchiveDead, DeadEvent, DeadGroup, Inspect,
+    OutboxStatus, ParkedAggregate, StatusCount, StuckAggregate,
 };
 
 /// A database the outbox can live in: PostgreSQL (`postgres` feature) or SQLite (`sqlite`).
@@ -150,6 +151,11 @@ pub trait Lookup: Store {
 pub trait Requeue: Store {
     /// Whether `id` was dead. Race-free under concurrent calls for events of one aggregate.
     fn requeue(&self, id: Uuid) -> impl Future<Output = Result<bool>> + Send + '_;
+
+    /// Requeues `ids` in one transaction; returns how many were dead. Events of one aggregate
+    /// must be requeued together: one at a time, a relay could deliver a later one before an
+    /// earlier one is back.
+    fn requeue_all<'a>(&'a self, ids: &'a [Uuid]) -> impl Future<Output = Result<u64>> + Send + 'a;
 }
 
 /// Releases an aggregate parked at a dead event ([`Outbox::discard`]).
@@ -264,15 +270,16 @@ impl EventFilter {
             && self.event_type.is_none()
             && self.created_from.is_none()
             && self.created_until.is_none()
-            && self.reason.is_none()
+            // An empty text is no condition: it is contained in every reason.
+            && self.reason.as_deref().is_none_or(str::is_empty)
             && self.group.is_none()
     }
 
     /// Whether `record` passes the conditions a store leaves to the caller (the group).
-    fn keeps(&self, record: &EventRecord) -> bool {
-        self.group.as_ref().is_none_or(|group| {
-            *group == dead_fingerprint(&record.event_type, record.last_error.as_deref())
-        })
+    fn keeps(&self, event: &DeadEvent) -> bool {
+        self.group
+            .as_ref()
+            .is_none_or(|group| group.eq_ignore_ascii_case(&event.fingerprint()))
     }
 
     fn refuse_dead_conditions(&self) -> Result<()> {
@@ -1026,17 +1033,37 @@ where
         if filter.group.is_none() {
             return self.store().dead(filter, limit).await;
         }
-        // The fingerprint is computed here, not in SQL: read every candidate, then keep the group.
-        let mut records = self.store().dead(filter, usize::MAX).await?;
-        records.retain(|r| filter.keeps(r));
-        records.truncate(limit);
-        Ok(records)
+        // The fingerprint is computed here, not in SQL: find the group's ids among the
+        // summaries, then read the rows of those only.
+        let ids: Vec<Uuid> = self
+            .dead_summaries(filter)
+            .await?
+            .into_iter()
+            .take(limit)
+            .map(|e| e.id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let by_id = EventFilter {
+            ids: Some(ids),
+            group: None,
+            ..filter.clone()
+        };
+        self.store().dead(&by_id, limit).await
+    }
+
+    /// The dead events `filter` selects, group included, without payloads: the most recent first.
+    pub async fn dead_summaries(&self, filter: &EventFilter) -> Result<Vec<DeadEvent>> {
+        let mut events = self.store().dead_summaries(filter, usize::MAX).await?;
+        events.retain(|e| filter.keeps(e));
+        Ok(events)
     }
 
     /// The dead events `filter` selects, grouped by cause ([`group_dead`]), the largest group
     /// first.
     pub async fn dead_groups(&self, filter: &EventFilter) -> Result<Vec<DeadGroup>> {
-        Ok(group_dead(&self.dead(filter, usize::MAX).await?))
+        Ok(group_dead(&self.dead_summaries(filter).await?))
     }
 
     /// Aggregates parked at a dead event, the longest parked first, at most `limit`.
@@ -1106,13 +1133,21 @@ where
         filter.refuse_empty()?;
         let span = tracing::info_span!("outbox.requeue", table = %self.inner.table, dry_run);
         async {
-            let dead = self.dead(filter, usize::MAX).await?;
+            let dead = self.dead_summaries(filter).await?;
             if dry_run {
                 return Ok(dead.len() as u64);
             }
+            // Each aggregate's events in one transaction (see `Requeue::requeue_all`).
+            let mut by_aggregate: BTreeMap<(&str, &str), Vec<Uuid>> = BTreeMap::new();
+            for event in &dead {
+                by_aggregate
+                    .entry((&event.aggregate_type, &event.aggregate_id))
+                    .or_default()
+                    .push(event.id);
+            }
             let mut requeued = 0;
-            for record in &dead {
-                requeued += u64::from(self.store().requeue(record.id).await?);
+            for ids in by_aggregate.values() {
+                requeued += self.store().requeue_all(ids).await?;
             }
             tracing::info!(requeued, "requeued dead events");
             Ok(requeued)
@@ -1136,14 +1171,14 @@ where
         filter.refuse_empty()?;
         let span = tracing::info_span!("outbox.discard", table = %self.inner.table, dry_run);
         async {
-            let dead = self.dead(filter, usize::MAX).await?;
+            let dead = self.dead_summaries(filter).await?;
             if dry_run {
                 return Ok(dead.len() as u64);
             }
             let mut discarded = 0;
-            for record in &dead {
-                self.store().discard(record.id).await?;
-                discarded += u64::from(self.store().archive_dead(record.id).await?);
+            for event in &dead {
+                self.store().discard(event.id).await?;
+                discarded += u64::from(self.store().archive_dead(event.id).await?);
             }
             tracing::info!(discarded, "discarded dead events");
             Ok(discarded)

@@ -1,7 +1,7 @@
 use super::sql::{self, duration_ms};
 use super::{
-    clamp_i32, clamp_u32, parse_headers, ArchiveDead, Backend, Check, Claim, Discard, Enqueued,
-    EventFilter, EventRecord, ExplainClaim, InboxStore, Inconsistency, Inspect, Lookup,
+    clamp_i32, clamp_u32, parse_headers, ArchiveDead, Backend, Check, Claim, DeadEvent, Discard,
+    Enqueued, EventFilter, EventRecord, ExplainClaim, InboxStore, Inconsistency, Inspect, Lookup,
     MarkConsumed, OutboxStatus, ParkedAggregate, Republish, Requeue, Run, RunEvent, Settlement,
     Store, StoreOptions,
 };
@@ -936,33 +936,36 @@ WHERE status = 'pending' AND available_at <= now()"#
         .fetch_one(&mut *tx)
         .await?;
         let mut status = OutboxStatus::new(read_at, sql::status_counts(counts)?, oldest);
-        let (relays, leased, retrying, parked): (i64, i64, i64, i64) = sqlx::query_as(&format!(
+        // A claim counts an attempt when it leases: a leased aggregate is retrying from its
+        // second attempt on. `leased_by` is the claim's token: one per batch in flight.
+        let (leases, leased, retrying, parked): (i64, i64, i64, i64) = sqlx::query_as(&format!(
             r#"SELECT count(DISTINCT leased_by) FILTER (WHERE leased_by IS NOT NULL AND due_at > now()),
        count(*) FILTER (WHERE leased_by IS NOT NULL AND due_at > now()),
-       count(*) FILTER (WHERE attempts > 0 AND done_seq < known_seq),
+       count(*) FILTER (WHERE done_seq < known_seq AND attempts >
+           CASE WHEN leased_by IS NOT NULL AND due_at > now() THEN 1 ELSE 0 END),
        count(*) FILTER (WHERE parked_seq IS NOT NULL)
 FROM "{t}_cursors""#
         ))
         .fetch_one(&mut *tx)
         .await?;
-        status.relays_leasing = relays.max(0) as u64;
+        status.leases = leases.max(0) as u64;
         status.aggregates_leased = leased.max(0) as u64;
         status.aggregates_retrying = retrying.max(0) as u64;
         status.aggregates_parked = parked.max(0) as u64;
         let stuck: Vec<sql::StuckRow> = sqlx::query_as(&format!(
             r#"SELECT p.aggregate_type, p.aggregate_id, p.pending, p.oldest,
        coalesce(c.attempts, 0)::int8, c.parked_seq, n.last_error
-FROM (SELECT aggregate_type, aggregate_id, count(*) AS pending, min(created_at) AS oldest,
-             min(seq) AS first_seq
-      FROM "{t}" WHERE status = 'pending'
+FROM (SELECT aggregate_type, aggregate_id, count(*) AS pending,
+             min(GREATEST(created_at, available_at)) AS oldest, min(seq) AS first_seq
+      FROM "{t}" WHERE status = 'pending' AND available_at <= now()
       GROUP BY aggregate_type, aggregate_id
-      HAVING min(created_at) < now() - $1 * interval '1 millisecond') p
+      HAVING min(GREATEST(created_at, available_at)) < $1) p
 LEFT JOIN "{t}_cursors" c USING (aggregate_type, aggregate_id)
 LEFT JOIN "{t}" n ON n.aggregate_type = p.aggregate_type AND n.aggregate_id = p.aggregate_id
-                 AND n.seq = p.first_seq
+                 AND n.seq = p.first_seq AND n.status = 'pending'
 ORDER BY p.oldest LIMIT $2"#
         ))
-        .bind(duration_ms(stuck_after))
+        .bind(sql::cutoff(read_at, stuck_after))
         .bind(limit_i64(limit))
         .fetch_all(&mut *tx)
         .await?;
@@ -973,27 +976,42 @@ ORDER BY p.oldest LIMIT $2"#
 
     async fn dead<'a>(&'a self, filter: &'a EventFilter, limit: usize) -> Result<Vec<EventRecord>> {
         let t = self.table.as_str();
-        let (aggregate_type, aggregate_id) = filter
-            .aggregate
-            .as_ref()
-            .map(|(t, id)| (Some(t.as_str()), Some(id.as_str())))
-            .unwrap_or_default();
-        let rows = sqlx::query(&format!(
+        let sql = format!(
             r#"SELECT {COLUMNS}, o.status, o.last_error, o.available_at, o.delivered_at, o.dead_at, o.consumed_at
 FROM "{t}" o WHERE {DEAD}
-ORDER BY o.dead_at DESC, o.id LIMIT $8"#
-        ))
-        .bind(filter.ids.as_deref())
-        .bind(aggregate_type)
-        .bind(aggregate_id)
-        .bind(filter.event_type.as_deref())
-        .bind(filter.created_from)
-        .bind(filter.created_until)
-        .bind(filter.reason.as_deref())
-        .bind(limit_i64(limit))
-        .fetch_all(&self.pool)
-        .await?;
+ORDER BY o.dead_at DESC NULLS LAST, o.id LIMIT $8"#
+        );
+        let rows = bind_dead(&sql, filter, limit).fetch_all(&self.pool).await?;
         rows.iter().map(record).collect()
+    }
+
+    async fn dead_summaries<'a>(
+        &'a self,
+        filter: &'a EventFilter,
+        limit: usize,
+    ) -> Result<Vec<DeadEvent>> {
+        let t = self.table.as_str();
+        let sql = format!(
+            r#"SELECT o.id, o.event_type, o.aggregate_type, o.aggregate_id, o.seq, o.attempts,
+       o.last_error, o.dead_at
+FROM "{t}" o WHERE {DEAD}
+ORDER BY o.dead_at DESC NULLS LAST, o.id LIMIT $8"#
+        );
+        let rows = bind_dead(&sql, filter, limit).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DeadEvent {
+                    id: row.try_get("id")?,
+                    event_type: row.try_get("event_type")?,
+                    aggregate_type: row.try_get("aggregate_type")?,
+                    aggregate_id: row.try_get("aggregate_id")?,
+                    sequence: row.try_get("seq")?,
+                    attempts: clamp_u32(row.try_get::<i32, _>("attempts")?.into()),
+                    reason: row.try_get("last_error")?,
+                    dead_at: row.try_get("dead_at")?,
+                })
+            })
+            .collect()
     }
 
     async fn parked(&self, limit: usize) -> Result<Vec<ParkedAggregate>> {
@@ -1003,7 +1021,7 @@ ORDER BY o.dead_at DESC, o.id LIMIT $8"#
        o.dead_at, GREATEST(c.known_seq - c.parked_seq, 0)
 FROM "{t}_cursors" c
 LEFT JOIN "{t}" o ON o.aggregate_type = c.aggregate_type AND o.aggregate_id = c.aggregate_id
-                 AND o.seq = c.parked_seq
+                 AND o.seq = c.parked_seq AND o.status = 'dead'
 WHERE c.parked_seq IS NOT NULL
 ORDER BY o.dead_at NULLS FIRST, c.aggregate_type, c.aggregate_id LIMIT $1"#
         ))
@@ -1047,6 +1065,28 @@ INSERT INTO "{t}_archive" SELECT * FROM moved"#
     }
 }
 
+/// The statement of [`DEAD`] with `filter` and `limit` bound.
+fn bind_dead<'q>(
+    sql: &'q str,
+    filter: &'q EventFilter,
+    limit: usize,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    let (aggregate_type, aggregate_id) = filter
+        .aggregate
+        .as_ref()
+        .map(|(t, id)| (Some(t.as_str()), Some(id.as_str())))
+        .unwrap_or_default();
+    sqlx::query(sql)
+        .bind(filter.ids.as_deref())
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .bind(filter.event_type.as_deref())
+        .bind(filter.created_from)
+        .bind(filter.created_until)
+        .bind(filter.reason.as_deref().filter(|r| !r.is_empty()))
+        .bind(limit_i64(limit))
+}
+
 /// `LIMIT` for a count that may be `usize::MAX`.
 fn limit_i64(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
@@ -1054,10 +1094,28 @@ fn limit_i64(limit: usize) -> i64 {
 
 impl Requeue for PgStore {
     async fn requeue(&self, id: Uuid) -> Result<bool> {
-        let (pool, statements) = (&self.pool, &self.statements);
-        let done = sqlx::query(&statements.requeue)
+        let mut conn = self.pool.acquire().await?;
+        self.requeue_in(&mut conn, id).await
+    }
+
+    async fn requeue_all<'a>(&'a self, ids: &'a [Uuid]) -> Result<u64> {
+        // The cursor rows stay locked until the commit: a relay claims the aggregate after
+        // every event is back, from the earliest.
+        let mut tx = self.pool.begin().await?;
+        let mut requeued = 0;
+        for id in ids {
+            requeued += u64::from(self.requeue_in(&mut tx, *id).await?);
+        }
+        tx.commit().await?;
+        Ok(requeued)
+    }
+}
+
+impl PgStore {
+    async fn requeue_in(&self, conn: &mut sqlx::PgConnection, id: Uuid) -> Result<bool> {
+        let done = sqlx::query(&self.statements.requeue)
             .bind(id)
-            .execute(pool)
+            .execute(conn)
             .await?;
         Ok(done.rows_affected() == 1)
     }

@@ -177,3 +177,10 @@ pub(super) fn parked(rows: Vec<ParkedRow>) -> Vec<ParkedAggregate> {
         )
         .collect()
 }
+
+/// `at - age`, with the age capped at a century (a database refuses times before year 1).
+pub(super) fn cutoff(at: DateTime<Utc>, age: Duration) -> DateTime<Utc> {
+    let century = Duration::from_secs(100 * 365 * 86_400);
+    let age = chrono::Duration::from_std(age.min(century)).expect("a century fits");
+    at - age
+}

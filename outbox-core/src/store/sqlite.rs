@@ -1,7 +1,7 @@
 use super::sql::{self, duration_ms};
 use super::{
-    clamp_i32, clamp_u32, parse_headers, ArchiveDead, Backend, Check, Claim, Discard, Enqueued,
-    EventFilter, EventRecord, ExplainClaim, InboxStore, Inconsistency, Inspect, Lookup,
+    clamp_i32, clamp_u32, parse_headers, ArchiveDead, Backend, Check, Claim, DeadEvent, Discard,
+    Enqueued, EventFilter, EventRecord, ExplainClaim, InboxStore, Inconsistency, Inspect, Lookup,
     MarkConsumed, OutboxStatus, ParkedAggregate, Republish, Requeue, Run, RunEvent, Settlement,
     Store, StoreOptions,
 };
@@ -637,17 +637,20 @@ WHERE status = 'pending' AND available_at <= ?1"#
             sql::status_counts(counts)?,
             oldest.map(time_ms),
         );
-        let (relays, leased, retrying, parked): (i64, i64, i64, i64) = sqlx::query_as(&format!(
+        // As on PostgreSQL: a leased aggregate is retrying from its second attempt on;
+        // `leased_by` is one batch in flight.
+        let (leases, leased, retrying, parked): (i64, i64, i64, i64) = sqlx::query_as(&format!(
             r#"SELECT count(DISTINCT CASE WHEN due_at > ?1 THEN leased_by END),
        coalesce(sum(leased_by IS NOT NULL AND due_at > ?1), 0),
-       coalesce(sum(attempts > 0 AND done_seq < known_seq), 0),
+       coalesce(sum(done_seq < known_seq AND attempts >
+           CASE WHEN leased_by IS NOT NULL AND due_at > ?1 THEN 1 ELSE 0 END), 0),
        coalesce(sum(parked_seq IS NOT NULL), 0)
 FROM "{t}_cursors""#
         ))
         .bind(now)
         .fetch_one(&mut *tx)
         .await?;
-        status.relays_leasing = relays.max(0) as u64;
+        status.leases = leases.max(0) as u64;
         status.aggregates_leased = leased.max(0) as u64;
         status.aggregates_retrying = retrying.max(0) as u64;
         status.aggregates_parked = parked.max(0) as u64;
@@ -655,18 +658,19 @@ FROM "{t}_cursors""#
         let stuck: Vec<Row> = sqlx::query_as(&format!(
             r#"SELECT p.aggregate_type, p.aggregate_id, p.pending, p.oldest,
        coalesce(c.attempts, 0), c.parked_seq, n.last_error
-FROM (SELECT aggregate_type, aggregate_id, count(*) AS pending, min(created_at) AS oldest,
-             min(seq) AS first_seq
-      FROM "{t}" WHERE status = 'pending'
+FROM (SELECT aggregate_type, aggregate_id, count(*) AS pending,
+             min(max(created_at, available_at)) AS oldest, min(seq) AS first_seq
+      FROM "{t}" WHERE status = 'pending' AND available_at <= ?3
       GROUP BY aggregate_type, aggregate_id
-      HAVING min(created_at) < ?1) p
+      HAVING min(max(created_at, available_at)) < ?1) p
 LEFT JOIN "{t}_cursors" c ON c.aggregate_type = p.aggregate_type AND c.aggregate_id = p.aggregate_id
 LEFT JOIN "{t}" n ON n.aggregate_type = p.aggregate_type AND n.aggregate_id = p.aggregate_id
-                 AND n.seq = p.first_seq
+                 AND n.seq = p.first_seq AND n.status = 'pending'
 ORDER BY p.oldest LIMIT ?2"#
         ))
-        .bind(now.saturating_sub(duration_ms(stuck_after)))
+        .bind(sql::cutoff(time_ms(now), stuck_after).timestamp_millis())
         .bind(limit_i64(limit))
+        .bind(now)
         .fetch_all(&mut *tx)
         .await?;
         status.stuck = sql::stuck(
@@ -683,27 +687,45 @@ ORDER BY p.oldest LIMIT ?2"#
 
     async fn dead<'a>(&'a self, filter: &'a EventFilter, limit: usize) -> Result<Vec<EventRecord>> {
         let t = self.table.as_str();
-        let (aggregate_type, aggregate_id) = filter
-            .aggregate
-            .as_ref()
-            .map(|(t, id)| (Some(t.as_str()), Some(id.as_str())))
-            .unwrap_or_default();
-        let rows = sqlx::query(&format!(
+        let sql = format!(
             r#"SELECT {COLUMNS}, status, last_error, available_at, delivered_at, dead_at, consumed_at
 FROM "{t}" WHERE {DEAD}
-ORDER BY dead_at DESC, id LIMIT ?8"#
-        ))
-        .bind(filter.ids.as_deref().map(json_ids))
-        .bind(aggregate_type)
-        .bind(aggregate_id)
-        .bind(filter.event_type.as_deref())
-        .bind(filter.created_from.map(|t| t.timestamp_millis()))
-        .bind(filter.created_until.map(|t| t.timestamp_millis()))
-        .bind(filter.reason.as_deref())
-        .bind(limit_i64(limit))
-        .fetch_all(&self.pool)
-        .await?;
+ORDER BY dead_at DESC NULLS LAST, id LIMIT ?8"#
+        );
+        let rows = bind_dead(&sql, filter, limit).fetch_all(&self.pool).await?;
         rows.iter().map(record).collect()
+    }
+
+    async fn dead_summaries<'a>(
+        &'a self,
+        filter: &'a EventFilter,
+        limit: usize,
+    ) -> Result<Vec<DeadEvent>> {
+        let t = self.table.as_str();
+        let sql = format!(
+            r#"SELECT id, event_type, aggregate_type, aggregate_id, seq, attempts, last_error, dead_at
+FROM "{t}" WHERE {DEAD}
+ORDER BY dead_at DESC NULLS LAST, id LIMIT ?8"#
+        );
+        let rows = bind_dead(&sql, filter, limit).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                let raw_id: String = row.try_get("id")?;
+                Ok(DeadEvent {
+                    id: Uuid::parse_str(&raw_id).map_err(|e| Error::CorruptRow {
+                        id: raw_id.clone(),
+                        reason: format!("id is not a UUID: {e}"),
+                    })?,
+                    event_type: row.try_get("event_type")?,
+                    aggregate_type: row.try_get("aggregate_type")?,
+                    aggregate_id: row.try_get("aggregate_id")?,
+                    sequence: row.try_get("seq")?,
+                    attempts: clamp_u32(row.try_get("attempts")?),
+                    reason: row.try_get("last_error")?,
+                    dead_at: row.try_get::<Option<i64>, _>("dead_at")?.map(time_ms),
+                })
+            })
+            .collect()
     }
 
     async fn parked(&self, limit: usize) -> Result<Vec<ParkedAggregate>> {
@@ -723,7 +745,7 @@ ORDER BY dead_at DESC, id LIMIT ?8"#
        o.dead_at, max(c.known_seq - c.parked_seq, 0)
 FROM "{t}_cursors" c
 LEFT JOIN "{t}" o ON o.aggregate_type = c.aggregate_type AND o.aggregate_id = c.aggregate_id
-                 AND o.seq = c.parked_seq
+                 AND o.seq = c.parked_seq AND o.status = 'dead'
 WHERE c.parked_seq IS NOT NULL
 ORDER BY o.dead_at NULLS FIRST, c.aggregate_type, c.aggregate_id LIMIT ?1"#
         ))
@@ -789,21 +811,46 @@ impl ArchiveDead for SqliteStore {
     }
 }
 
+/// The statement of [`DEAD`] with `filter` and `limit` bound.
+fn bind_dead<'q>(
+    sql: &'q str,
+    filter: &'q EventFilter,
+    limit: usize,
+) -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    let (aggregate_type, aggregate_id) = filter
+        .aggregate
+        .as_ref()
+        .map(|(t, id)| (Some(t.as_str()), Some(id.as_str())))
+        .unwrap_or_default();
+    sqlx::query(sql)
+        .bind(filter.ids.as_deref().map(json_ids))
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .bind(filter.event_type.as_deref())
+        .bind(filter.created_from.map(|t| t.timestamp_millis()))
+        .bind(filter.created_until.map(|t| t.timestamp_millis()))
+        .bind(filter.reason.as_deref().filter(|r| !r.is_empty()))
+        .bind(limit_i64(limit))
+}
+
 /// `LIMIT` for a count that may be `usize::MAX`.
 fn limit_i64(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
-impl Requeue for SqliteStore {
-    async fn requeue(&self, id: Uuid) -> Result<bool> {
-        let (pool, statements) = (&self.pool, &self.statements);
-        let now = now_ms();
-        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+impl SqliteStore {
+    async fn requeue_in(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        id: Uuid,
+        now: i64,
+    ) -> Result<bool> {
+        let statements = &self.statements;
         let Some((aggregate_type, aggregate_id, seq)): Option<(String, String, i64)> =
             sqlx::query_as(&statements.requeue_event)
                 .bind(id.to_string())
                 .bind(now)
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&mut *conn)
                 .await?
         else {
             return Ok(false);
@@ -813,10 +860,26 @@ impl Requeue for SqliteStore {
             .bind(&aggregate_id)
             .bind(seq)
             .bind(now)
-            .execute(&mut *tx)
+            .execute(&mut *conn)
             .await?;
-        tx.commit().await?;
         Ok(true)
+    }
+}
+
+impl Requeue for SqliteStore {
+    async fn requeue(&self, id: Uuid) -> Result<bool> {
+        self.requeue_all(&[id]).await.map(|n| n == 1)
+    }
+
+    async fn requeue_all<'a>(&'a self, ids: &'a [Uuid]) -> Result<u64> {
+        let now = now_ms();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut requeued = 0;
+        for id in ids {
+            requeued += u64::from(self.requeue_in(&mut tx, *id, now).await?);
+        }
+        tx.commit().await?;
+        Ok(requeued)
     }
 }
 
