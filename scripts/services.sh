@@ -127,8 +127,17 @@ kafka_restart() {
   kafka
 }
 
+# Debian's Chromium and ChromeDriver, for the dashboard's browser test (tests/dashboard.rs).
+chromium() {
+  if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    log "installing Chromium and ChromeDriver"
+    apt_install chromium chromium-driver
+  fi
+  log "Chromium ready: $(/usr/bin/chromium --version 2>/dev/null | head -n 1)"
+}
+
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(postgres rabbitmq nats kafka)
+[ ${#targets[@]} -gt 0 ] || targets=(postgres rabbitmq nats kafka chromium)
 for target in "${targets[@]}"; do
   case "$target" in
     postgres) postgres ;;
@@ -136,6 +145,7 @@ for target in "${targets[@]}"; do
     nats) nats ;;
     kafka) kafka ;;
     kafka-restart) kafka_restart ;;
+    chromium) chromium ;;
     *) log "unknown service $target"; exit 2 ;;
   esac
 done

@@ -9,4 +9,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 if [ -z "${OUTBOX_SKIP_SERVICES:-}" ]; then
   scripts/services.sh
 fi
+# The servers script installs Chromium: the dashboard's browser test must run, not skip.
+if [ -z "${OUTBOX_SKIP_SERVICES:-}" ]; then
+  export OUTBOX_REQUIRE_CHROMIUM=1
+fi
 cargo test --workspace --all-features "$@"

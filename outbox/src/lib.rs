@@ -51,6 +51,7 @@
 //! | `amqp`     | the RabbitMQ transport (`outbox-amqp`)        |
 //! | `nats`     | the NATS JetStream transport (`outbox-nats`)  |
 //! | `opentelemetry` | W3C trace context from the enqueuing span to the consumer's handler |
+//! | `dashboard` | `outbox::dashboard`: a web page to mount in your axum app |
 //!
 //! Features are additive: all of them together build and work.
 //!
@@ -140,6 +141,10 @@ pub use outbox_amqp as amqp;
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub use outbox_nats as nats;
+
+#[cfg(feature = "dashboard")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dashboard")))]
+pub use outbox_dashboard as dashboard;
 
 /// Not public API: what generated code names.
 #[doc(hidden)]
