@@ -129,6 +129,7 @@ async fn deferred_and_in_flight_events_are_not_trouble<DB: TestDb>() {
         s.aggregates_retrying, 0,
         "first attempts in flight are not retries"
     );
+    assert_eq!(s.relays_leasing, 1, "two workers of one relay");
     release.store(true, Ordering::SeqCst);
     eventually("the four delivered", WAIT, || async {
         status(&outbox).await.delivered == 4

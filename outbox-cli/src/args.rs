@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 /// back, clean up. Works on PostgreSQL and SQLite.
 ///
 /// Exit codes: 0 done; 1 database error; 2 bad usage; 3 no outbox table (run `outbox
-/// migrate`); 4 `check` found inconsistencies; 130 `purge` interrupted.
+/// migrate`); 4 `check` found inconsistencies; 5 no such event; 130 `purge` interrupted.
 #[derive(Debug, Parser)]
 #[command(name = "outbox", version)]
 pub(crate) struct Cli {

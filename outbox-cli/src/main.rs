@@ -9,8 +9,8 @@
 //!
 //! Exit codes: 0 done; 1 the database failed (unreachable, SQL error); 2 bad usage (an unknown
 //! flag, a malformed id, time or filter); 3 the outbox table does not exist (run
-//! `outbox migrate`); 4 `check` found inconsistencies; 130 `purge` interrupted (what it purged
-//! stays purged, the rest is untouched).
+//! `outbox migrate`); 4 `check` found inconsistencies; 5 `dead show` found no such event; 130
+//! `purge` interrupted (what it purged stays purged, the rest is untouched).
 
 mod args;
 mod output;
@@ -184,7 +184,7 @@ where
             DeadCommand::Show { id } => {
                 let id = parse::uuid(&id)?;
                 let record = outbox.get(id).await?.ok_or_else(|| Failure {
-                    code: 1,
+                    code: 5,
                     message: format!(
                         "no event {id} in table {:?} (discarded and purged events are in {}_archive)",
                         cli.table, cli.table

@@ -102,7 +102,8 @@ pub(crate) fn status(json: bool, table_name: &str, status: &OutboxStatus, stuck_
     };
     println!("  dead       {:>10}   {dead}", status.dead);
     println!(
-        "  leases held {}, aggregates leased {}, retrying {}, parked {}",
+        "  relays leasing {} ({} leases), aggregates leased {}, retrying {}, parked {}",
+        status.relays_leasing,
         status.leases,
         status.aggregates_leased,
         status.aggregates_retrying,

@@ -324,7 +324,7 @@ where
         0
     );
     let out = cli(url, t, &["dead", "show", &audit_id]);
-    assert_eq!(code(&out), 1);
+    assert_eq!(code(&out), 5);
     assert!(
         stderr(&out).contains(&format!("{t}_archive")),
         "{}",

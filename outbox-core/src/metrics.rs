@@ -5,9 +5,9 @@
 //! | name | kind | labels | what |
 //! |---|---|---|---|
 //! | `outbox_events_delivered_total` | counter | `table`, `event_type`, `destination` | deliveries the destination confirmed, counted when the relay settles them: an event sent twice (a lease that ran out, a crash) counts twice |
-//! | `outbox_events_failed_total` | counter | `table`, `event_type`, `destination` | failed attempts that will be retried |
+//! | `outbox_events_failed_total` | counter | `table`, `event_type`, `destination` | failed attempts that will be retried (a delivery that timed out, its outcome unknown, is not counted) |
 //! | `outbox_events_dead_total` | counter | `table`, `event_type`, `destination` | events given up (dead) |
-//! | `outbox_delivery_latency_seconds` | histogram | `table`, `destination` | from the event's commit (`created_at`, or its `enqueue_at` time) to its delivery being recorded |
+//! | `outbox_delivery_latency_seconds` | histogram | `table`, `destination` | from the event's commit (`created_at`, or its `enqueue_at` time, or its requeue or republish) to its delivery being recorded |
 //! | `messaging_client_operation_duration_seconds` | histogram | `table`, `messaging_operation_name` = `publish` | one call to the destination with a batch (OpenTelemetry `messaging.client.operation.duration`) |
 //! | `outbox_events` | gauge | `table`, `status` | rows by status (`pending`, `delivered`, `dead`), see [`Outbox::record_gauges`](crate::Outbox::record_gauges) |
 //! | `outbox_oldest_pending_age_seconds` | gauge | `table` | how long the oldest due event has waited: **the lag to alert on** |

@@ -6,21 +6,27 @@
 //!
 //! It needs the application's `tracing` subscriber to carry a `tracing-opentelemetry` layer;
 //! without one there is no OpenTelemetry context to capture and nothing is written. A
-//! `traceparent` given explicitly ([`EnqueueOptions::traceparent`](crate::EnqueueOptions::traceparent))
-//! wins over the current span.
+//! well-formed `traceparent` given explicitly
+//! ([`EnqueueOptions::traceparent`](crate::EnqueueOptions::traceparent)) wins over the current
+//! span; a malformed one is replaced by it.
 
 #[cfg(feature = "opentelemetry")]
 use crate::event::header;
 use crate::event::Headers;
 
-/// Writes the current span's trace context into `headers`, unless they carry one already.
+/// Writes the current span's trace context into `headers`, unless they carry a well-formed
+/// one already (a malformed one is replaced, with its `tracestate`).
 #[cfg(feature = "opentelemetry")]
 pub(crate) fn capture(headers: &mut Headers) {
     use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
 
     if headers.contains_key(header::TRACEPARENT) {
-        return;
+        if remote_context(headers).is_some() {
+            return;
+        }
+        headers.remove(header::TRACEPARENT);
+        headers.remove(header::TRACESTATE);
     }
     let context = tracing::Span::current().context();
     let span = context.span();

@@ -23,7 +23,7 @@
 //! Every value from the table is put on the page as text, never as markup.
 
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -36,6 +36,9 @@ use std::time::Duration;
 use uuid::Uuid;
 
 const PAGE: &str = include_str!("page.html");
+
+/// The page groups the causes of this many most recent dead events at most.
+pub const GROUPED_AT_MOST: usize = 10_000;
 
 /// A read-only dashboard of `outbox`: [`Dashboard::new`]`(outbox).router()`.
 pub fn router<DB>(outbox: Outbox<DB>) -> Router
@@ -237,7 +240,16 @@ where
     DB: Backend,
     DB::Store: FullStore,
 {
-    match state.outbox.dead_groups(&EventFilter::new()).await {
+    // Bounded: the groups of the most recent dead events, read every few seconds per open tab.
+    let recent = match state
+        .outbox
+        .dead_summaries(&EventFilter::new(), GROUPED_AT_MOST)
+        .await
+    {
+        Ok(recent) => recent,
+        Err(e) => return failed(e),
+    };
+    match Ok::<_, outbox_core::Error>(outbox_core::group_dead(&recent)) {
         Ok(groups) => Json(groups).into_response(),
         Err(e) => failed(e),
     }
@@ -259,11 +271,8 @@ where
         filter = filter.group(group);
     }
     let limit = q.limit.unwrap_or(50).min(500);
-    match state.outbox.dead_summaries(&filter).await {
-        Ok(mut events) => {
-            events.truncate(limit);
-            Json(events).into_response()
-        }
+    match state.outbox.dead_summaries(&filter, limit).await {
+        Ok(events) => Json(events).into_response(),
         Err(e) => failed(e),
     }
 }
@@ -277,6 +286,7 @@ struct RequeueRequest {
 
 async fn requeue<DB>(
     State(state): State<Arc<Shared<DB>>>,
+    uri: Uri,
     headers: HeaderMap,
     Json(request): Json<RequeueRequest>,
 ) -> Response
@@ -290,7 +300,9 @@ where
             "this dashboard is read-only (Dashboard::allow_actions enables requeue)",
         );
     }
-    if let Err(why) = same_origin_with_token(&headers, &state.csrf) {
+    if let Err(why) =
+        same_origin_with_token(&headers, uri.authority().map(|a| a.as_str()), &state.csrf)
+    {
         return error(StatusCode::FORBIDDEN, why);
     }
     let filter = match (request.id, request.group) {
@@ -308,8 +320,13 @@ where
 }
 
 /// The anti-CSRF checks of a write: the page's token in `x-outbox-csrf`, and an `Origin`, if
-/// the browser sent one, naming the `Host` the request came to.
-fn same_origin_with_token(headers: &HeaderMap, token: &str) -> Result<(), &'static str> {
+/// the browser sent one, naming the host the request came to: the `Host` header, the request
+/// target's authority (HTTP/2 has no `Host`), or `X-Forwarded-Host` from a proxy in front.
+fn same_origin_with_token(
+    headers: &HeaderMap,
+    authority: Option<&str>,
+    token: &str,
+) -> Result<(), &'static str> {
     let sent = headers
         .get("x-outbox-csrf")
         .and_then(|v| v.to_str().ok())
@@ -318,12 +335,18 @@ fn same_origin_with_token(headers: &HeaderMap, token: &str) -> Result<(), &'stat
         return Err("missing or wrong x-outbox-csrf token: reload the page");
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
-        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
         let origin_host = origin
             .to_str()
             .ok()
-            .and_then(|o| o.split_once("://").map(|(_, rest)| rest));
-        if host.is_none() || origin_host != host {
+            .and_then(|o| o.split_once("://").map(|(_, rest)| rest))
+            .ok_or("cross-origin request refused")?;
+        let header = |name: &str| headers.get(name).and_then(|h| h.to_str().ok());
+        let hosts = [header("host"), authority, header("x-forwarded-host")];
+        if !hosts
+            .iter()
+            .flatten()
+            .any(|host| host.eq_ignore_ascii_case(origin_host))
+        {
             return Err("cross-origin request refused");
         }
     }
@@ -349,27 +372,32 @@ mod tests {
     #[test]
     fn writes_need_the_token_and_the_same_origin() {
         let t = "abc123";
-        assert!(same_origin_with_token(&headers(&[("x-outbox-csrf", t)]), t).is_ok());
-        assert!(same_origin_with_token(&headers(&[]), t).is_err());
-        assert!(same_origin_with_token(&headers(&[("x-outbox-csrf", "abc124")]), t).is_err());
-        assert!(same_origin_with_token(&headers(&[("x-outbox-csrf", "")]), "").is_err());
+        assert!(same_origin_with_token(&headers(&[("x-outbox-csrf", t)]), None, t).is_ok());
+        assert!(same_origin_with_token(&headers(&[]), None, t).is_err());
+        assert!(same_origin_with_token(&headers(&[("x-outbox-csrf", "abc124")]), None, t).is_err());
+        assert!(same_origin_with_token(&headers(&[("x-outbox-csrf", "")]), None, "").is_err());
         let same = [
             ("x-outbox-csrf", t),
             ("origin", "http://ops:8080"),
             ("host", "ops:8080"),
         ];
-        assert!(same_origin_with_token(&headers(&same), t).is_ok());
+        assert!(same_origin_with_token(&headers(&same), None, t).is_ok());
         let other = [
             ("x-outbox-csrf", t),
             ("origin", "https://evil.example"),
             ("host", "ops:8080"),
         ];
-        assert!(same_origin_with_token(&headers(&other), t).is_err());
+        assert!(same_origin_with_token(&headers(&other), None, t).is_err());
         let null = [
             ("x-outbox-csrf", t),
             ("origin", "null"),
             ("host", "ops:8080"),
         ];
-        assert!(same_origin_with_token(&headers(&null), t).is_err());
+        assert!(same_origin_with_token(&headers(&null), None, t).is_err());
+        // HTTP/2: no Host header, the authority is in the request target.
+        let h2 = [("x-outbox-csrf", t), ("origin", "https://ops.example")];
+        assert!(same_origin_with_token(&headers(&h2), Some("ops.example"), t).is_ok());
+        assert!(same_origin_with_token(&headers(&h2), Some("evil.example"), t).is_err());
+        assert!(same_origin_with_token(&headers(&h2), None, t).is_err());
     }
 }

@@ -299,7 +299,7 @@ impl<DB: Backend, D: Destination> Relay<DB, D> {
                 let (stop, abandon, wake) = (stop.clone(), abandon.clone(), wake_rx.clone());
                 let id = tasks
                     .spawn(
-                        async move { shared.work(stop, abandon, wake).await }
+                        async move { shared.work(relay_id, stop, abandon, wake).await }
                             .instrument(tracing::info_span!("outbox.worker", worker)),
                     )
                     .id();
@@ -403,6 +403,7 @@ const FIRST_IDLE_WAIT: Duration = Duration::from_millis(10);
 impl<DB: Backend, D: Destination> Shared<DB, D> {
     async fn work(
         &self,
+        relay_id: Uuid,
         shutdown: CancellationToken,
         abandon: CancellationToken,
         mut wake: watch::Receiver<u64>,
@@ -411,7 +412,7 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
         let mut idle = FIRST_IDLE_WAIT;
         while !shutdown.is_cancelled() {
             wake.mark_unchanged();
-            let token = Uuid::now_v7();
+            let token = claim_token(relay_id);
             // Announcements first, outside the lease clock: a big backlog of them must not eat
             // the lease of the batch claimed after. If they cannot be taken in now, the
             // aggregates the relay already knows are claimed all the same.
@@ -699,6 +700,16 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
             crate::metrics::settled(table, &envelope.event_type, destination, outcome, waited);
         }
     }
+}
+
+/// A claim's lease token: the relay's id in its first half, so that the operator's status can
+/// count the relays holding leases (`Inspect::status`), fresh randomness in the second.
+fn claim_token(relay_id: Uuid) -> Uuid {
+    let fresh = Uuid::new_v4();
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&relay_id.as_bytes()[8..]);
+    bytes[8..].copy_from_slice(&fresh.as_bytes()[8..]);
+    Uuid::from_bytes(bytes)
 }
 
 /// The one place delivery failures are logged.

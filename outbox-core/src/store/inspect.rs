@@ -52,11 +52,17 @@ pub trait Inspect: Store {
     ) -> impl Future<Output = Result<u64>> + Send + 'a;
 }
 
-/// Moves a dead event out of the way ([`Outbox::discard_dead`](crate::Outbox::discard_dead)).
+/// Gives up on a dead event ([`Outbox::discard_dead`](crate::Outbox::discard_dead)).
 pub trait ArchiveDead: Store {
-    /// Moves dead event `id` into `<table>_archive` (where it stays dead and can be read) if its
-    /// aggregate has moved past it; whether it did.
-    fn archive_dead(&self, id: Uuid) -> impl Future<Output = Result<bool>> + Send + '_;
+    /// In one transaction: releases the aggregate if it is parked at dead event `id`, and moves
+    /// the event into `<table>_archive` (where it stays dead and can be read); nothing at all
+    /// if the aggregate would still deliver it. Whether it did; with `dry_run`, whether it
+    /// would, rolling the transaction back.
+    fn archive_dead(
+        &self,
+        id: Uuid,
+        dry_run: bool,
+    ) -> impl Future<Output = Result<bool>> + Send + '_;
 }
 
 /// The outbox at a glance ([`Outbox::status`](crate::Outbox::status)).
@@ -78,6 +84,8 @@ pub struct OutboxStatus {
     pub oldest_pending_since: Option<DateTime<Utc>>,
     /// How long that event has been waiting: the lag an alert should fire on.
     pub oldest_pending_age_ms: Option<i64>,
+    /// Relays holding at least one unexpired lease.
+    pub relays_leasing: u64,
     /// Leases held right now: batches that relay workers have claimed and not yet settled
     /// (a relay with several workers holds several).
     pub leases: u64,
@@ -114,6 +122,7 @@ impl OutboxStatus {
                 .map(|since| (read_at - since).num_milliseconds().max(0)),
             oldest_pending_since,
             counts,
+            relays_leasing: 0,
             leases: 0,
             aggregates_leased: 0,
             aggregates_retrying: 0,

@@ -1036,10 +1036,9 @@ where
         // The fingerprint is computed here, not in SQL: find the group's ids among the
         // summaries, then read the rows of those only.
         let ids: Vec<Uuid> = self
-            .dead_summaries(filter)
+            .dead_summaries(filter, limit)
             .await?
             .into_iter()
-            .take(limit)
             .map(|e| e.id)
             .collect();
         if ids.is_empty() {
@@ -1053,17 +1052,27 @@ where
         self.store().dead(&by_id, limit).await
     }
 
-    /// The dead events `filter` selects, group included, without payloads: the most recent first.
-    pub async fn dead_summaries(&self, filter: &EventFilter) -> Result<Vec<DeadEvent>> {
+    /// The dead events `filter` selects, group included, without payloads: the most recent
+    /// first, at most `limit`.
+    pub async fn dead_summaries(
+        &self,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<Vec<DeadEvent>> {
+        if filter.group.is_none() {
+            return self.store().dead_summaries(filter, limit).await;
+        }
+        // The fingerprint is computed here, not in SQL.
         let mut events = self.store().dead_summaries(filter, usize::MAX).await?;
         events.retain(|e| filter.keeps(e));
+        events.truncate(limit);
         Ok(events)
     }
 
     /// The dead events `filter` selects, grouped by cause ([`group_dead`]), the largest group
     /// first.
     pub async fn dead_groups(&self, filter: &EventFilter) -> Result<Vec<DeadGroup>> {
-        Ok(group_dead(&self.dead_summaries(filter).await?))
+        Ok(group_dead(&self.dead_summaries(filter, usize::MAX).await?))
     }
 
     /// Aggregates parked at a dead event, the longest parked first, at most `limit`.
@@ -1133,7 +1142,7 @@ where
         filter.refuse_empty()?;
         let span = tracing::info_span!("outbox.requeue", table = %self.inner.table, dry_run);
         async {
-            let dead = self.dead_summaries(filter).await?;
+            let dead = self.dead_summaries(filter, usize::MAX).await?;
             if dry_run {
                 return Ok(dead.len() as u64);
             }
@@ -1159,26 +1168,22 @@ where
 
 impl<DB: Backend> Outbox<DB>
 where
-    DB::Store: Inspect + Discard + ArchiveDead,
+    DB::Store: Inspect + ArchiveDead,
 {
-    /// Gives up on every dead event `filter` selects: releases the aggregates parked at them
-    /// ([`discard`](Self::discard)) and moves them into `<table>_archive`, where they stay dead
-    /// and readable but leave the dead list. An event whose aggregate has not moved past it
-    /// (an earlier event of the aggregate was requeued) stays where it is. With `dry_run`,
-    /// changes nothing. Returns how many were (or would be) discarded. A filter without
-    /// conditions is refused.
+    /// Gives up on every dead event `filter` selects: releases the aggregate parked at it
+    /// ([`discard`](Self::discard)) and moves it into `<table>_archive`, where it stays dead
+    /// and readable but leaves the dead list, both in one transaction per event. An event its
+    /// aggregate will still deliver (an earlier event of the aggregate was requeued) is left
+    /// as it is, and not counted. With `dry_run`, each transaction is rolled back: the count is
+    /// what the real run would do now. A filter without conditions is refused.
     pub async fn discard_dead(&self, filter: &EventFilter, dry_run: bool) -> Result<u64> {
         filter.refuse_empty()?;
         let span = tracing::info_span!("outbox.discard", table = %self.inner.table, dry_run);
         async {
-            let dead = self.dead_summaries(filter).await?;
-            if dry_run {
-                return Ok(dead.len() as u64);
-            }
+            let dead = self.dead_summaries(filter, usize::MAX).await?;
             let mut discarded = 0;
             for event in &dead {
-                self.store().discard(event.id).await?;
-                discarded += u64::from(self.store().archive_dead(event.id).await?);
+                discarded += u64::from(self.store().archive_dead(event.id, dry_run).await?);
             }
             tracing::info!(discarded, "discarded dead events");
             Ok(discarded)

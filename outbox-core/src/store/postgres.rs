@@ -937,9 +937,11 @@ WHERE status = 'pending' AND available_at <= now()"#
         .await?;
         let mut status = OutboxStatus::new(read_at, sql::status_counts(counts)?, oldest);
         // A claim counts an attempt when it leases: a leased aggregate is retrying from its
-        // second attempt on. `leased_by` is the claim's token: one per batch in flight.
-        let (leases, leased, retrying, parked): (i64, i64, i64, i64) = sqlx::query_as(&format!(
-            r#"SELECT count(DISTINCT leased_by) FILTER (WHERE leased_by IS NOT NULL AND due_at > now()),
+        // second attempt on. `leased_by` is the claim's token: one per batch in flight, its
+        // first half the relay's (see `claim_token`).
+        let (relays, leases, leased, retrying, parked): (i64, i64, i64, i64, i64) = sqlx::query_as(&format!(
+            r#"SELECT count(DISTINCT left(leased_by::text, 18)) FILTER (WHERE leased_by IS NOT NULL AND due_at > now()),
+       count(DISTINCT leased_by) FILTER (WHERE leased_by IS NOT NULL AND due_at > now()),
        count(*) FILTER (WHERE leased_by IS NOT NULL AND due_at > now()),
        count(*) FILTER (WHERE done_seq < known_seq AND attempts >
            CASE WHEN leased_by IS NOT NULL AND due_at > now() THEN 1 ELSE 0 END),
@@ -948,6 +950,7 @@ FROM "{t}_cursors""#
         ))
         .fetch_one(&mut *tx)
         .await?;
+        status.relays_leasing = relays.max(0) as u64;
         status.leases = leases.max(0) as u64;
         status.aggregates_leased = leased.max(0) as u64;
         status.aggregates_retrying = retrying.max(0) as u64;
@@ -1045,10 +1048,15 @@ WHERE status = 'delivered' AND delivered_at < now() - $1 * interval '1 milliseco
 }
 
 impl ArchiveDead for PgStore {
-    async fn archive_dead(&self, id: Uuid) -> Result<bool> {
+    async fn archive_dead(&self, id: Uuid, dry_run: bool) -> Result<bool> {
         let t = self.table.as_str();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&self.statements.discard)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         // Only behind its aggregate's cursor: an event the relay would still come to must stay.
-        let done = sqlx::query(&format!(
+        let moved = sqlx::query(&format!(
             r#"WITH moved AS (
     DELETE FROM "{t}" o WHERE o.id = $1 AND o.status = 'dead'
       AND NOT EXISTS (SELECT 1 FROM "{t}_cursors" c
@@ -1059,9 +1067,18 @@ impl ArchiveDead for PgStore {
 INSERT INTO "{t}_archive" SELECT * FROM moved"#
         ))
         .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        // Not movable: the release is undone too, so a discard that did not happen changed
+        // nothing.
+        if moved && !dry_run {
+            tx.commit().await?;
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(moved)
     }
 }
 

@@ -639,17 +639,20 @@ WHERE status = 'pending' AND available_at <= ?1"#
         );
         // As on PostgreSQL: a leased aggregate is retrying from its second attempt on;
         // `leased_by` is one batch in flight.
-        let (leases, leased, retrying, parked): (i64, i64, i64, i64) = sqlx::query_as(&format!(
-            r#"SELECT count(DISTINCT CASE WHEN due_at > ?1 THEN leased_by END),
+        let (relays, leases, leased, retrying, parked): (i64, i64, i64, i64, i64) =
+            sqlx::query_as(&format!(
+                r#"SELECT count(DISTINCT CASE WHEN due_at > ?1 THEN substr(leased_by, 1, 18) END),
+       count(DISTINCT CASE WHEN due_at > ?1 THEN leased_by END),
        coalesce(sum(leased_by IS NOT NULL AND due_at > ?1), 0),
        coalesce(sum(done_seq < known_seq AND attempts >
            CASE WHEN leased_by IS NOT NULL AND due_at > ?1 THEN 1 ELSE 0 END), 0),
        coalesce(sum(parked_seq IS NOT NULL), 0)
 FROM "{t}_cursors""#
-        ))
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await?;
+            ))
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+        status.relays_leasing = relays.max(0) as u64;
         status.leases = leases.max(0) as u64;
         status.aggregates_leased = leased.max(0) as u64;
         status.aggregates_retrying = retrying.max(0) as u64;
@@ -786,10 +789,15 @@ ORDER BY o.dead_at NULLS FIRST, c.aggregate_type, c.aggregate_id LIMIT ?1"#
 }
 
 impl ArchiveDead for SqliteStore {
-    async fn archive_dead(&self, id: Uuid) -> Result<bool> {
+    async fn archive_dead(&self, id: Uuid, dry_run: bool) -> Result<bool> {
         let t = self.table.as_str();
-        // Only behind its aggregate's cursor: an event the relay would still come to must stay.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(&self.statements.discard)
+            .bind(id.to_string())
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        // Only behind its aggregate's cursor: an event the relay would still come to must stay.
         let moved = sqlx::query(&format!(
             r#"INSERT INTO "{t}_archive" SELECT * FROM "{t}" o WHERE o.id = ?1 AND o.status = 'dead'
   AND NOT EXISTS (SELECT 1 FROM "{t}_cursors" c
@@ -799,6 +807,7 @@ impl ArchiveDead for SqliteStore {
         .bind(id.to_string())
         .execute(&mut *tx)
         .await?;
+        // Not movable: the release is undone too (the transaction is dropped, rolled back).
         if moved.rows_affected() == 0 {
             return Ok(false);
         }
@@ -806,7 +815,11 @@ impl ArchiveDead for SqliteStore {
             .bind(id.to_string())
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
+        if dry_run {
+            tx.rollback().await?;
+        } else {
+            tx.commit().await?;
+        }
         Ok(true)
     }
 }
