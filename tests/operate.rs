@@ -178,3 +178,64 @@ async fn empty_reasons_are_no_condition() {
     an_empty_reason_selects_nothing_to_act_on::<Postgres>().await;
     an_empty_reason_selects_nothing_to_act_on::<Sqlite>().await;
 }
+
+/// Every reason of an event's failed attempts is kept (the last ten), not only the last one.
+async fn the_reasons_of_every_failed_attempt_are_kept<DB: TestDb>() {
+    let outbox = DB::fresh().await;
+    let log = Log::default();
+    let behaviour: Behaviour = Arc::new(|event: &ItemChanged, ctx: &HandlerContext| {
+        if event.item == "flaky" {
+            Err(HandlerError::retry(format!(
+                "attempt {} timed out",
+                ctx.attempt()
+            )))
+        } else {
+            Ok(())
+        }
+    });
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let flaky = ItemChanged {
+        item: "flaky".into(),
+        n: 1,
+    };
+    let id = outbox.enqueue(&mut *tx, &flaky).await.unwrap();
+    tx.commit().await.unwrap();
+    let relay = RunningRelay::start(
+        Relay::builder(outbox.clone(), dispatcher(&log, behaviour))
+            .retry(
+                outbox::RetryPolicy::exponential(Duration::from_millis(1))
+                    .max_delay(Duration::from_millis(5))
+                    .max_attempts(12),
+            )
+            .poll_interval(Duration::from_millis(5)),
+    );
+    eventually("dead after 12 attempts", WAIT, || async {
+        status(&outbox).await.dead == 1
+    })
+    .await;
+    relay.stop().await;
+    let record = outbox.get(id).await.unwrap().unwrap();
+    let attempts: Vec<u32> = record.failures.iter().map(|f| f.attempt).collect();
+    assert_eq!(
+        attempts,
+        (3..=12).collect::<Vec<_>>(),
+        "the last ten, oldest first"
+    );
+    assert!(record.failures[..9].iter().all(|f| !f.dead));
+    assert!(record.failures[9].dead, "the last one gave up");
+    for f in &record.failures {
+        assert_eq!(f.reason, format!("attempt {} timed out", f.attempt));
+    }
+    assert!(record.failures.windows(2).all(|w| w[0].at <= w[1].at));
+    DB::drop_tables(&outbox).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_keeps_every_failed_attempt() {
+    the_reasons_of_every_failed_attempt_are_kept::<Postgres>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_keeps_every_failed_attempt() {
+    the_reasons_of_every_failed_attempt_are_kept::<Sqlite>().await;
+}

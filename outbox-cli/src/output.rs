@@ -238,6 +238,18 @@ pub(crate) fn record(json: bool, r: &EventRecord) {
     println!("dead         {}", time(r.dead_at));
     println!("consumed     {}", time(r.consumed_at));
     println!("last reason  {}", r.last_error.as_deref().unwrap_or("-"));
+    if !r.failures.is_empty() {
+        println!("failed attempts (the last ten)");
+        for f in &r.failures {
+            let gave_up = if f.dead { ", gave up" } else { "" };
+            println!(
+                "  #{} at {}{gave_up}: {}",
+                f.attempt,
+                f.at.to_rfc3339(),
+                f.reason
+            );
+        }
+    }
     println!("headers");
     for (name, value) in &r.headers {
         println!("  {name}: {value}");

@@ -44,10 +44,10 @@ pub use store::postgres::{PgInbox, PgStore};
 pub use store::sqlite::{SqliteInbox, SqliteStore};
 pub use store::{
     dead_fingerprint, group_dead, normalise_reason, ArchiveDead, Backend, Check, Claim, DeadEvent,
-    DeadGroup, Discard, Enqueued, EventFilter, EventRecord, EventStatus, ExplainClaim, Fate,
-    FullStore, InboxStore, Inconsistency, Inspect, Lookup, MarkConsumed, Outbox, OutboxBuilder,
-    OutboxStatus, ParkedAggregate, Republish, Requeue, Run, RunEvent, Settlement, StatusCount,
-    Store, StoreOptions, StuckAggregate,
+    DeadGroup, Discard, Enqueued, EventFilter, EventRecord, EventStatus, ExplainClaim,
+    FailedAttempt, Fate, FullStore, InboxStore, Inconsistency, Inspect, Lookup, MarkConsumed,
+    Outbox, OutboxBuilder, OutboxStatus, ParkedAggregate, Republish, Requeue, Run, RunEvent,
+    Settlement, StatusCount, Store, StoreOptions, StuckAggregate,
 };
 pub use table::{TableName, MAX_TABLE_NAME_LEN};
 

@@ -626,6 +626,23 @@ pub struct EventRecord {
     pub topic: String,
     /// The headers stored with it.
     pub headers: crate::event::Headers,
+    /// Its last ten failed attempts, oldest first (events that failed before the table had
+    /// this record show none).
+    pub failures: Vec<FailedAttempt>,
+}
+
+/// One failed delivery attempt of an event, as the relay recorded it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct FailedAttempt {
+    /// The attempt's number.
+    pub attempt: u32,
+    /// When the relay recorded it.
+    pub at: DateTime<Utc>,
+    /// Whether the event was given up (dead) with it.
+    pub dead: bool,
+    /// Why it failed.
+    pub reason: String,
 }
 
 /// The outbox: enqueue events in your transactions, and hand it to a [`Relay`](crate::Relay).

@@ -228,6 +228,11 @@ ORDER BY l.aggregate_type, l.aggregate_id, o.seq"#
 UPDATE "{t}" o SET
     status = e.status, attempts = e.attempts,
     last_error = CASE WHEN e.status = 'delivered' THEN NULL ELSE COALESCE(e.reason, o.last_error) END,
+    -- The last ten failed attempts, for the operator (`dead show`).
+    failures = CASE WHEN e.reason IS NULL OR e.status = 'delivered' THEN o.failures
+        ELSE jsonb_path_query_array(COALESCE(o.failures, '[]'::jsonb) || jsonb_build_array(
+            jsonb_build_object('attempt', e.attempts, 'at', now(), 'dead', e.status = 'dead',
+                               'reason', e.reason)), '$[last-9 to last]') END,
     delivered_at = CASE WHEN e.status = 'delivered' THEN now() END,
     dead_at = CASE WHEN e.status = 'dead' THEN now() END
 FROM fates e JOIN held h USING (aggregate_type, aggregate_id)
@@ -315,7 +320,8 @@ INSERT INTO "{t}" SELECT * FROM moved"#
 SELECT coalesce(sum(n), 0)::int8 FROM bounds"#
             ),
             get: format!(
-                r#"SELECT {COLUMNS}, o.status, o.last_error, o.available_at, o.delivered_at, o.dead_at, o.consumed_at
+                r#"SELECT {COLUMNS}, o.status, o.last_error, o.available_at, o.delivered_at, o.dead_at, o.consumed_at,
+       o.failures::text AS failures
 FROM "{t}" o WHERE o.id = $1"#
             ),
             // One statement, so concurrent requeues of one aggregate serialise on its cursor row
@@ -515,6 +521,14 @@ CREATE TABLE IF NOT EXISTS "{t}_keys" (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS "{t}_keys_created_at" ON "{t}_keys" (created_at);"#
+                ),
+            ),
+            (
+                5,
+                "the reasons of an event's last failed attempts",
+                format!(
+                    r#"ALTER TABLE "{t}" ADD COLUMN IF NOT EXISTS failures jsonb;
+ALTER TABLE "{t}_archive" ADD COLUMN IF NOT EXISTS failures jsonb;"#
                 ),
             ),
         ]
@@ -900,7 +914,14 @@ fn record(row: &PgRow) -> Result<EventRecord> {
         dead_at: row.try_get("dead_at")?,
         consumed_at: row.try_get("consumed_at")?,
     };
-    sql::record(envelope(row)?, &status, row.try_get("last_error")?, times)
+    let failures: Option<String> = row.try_get("failures")?;
+    sql::record(
+        envelope(row)?,
+        &status,
+        row.try_get("last_error")?,
+        times,
+        failures.as_deref(),
+    )
 }
 
 /// The dead events an `EventFilter` selects (its group aside); see `Inspect::dead`.
@@ -980,7 +1001,8 @@ ORDER BY p.oldest LIMIT $2"#
     async fn dead<'a>(&'a self, filter: &'a EventFilter, limit: usize) -> Result<Vec<EventRecord>> {
         let t = self.table.as_str();
         let sql = format!(
-            r#"SELECT {COLUMNS}, o.status, o.last_error, o.available_at, o.delivered_at, o.dead_at, o.consumed_at
+            r#"SELECT {COLUMNS}, o.status, o.last_error, o.available_at, o.delivered_at, o.dead_at, o.consumed_at,
+       o.failures::text AS failures
 FROM "{t}" o WHERE {DEAD}
 ORDER BY o.dead_at DESC NULLS LAST, o.id LIMIT $8"#
         );

@@ -61,7 +61,12 @@ pub(super) fn record(
     status: &str,
     last_error: Option<String>,
     times: RecordTimes,
+    failures: Option<&str>,
 ) -> Result<EventRecord> {
+    // Bookkeeping for the operator: unreadable, it is left out rather than failing the read.
+    let failures = failures
+        .and_then(|text| serde_json::from_str(text).ok())
+        .unwrap_or_default();
     Ok(EventRecord {
         status: EventStatus::parse(status).ok_or_else(|| Error::CorruptRow {
             id: envelope.id.to_string(),
@@ -83,6 +88,7 @@ pub(super) fn record(
         schema_version: envelope.schema_version,
         topic: envelope.topic,
         headers: envelope.headers,
+        failures,
     })
 }
 

@@ -112,6 +112,12 @@ WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND leased_by = ?9"#
             settle_event: format!(
                 r#"UPDATE "{t}" SET status = ?2, attempts = ?3,
     last_error = CASE WHEN ?2 = 'delivered' THEN NULL ELSE coalesce(?4, last_error) END,
+    -- The last ten failed attempts, for the operator (`dead show`).
+    failures = CASE WHEN ?4 IS NULL OR ?2 = 'delivered' THEN failures ELSE (
+        SELECT CASE WHEN json_array_length(a) > 10 THEN json_remove(a, '$[0]') ELSE a END
+        FROM (SELECT json_insert(coalesce(failures, '[]'), '$[#]', json_object(
+            'attempt', ?3, 'at', strftime('%Y-%m-%dT%H:%M:%fZ', ?5 / 1000.0, 'unixepoch'),
+            'dead', json(CASE WHEN ?2 = 'dead' THEN 'true' ELSE 'false' END), 'reason', ?4)) AS a)) END,
     delivered_at = CASE WHEN ?2 = 'delivered' THEN ?5 END,
     dead_at = CASE WHEN ?2 = 'dead' THEN ?5 END
 WHERE id = ?1 AND status = 'pending'"#
@@ -199,7 +205,7 @@ ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET
     version = version + 1"#
             ),
             get: format!(
-                r#"SELECT {COLUMNS}, status, last_error, available_at, delivered_at, dead_at, consumed_at
+                r#"SELECT {COLUMNS}, status, last_error, available_at, delivered_at, dead_at, consumed_at, failures
 FROM "{t}" WHERE id = ?1"#
             ),
             consumed: format!(
@@ -330,6 +336,14 @@ ALTER TABLE "{t}_archive" ADD COLUMN content_type TEXT NOT NULL DEFAULT 'applica
     created_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS "{t}_keys_created_at" ON "{t}_keys" (created_at);"#
+                ),
+            ),
+            (
+                5,
+                "the reasons of an event's last failed attempts",
+                format!(
+                    r#"ALTER TABLE "{t}" ADD COLUMN failures TEXT;
+ALTER TABLE "{t}_archive" ADD COLUMN failures TEXT;"#
                 ),
             ),
         ]
@@ -597,7 +611,14 @@ fn record(row: &SqliteRow) -> Result<EventRecord> {
         dead_at: time("dead_at")?,
         consumed_at: time("consumed_at")?,
     };
-    sql::record(envelope(row)?, &status, row.try_get("last_error")?, times)
+    let failures: Option<String> = row.try_get("failures")?;
+    sql::record(
+        envelope(row)?,
+        &status,
+        row.try_get("last_error")?,
+        times,
+        failures.as_deref(),
+    )
 }
 
 /// The dead events an `EventFilter` selects (its group aside); see `Inspect::dead`.
@@ -691,7 +712,7 @@ ORDER BY p.oldest LIMIT ?2"#
     async fn dead<'a>(&'a self, filter: &'a EventFilter, limit: usize) -> Result<Vec<EventRecord>> {
         let t = self.table.as_str();
         let sql = format!(
-            r#"SELECT {COLUMNS}, status, last_error, available_at, delivered_at, dead_at, consumed_at
+            r#"SELECT {COLUMNS}, status, last_error, available_at, delivered_at, dead_at, consumed_at, failures
 FROM "{t}" WHERE {DEAD}
 ORDER BY dead_at DESC NULLS LAST, id LIMIT ?8"#
         );
