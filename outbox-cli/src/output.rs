@@ -1,5 +1,26 @@
 //! What the commands print: aligned text for people, JSON (`--json`) for scripts.
 
+/// `println!` that ends the command quietly when the reader went away (`outbox dead list |
+/// head`) instead of panicking on the broken pipe.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        crate::output::line(format_args!($($arg)*))
+    };
+}
+
+pub(crate) fn line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(error) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            // The reader has what it wanted.
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write the output: {error}");
+        std::process::exit(1);
+    }
+}
+
 use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use outbox_core::{DeadGroup, EventRecord, Inconsistency, OutboxStatus, ParkedAggregate};
@@ -8,7 +29,7 @@ use serde_json::json;
 use std::time::Duration;
 
 fn print_json(value: &impl Serialize) {
-    println!(
+    say!(
         "{}",
         serde_json::to_string_pretty(value).expect("output serialises")
     );
@@ -28,7 +49,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("  {}", padded.join("  ").trim_end());
+        say!("  {}", padded.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for row in rows {
@@ -76,7 +97,7 @@ pub(crate) fn done(json: bool, action: &str, value: &serde_json::Value) {
     if json {
         print_json(&json!({ "action": action, "result": value }));
     } else {
-        println!("{action}: done");
+        say!("{action}: done");
     }
 }
 
@@ -88,20 +109,20 @@ pub(crate) fn status(json: bool, table_name: &str, status: &OutboxStatus, stuck_
         return;
     }
     let now = status.read_at;
-    println!("outbox {table_name:?} at {}", now.to_rfc3339());
+    say!("outbox {table_name:?} at {}", now.to_rfc3339());
     let lag = status
         .oldest_pending_age_ms
         .map(|ms| format!("oldest due event waiting {}", age(ms)))
         .unwrap_or_else(|| "nothing due".into());
-    println!("  pending    {:>10}   {lag}", status.pending);
-    println!("  delivered  {:>10}   still in the table", status.delivered);
+    say!("  pending    {:>10}   {lag}", status.pending);
+    say!("  delivered  {:>10}   still in the table", status.delivered);
     let dead = if status.dead > 0 {
         "by cause: outbox dead groups"
     } else {
         ""
     };
-    println!("  dead       {:>10}   {dead}", status.dead);
-    println!(
+    say!("  dead       {:>10}   {dead}", status.dead);
+    say!(
         "  relays leasing {} ({} leases), aggregates leased {}, retrying {}, parked {}",
         status.relays_leasing,
         status.leases,
@@ -110,7 +131,7 @@ pub(crate) fn status(json: bool, table_name: &str, status: &OutboxStatus, stuck_
         status.aggregates_parked
     );
     if !status.counts.is_empty() {
-        println!("\nby event type:");
+        say!("\nby event type:");
         let rows: Vec<Vec<String>> = status
             .counts
             .iter()
@@ -126,9 +147,9 @@ pub(crate) fn status(json: bool, table_name: &str, status: &OutboxStatus, stuck_
     }
     let threshold = age(i64::try_from(stuck_after.as_millis()).unwrap_or(i64::MAX));
     if status.stuck.is_empty() {
-        println!("\nno aggregate held back longer than {threshold}");
+        say!("\nno aggregate held back longer than {threshold}");
     } else {
-        println!("\nstuck: oldest pending event older than {threshold}");
+        say!("\nstuck: oldest pending event older than {threshold}");
         let rows: Vec<Vec<String>> = status
             .stuck
             .iter()
@@ -173,10 +194,10 @@ pub(crate) fn check(json: bool, problems: &[Inconsistency]) {
             .collect();
         print_json(&json!({ "inconsistencies": list }));
     } else if problems.is_empty() {
-        println!("consistent: every pending event will be claimed");
+        say!("consistent: every pending event will be claimed");
     } else {
         for p in problems {
-            println!("{}:{}: {}", p.aggregate_type, p.aggregate_id, p.problem);
+            say!("{}:{}: {}", p.aggregate_type, p.aggregate_id, p.problem);
         }
     }
 }
@@ -186,7 +207,7 @@ pub(crate) fn dead_list(json: bool, records: &[EventRecord]) {
         return print_json(&records);
     }
     if records.is_empty() {
-        return println!("no dead events");
+        return say!("no dead events");
     }
     let now = Utc::now();
     let rows: Vec<Vec<String>> = records
@@ -220,29 +241,31 @@ pub(crate) fn record(json: bool, r: &EventRecord) {
         return print_json(r);
     }
     let time = |t: Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into());
-    println!("event        {}", r.id);
-    println!("type         {} v{}", r.event_type, r.schema_version);
-    println!(
+    say!("event        {}", r.id);
+    say!("type         {} v{}", r.event_type, r.schema_version);
+    say!(
         "aggregate    {}:{} (seq {})",
-        r.aggregate_type, r.aggregate_id, r.sequence
+        r.aggregate_type,
+        r.aggregate_id,
+        r.sequence
     );
-    println!("route        {}", r.topic);
-    println!(
+    say!("route        {}", r.topic);
+    say!(
         "status       {} after {} attempt(s)",
         r.status.as_str(),
         r.attempts
     );
-    println!("created      {}", r.created_at.to_rfc3339());
-    println!("due          {}", r.available_at.to_rfc3339());
-    println!("delivered    {}", time(r.delivered_at));
-    println!("dead         {}", time(r.dead_at));
-    println!("consumed     {}", time(r.consumed_at));
-    println!("last reason  {}", r.last_error.as_deref().unwrap_or("-"));
+    say!("created      {}", r.created_at.to_rfc3339());
+    say!("due          {}", r.available_at.to_rfc3339());
+    say!("delivered    {}", time(r.delivered_at));
+    say!("dead         {}", time(r.dead_at));
+    say!("consumed     {}", time(r.consumed_at));
+    say!("last reason  {}", r.last_error.as_deref().unwrap_or("-"));
     if !r.failures.is_empty() {
-        println!("failed attempts (the last ten)");
+        say!("failed attempts (the last ten)");
         for f in &r.failures {
             let gave_up = if f.dead { ", gave up" } else { "" };
-            println!(
+            say!(
                 "  #{} at {}{gave_up}: {}",
                 f.attempt,
                 f.at.to_rfc3339(),
@@ -250,15 +273,15 @@ pub(crate) fn record(json: bool, r: &EventRecord) {
             );
         }
     }
-    println!("headers");
+    say!("headers");
     for (name, value) in &r.headers {
-        println!("  {name}: {value}");
+        say!("  {name}: {value}");
     }
     let payload = serde_json::from_str::<serde_json::Value>(&r.payload)
         .ok()
         .and_then(|v| serde_json::to_string_pretty(&v).ok())
         .unwrap_or_else(|| r.payload.clone());
-    println!("payload\n{payload}");
+    say!("payload\n{payload}");
 }
 
 pub(crate) fn groups(json: bool, groups: &[DeadGroup]) {
@@ -266,7 +289,7 @@ pub(crate) fn groups(json: bool, groups: &[DeadGroup]) {
         return print_json(&groups);
     }
     if groups.is_empty() {
-        return println!("no dead events");
+        return say!("no dead events");
     }
     let now = Utc::now();
     let rows: Vec<Vec<String>> = groups
@@ -282,7 +305,7 @@ pub(crate) fn groups(json: bool, groups: &[DeadGroup]) {
         })
         .collect();
     table(&["GROUP", "COUNT", "EVENT TYPE", "LAST", "REASON"], &rows);
-    println!("\nact on a group: outbox requeue --group GROUP (or discard), with --dry-run first");
+    say!("\nact on a group: outbox requeue --group GROUP (or discard), with --dry-run first");
 }
 
 pub(crate) fn parked(json: bool, parked: &[ParkedAggregate]) {
@@ -290,7 +313,7 @@ pub(crate) fn parked(json: bool, parked: &[ParkedAggregate]) {
         return print_json(&parked);
     }
     if parked.is_empty() {
-        return println!("no parked aggregates");
+        return say!("no parked aggregates");
     }
     let now = Utc::now();
     let rows: Vec<Vec<String>> = parked
@@ -323,9 +346,9 @@ pub(crate) fn action(json: bool, action: &str, past: &str, count: u64, dry_run: 
     if json {
         print_json(&json!({ "action": action, "dry_run": dry_run, "count": count }));
     } else if dry_run {
-        println!("would have {past} {count} (dry run: nothing changed)");
+        say!("would have {past} {count} (dry run: nothing changed)");
     } else {
-        println!("{past} {count}");
+        say!("{past} {count}");
     }
 }
 
@@ -353,8 +376,8 @@ pub(crate) fn purged(json: bool, purged: u64, total: u64, interrupted: bool) {
             "action": "purge", "purged": purged, "estimated": total, "interrupted": interrupted,
         }));
     } else if interrupted {
-        println!("interrupted: purged {purged} of about {total}; the rest is untouched");
+        say!("interrupted: purged {purged} of about {total}; the rest is untouched");
     } else {
-        println!("purged {purged}");
+        say!("purged {purged}");
     }
 }

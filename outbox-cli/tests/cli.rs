@@ -258,6 +258,18 @@ where
         "{human}"
     );
 
+    // A reader that goes away (`| head`) ends the command quietly, not with a panic.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["--url", url, "--table", t, "dead", "list"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+
     // The parked aggregates, the ones behind a dead event.
     let parked = cli_json(url, t, &["parked", "list"]);
     assert_eq!(parked.as_array().unwrap().len(), 3, "{parked}");
