@@ -10,7 +10,7 @@
 use outbox::dashboard::{self, Dashboard};
 use outbox::{HandlerContext, HandlerError, Relay};
 use outbox_tests::{
-    dispatcher, eventually, free_port, Behaviour, ItemChanged, Log, RunningRelay, TestDb,
+    dispatcher, eventually, free_port, serve, Behaviour, ItemChanged, Log, RunningRelay, TestDb,
 };
 use serde_json::{json, Value};
 use sqlx::Postgres;
@@ -19,14 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// Serves `router` on a free port of loopback; returns its address.
-async fn serve(router: axum::Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    address
-}
 
 /// A WebDriver session, the few commands this test needs.
 struct Browser {

@@ -3,7 +3,9 @@
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use outbox::{EnqueueOptions, EventFilter, HandlerError, Outbox, Relay};
-use outbox_tests::{dispatcher, eventually, Behaviour, ItemChanged, Log, RunningRelay, TestDb};
+use outbox_tests::{
+    dispatcher, eventually, serve, Behaviour, ItemChanged, Log, RunningRelay, TestDb,
+};
 use sqlx::{Postgres, Sqlite};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,13 +15,6 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-async fn serve(router: axum::Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    address
-}
 
 /// Sends `request` as is and returns the whole answer.
 async fn raw(address: &str, request: String) -> String {

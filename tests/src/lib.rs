@@ -715,3 +715,11 @@ pub async fn enqueue_poison(outbox: &Outbox<Postgres>) {
         .unwrap();
     tx.commit().await.unwrap();
 }
+
+/// Serves `router` on a free port of loopback; returns its address.
+pub async fn serve(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    address
+}

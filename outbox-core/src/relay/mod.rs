@@ -682,8 +682,10 @@ impl<DB: Backend, D: Destination> Shared<DB, D> {
     fn count(&self, run: &Run, settlement: &Settlement) {
         let table = self.outbox.table().as_str();
         let now = chrono::Utc::now();
+        // Fates come in the run's event order: one pass over the run finds them all.
+        let mut events = run.events.iter();
         for fate in &settlement.events {
-            let Some(event) = run.events.iter().find(|e| e.envelope.id == fate.id) else {
+            let Some(event) = events.find(|e| e.envelope.id == fate.id) else {
                 continue;
             };
             let envelope = &event.envelope;

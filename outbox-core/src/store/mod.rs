@@ -1151,8 +1151,8 @@ impl<DB: Backend> Outbox<DB>
 where
     DB::Store: Inspect + Requeue,
 {
-    /// Requeues every dead event `filter` selects ([`requeue`](Self::requeue) for each); with
-    /// `dry_run`, changes nothing. Returns how many were (or would be) requeued. Each aggregate
+    /// Requeues every dead event `filter` selects, each aggregate's events in one transaction
+    /// ([`Requeue::requeue_all`]); with `dry_run`, changes nothing. Returns how many were (or would be) requeued. Each aggregate
     /// is delivered again from its earliest requeued event, in `seq` order. A filter without
     /// conditions is refused.
     pub async fn requeue_dead(&self, filter: &EventFilter, dry_run: bool) -> Result<u64> {
