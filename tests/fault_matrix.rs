@@ -16,10 +16,16 @@
 use outbox_tests::faults::{markdown, run_cell, Dest, Fault, Figures, Programs, Servers, Size};
 use outbox_tests::init_tracing;
 
+/// The helper processes: this build's, or copies named by `OUTBOX_FAULTS_RELAY` and
+/// `OUTBOX_FAULTS_CONSUMER` (to loop a cell while the workspace is rebuilt).
 fn programs() -> Programs {
+    let program = |var: &str, built: &str| std::env::var_os(var).unwrap_or(built.into()).into();
     Programs {
-        relay: env!("CARGO_BIN_EXE_relay_process").into(),
-        consumer: env!("CARGO_BIN_EXE_fault_consumer").into(),
+        relay: program("OUTBOX_FAULTS_RELAY", env!("CARGO_BIN_EXE_relay_process")),
+        consumer: program(
+            "OUTBOX_FAULTS_CONSUMER",
+            env!("CARGO_BIN_EXE_fault_consumer"),
+        ),
     }
 }
 

@@ -602,7 +602,28 @@ impl Route {
                 connection.close(0, "read".into()).await.ok();
                 out
             }
-            Dest::Kafka => read_kafka(&self.address, &self.topic()).await,
+            Dest::Kafka => {
+                // Read until two reads agree: a read that ends early (tansu 0.6 can report a
+                // stale high watermark) must not pass for a lost event. What a later read adds
+                // is said; an event no read finds stays lost, and the relays' confirmations
+                // of it are reported (`explain_kafka_losses`).
+                let mut read = read_kafka(&self.address, &self.topic()).await;
+                for _ in 0..3 {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    let again = read_kafka(&self.address, &self.topic()).await;
+                    if again.len() <= read.len() {
+                        break;
+                    }
+                    eprintln!(
+                        "kafka: a second read of {} found {} records, the first {}",
+                        self.topic(),
+                        again.len(),
+                        read.len()
+                    );
+                    read = again;
+                }
+                read
+            }
             Dest::Handler => {
                 let rows: Vec<(Uuid, String, i64)> = sqlx::query_as(&format!(
                     r#"SELECT id, account, n FROM "{}" ORDER BY arrival"#,
@@ -625,6 +646,15 @@ impl Route {
 
 /// Every record of `topic`, partition after partition, from the start.
 async fn read_kafka(brokers: &str, topic: &str) -> Vec<Arrival> {
+    read_kafka_records(brokers, topic)
+        .await
+        .into_iter()
+        .map(|(_, _, arrival)| arrival)
+        .collect()
+}
+
+/// Every record of `topic` with its partition and offset, partition after partition.
+async fn read_kafka_records(brokers: &str, topic: &str) -> Vec<(i32, i64, Arrival)> {
     use rdkafka::config::ClientConfig;
     use rdkafka::consumer::StreamConsumer;
     use rdkafka::message::Headers as _;
@@ -688,7 +718,7 @@ async fn read_kafka(brokers: &str, topic: &str) -> Vec<Arrival> {
                     .and_then(|h| std::str::from_utf8(h.value?).ok().map(str::to_owned))
             });
             match arrival(id.as_deref(), m.payload().unwrap_or_default()) {
-                Some(a) => out.push(a),
+                Some(a) => out.push((partition, m.offset(), a)),
                 None => panic!(
                     "record {partition}@{} of {topic} has no readable outbox-id header",
                     m.offset()
@@ -708,15 +738,37 @@ struct Proc {
     child: Child,
     started: Instant,
     peak_rss_kib: u64,
+    /// Where its stderr goes (appended, shared by the processes of a cell); inherited if none.
+    log: Option<PathBuf>,
 }
 
 impl Proc {
     fn spawn(program: &PathBuf, args: &[String], env: &[(String, String)]) -> Self {
+        Self::spawn_logged(program, args, env, None)
+    }
+
+    fn spawn_logged(
+        program: &PathBuf,
+        args: &[String],
+        env: &[(String, String)],
+        log: Option<PathBuf>,
+    ) -> Self {
+        let stderr = match &log {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display())),
+            ),
+            None => Stdio::inherit(),
+        };
         let child = Command::new(program)
             .args(args)
             .envs(env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
         Self {
@@ -726,6 +778,7 @@ impl Proc {
             child,
             started: Instant::now(),
             peak_rss_kib: 0,
+            log,
         }
     }
 
@@ -756,7 +809,7 @@ impl Proc {
         env.extend(extra_env.iter().cloned());
         let peak = self.peak_rss_kib;
         let (program, args, base_env) = (self.program.clone(), self.args.clone(), self.env.clone());
-        *self = Self::spawn(&program, &args, &env);
+        *self = Self::spawn_logged(&program, &args, &env, self.log.clone());
         self.env = base_env;
         self.peak_rss_kib = peak;
     }
@@ -773,7 +826,12 @@ impl Proc {
             self.program.display()
         );
         let peak = self.peak_rss_kib;
-        *self = Self::spawn(&self.program.clone(), &self.args.clone(), &self.env.clone());
+        *self = Self::spawn_logged(
+            &self.program.clone(),
+            &self.args.clone(),
+            &self.env.clone(),
+            self.log.clone(),
+        );
         self.peak_rss_kib = peak;
         true
     }
@@ -981,10 +1039,15 @@ pub async fn run_cell(
         Fault::Soak => 4,
         _ => 2,
     };
-    let mut relay_env = vec![(
-        "RUST_LOG".to_owned(),
-        std::env::var("OUTBOX_FAULTS_RELAY_LOG").unwrap_or_else(|_| "error".into()),
-    )];
+    let mut relay_log_level =
+        std::env::var("OUTBOX_FAULTS_RELAY_LOG").unwrap_or_else(|_| "error".into());
+    // Kafka cells keep every confirmation (partition, offset) the relays received, in a file,
+    // so that an event the topic lacks can be traced to what the broker confirmed.
+    let relay_log = (dest == Dest::Kafka && fault != Fault::Soak).then(|| {
+        relay_log_level.push_str(",outbox_kafka=debug");
+        std::env::temp_dir().join(format!("{table}-relays.log"))
+    });
+    let mut relay_env = vec![("RUST_LOG".to_owned(), relay_log_level)];
     if fault == Fault::Poison {
         relay_env.push(("OUTBOX_RELAY_MAX_ATTEMPTS".into(), "3".into()));
     }
@@ -1002,7 +1065,9 @@ pub async fn run_cell(
     .collect();
     let relays = Arc::new(Mutex::new(
         (0..relay_count)
-            .map(|_| Proc::spawn(&programs.relay, &relay_args, &relay_env))
+            .map(|_| {
+                Proc::spawn_logged(&programs.relay, &relay_args, &relay_env, relay_log.clone())
+            })
             .collect::<Vec<_>>(),
     ));
 
@@ -1198,7 +1263,7 @@ pub async fn run_cell(
         collected.extend(route.read(&servers.pool).await);
         collected
     };
-    tally(
+    let lost = tally(
         &mut figures,
         &servers.pool,
         &table,
@@ -1207,6 +1272,19 @@ pub async fn run_cell(
         &arrivals,
     )
     .await;
+    if let Some(log) = relay_log {
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(std::env::temp_dir().join(format!("{table}-relays.log")));
+        // The relays' own warnings and errors still reach the test's output.
+        for line in log.lines().map(strip_ansi) {
+            if !line.contains("DEBUG") {
+                eprintln!("relay: {line}");
+            }
+        }
+        if !lost.is_empty() {
+            explain_kafka_losses(&mut figures, &route, &lost, &log).await;
+        }
+    }
     if fault == Fault::ConsumerKill {
         figures.duplicate_effects = figures.duplicates;
     }
@@ -1709,7 +1787,67 @@ async fn table_bytes(pool: &PgPool, table: &str) -> i64 {
         .unwrap()
 }
 
-/// Compares the outbox table (what was committed) with the arrivals.
+/// What the broker confirmed of events the topic lacks, and whether a second read finds them:
+/// a loss in the broker, in the relay or in the reading.
+async fn explain_kafka_losses(figures: &mut Figures, route: &Route, lost: &[Uuid], log: &str) {
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let again = read_kafka_records(&route.address, &route.topic()).await;
+    let at: HashMap<(i32, i64), Uuid> = again.iter().map(|(p, o, a)| ((*p, *o), a.id)).collect();
+    let found: HashSet<Uuid> = again.iter().map(|(_, _, a)| a.id).collect();
+    for id in lost.iter().take(5) {
+        let needle = format!("event_id={id} ");
+        let confirmations: Vec<String> = log
+            .lines()
+            .map(strip_ansi)
+            .filter(|line| line.contains(&needle))
+            .map(|line| {
+                let field = |name: &str| {
+                    line.split(&format!("{name}="))
+                        .nth(1)
+                        .and_then(|v| v.split_whitespace().next())
+                        .and_then(|v| v.parse::<i64>().ok())
+                        .unwrap_or(-1)
+                };
+                let (partition, offset) = (field("partition") as i32, field("offset"));
+                let holds = match at.get(&(partition, offset)) {
+                    Some(other) if other == id => "it".to_owned(),
+                    Some(other) => format!("event {other}"),
+                    None => "nothing".to_owned(),
+                };
+                format!("confirmed at {partition}@{offset}, which holds {holds}")
+            })
+            .collect();
+        figures.failures.push(format!(
+            "kafka: {id}: {}; a second read of the topic {} it",
+            if confirmations.is_empty() {
+                "no relay logged a confirmation".to_owned()
+            } else {
+                confirmations.join(", ")
+            },
+            if found.contains(id) { "finds" } else { "lacks" }
+        ));
+    }
+}
+
+/// `line` without the terminal colour codes of the relays' log.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Compares the outbox table (what was committed) with the arrivals; returns the events lost.
 async fn tally(
     figures: &mut Figures,
     pool: &PgPool,
@@ -1717,7 +1855,7 @@ async fn tally(
     rolled_back: &HashSet<Uuid>,
     poison: &HashSet<Uuid>,
     arrivals: &[Arrival],
-) {
+) -> Vec<Uuid> {
     let rows: Vec<(Uuid, String, Option<String>)> =
         sqlx::query_as(&format!(r#"SELECT id, status, last_error FROM "{table}""#))
             .fetch_all(pool)
@@ -1784,6 +1922,7 @@ async fn tally(
             ));
         }
     }
+    lost
 }
 
 async fn drop_cell(pool: &PgPool, table: &str) {
