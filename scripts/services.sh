@@ -3,7 +3,7 @@
 # Idempotent: a server that already answers is left alone.
 #
 #   scripts/services.sh            # everything the tests need
-#   scripts/services.sh postgres   # just one
+#   scripts/services.sh postgres   # just one (postgres, mariadb, rabbitmq, nats, kafka, chromium)
 #   scripts/services.sh kafka-restart  # tansu again, empty (before a long benchmark)
 set -euo pipefail
 
@@ -65,6 +65,35 @@ postgres() {
 }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+mysql_answers() { mariadb -h 127.0.0.1 -P 3306 -u root -e 'SELECT 1' >/dev/null 2>&1; }
+
+# MariaDB for the MySQL store's tests: root with no password on loopback, database `test`.
+mariadb_server() {
+  if ! command -v mariadb >/dev/null 2>&1 || ! command -v mariadbd >/dev/null 2>&1; then
+    log "installing MariaDB"
+    apt_install mariadb-server mariadb-client
+  fi
+  if ! port_open 3306; then
+    log "starting MariaDB"
+    as_root mkdir -p /run/mysqld
+    as_root chown mysql:mysql /run/mysqld 2>/dev/null || true
+    as_root start-stop-daemon --start --oknodo --background --exec "$(command -v mariadbd-safe || command -v mysqld_safe)" -- \
+      --bind-address=127.0.0.1 --port=3306 || true
+    wait_for MariaDB 60 port_open 3306
+  fi
+  if ! mysql_answers; then
+    # A fresh Debian install lets root in through the socket only; the tests connect over
+    # TCP as root with no password, on loopback only.
+    log "allowing root without a password on loopback"
+    as_root mariadb -e "ALTER USER 'root'@'localhost' IDENTIFIED VIA mysql_native_password USING PASSWORD(''); \
+      CREATE USER IF NOT EXISTS 'root'@'127.0.0.1' IDENTIFIED BY ''; \
+      GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION; FLUSH PRIVILEGES;"
+    wait_for "MariaDB (root)" 30 mysql_answers
+  fi
+  mariadb -h 127.0.0.1 -u root -e 'CREATE DATABASE IF NOT EXISTS test'
+  log "MariaDB ready on 127.0.0.1:3306"
+}
 
 rabbitmq() {
   if ! command -v rabbitmq-server >/dev/null 2>&1; then
@@ -137,10 +166,11 @@ chromium() {
 }
 
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(postgres rabbitmq nats kafka chromium)
+[ ${#targets[@]} -gt 0 ] || targets=(postgres mariadb rabbitmq nats kafka chromium)
 for target in "${targets[@]}"; do
   case "$target" in
     postgres) postgres ;;
+    mariadb) mariadb_server ;;
     rabbitmq) rabbitmq ;;
     nats) nats ;;
     kafka) kafka ;;

@@ -2,7 +2,10 @@
 //! everything here and adds the derive macros and broker transports.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 // Without a store feature there is nothing to write events to; the types still compile.
-#![cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
+#![cfg_attr(
+    not(any(feature = "postgres", feature = "sqlite", feature = "mysql")),
+    allow(dead_code)
+)]
 
 pub mod consumer;
 mod destination;
@@ -36,6 +39,9 @@ pub use relay::{DeadLetters, Relay, RelayBuilder, MAX_LEASE, MAX_RESTARTS};
 pub use retention::Retention;
 pub use retry::RetryPolicy;
 pub use router::{Router, RouterBuilder};
+#[cfg(feature = "mysql")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
+pub use store::mysql::{MySqlInbox, MySqlStore};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use store::postgres::{PgInbox, PgStore};

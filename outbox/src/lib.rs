@@ -47,6 +47,7 @@
 //! |------------|-----------------------------------------------|
 //! | `postgres` | the PostgreSQL store (`LISTEN`/`NOTIFY` wake-ups) |
 //! | `sqlite`   | the SQLite store (embedded, polling)          |
+//! | `mysql`    | the MySQL 8 / MariaDB 10.6+ store (polling)   |
 //! | `kafka`    | the Kafka transport (`outbox-kafka`)          |
 //! | `amqp`     | the RabbitMQ transport (`outbox-amqp`)        |
 //! | `nats`     | the NATS JetStream transport (`outbox-nats`)  |

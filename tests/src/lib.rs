@@ -343,6 +343,112 @@ test_db!(Sqlite, sqlite_pool(), |outbox| {
     }
 });
 
+/// The MySQL / MariaDB server of the tests: `OUTBOX_TEST_MYSQL_URL`, else the development
+/// machine's MariaDB (root, no password, database `test`).
+pub fn mysql_url() -> String {
+    std::env::var("OUTBOX_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned())
+}
+
+pub async fn mysql_pool() -> sqlx::MySqlPool {
+    sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(16)
+        .connect(&mysql_url())
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach MySQL (set OUTBOX_TEST_MYSQL_URL): {e}"))
+}
+
+// MySQL reads `?` parameters, and names no `TEXT` type in `CAST`.
+impl TestDb for sqlx::MySql {
+    async fn fresh() -> Outbox<Self> {
+        let outbox = Outbox::builder(mysql_pool().await)
+            .table(unique_table())
+            .build()
+            .unwrap();
+        outbox.migrate().await.unwrap();
+        sqlx::query(&format!(
+            "CREATE TABLE {}_business (id VARCHAR(255) PRIMARY KEY)",
+            outbox.table()
+        ))
+        .execute(outbox.pool())
+        .await
+        .unwrap();
+        outbox
+    }
+
+    async fn insert_business_row<'a>(
+        outbox: &'a Outbox<Self>,
+        conn: &'a mut Self::Connection,
+        id: &'a str,
+    ) {
+        sqlx::query(&format!(
+            "INSERT INTO {}_business (id) VALUES (?)",
+            outbox.table()
+        ))
+        .bind(id)
+        .execute(conn)
+        .await
+        .unwrap();
+    }
+
+    async fn count_business_rows<'a>(outbox: &'a Outbox<Self>, id: &'a str) -> i64 {
+        sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {}_business WHERE id = ?",
+            outbox.table()
+        ))
+        .bind(id)
+        .fetch_one(outbox.pool())
+        .await
+        .unwrap()
+    }
+
+    async fn count_outbox_rows(outbox: &Outbox<Self>) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {}", outbox.table()))
+            .fetch_one(outbox.pool())
+            .await
+            .unwrap()
+    }
+
+    async fn count_status<'a>(outbox: &'a Outbox<Self>, status: &'a str) -> i64 {
+        sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {} WHERE status = ?",
+            outbox.table()
+        ))
+        .bind(status)
+        .fetch_one(outbox.pool())
+        .await
+        .unwrap()
+    }
+
+    async fn dead_events(outbox: &Outbox<Self>) -> Vec<(String, uuid::Uuid)> {
+        sqlx::query_as(&format!(
+            "SELECT aggregate_id, id FROM {} WHERE status = 'dead'",
+            outbox.table()
+        ))
+        .fetch_all(outbox.pool())
+        .await
+        .unwrap()
+    }
+
+    async fn count_archived(outbox: &Outbox<Self>) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {}_archive", outbox.table()))
+            .fetch_one(outbox.pool())
+            .await
+            .unwrap()
+    }
+
+    async fn drop_tables(outbox: &Outbox<Self>) {
+        let t = outbox.table();
+        sqlx::raw_sql(&format!(
+            "DROP TABLE IF EXISTS {t}, {t}_aggregates, {t}_cursors, {t}_new, {t}_keys, {t}_archive, \
+             {t}_migrations, {t}_business, {t}_inbox, {t}_inbox_attempts"
+        ))
+        .execute(outbox.pool())
+        .await
+        .unwrap();
+    }
+}
+
 /// Runs a relay in the background until [`RunningRelay::stop`].
 #[derive(Debug)]
 pub struct RunningRelay {

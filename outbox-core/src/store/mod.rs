@@ -1,9 +1,11 @@
 //! The outbox table: schema, enqueue, and the statements the relay runs.
 
 mod inspect;
+#[cfg(feature = "mysql")]
+pub(crate) mod mysql;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
 mod sql;
 #[cfg(feature = "sqlite")]
 pub(crate) mod sqlite;
@@ -29,7 +31,8 @@ pub use inspect::{
     OutboxStatus, ParkedAggregate, StatusCount, StuckAggregate,
 };
 
-/// A database the outbox can live in: PostgreSQL (`postgres` feature) or SQLite (`sqlite`).
+/// A database the outbox can live in: PostgreSQL (`postgres` feature), SQLite (`sqlite`) or
+/// MySQL 8 / MariaDB 10.6+ (`mysql`).
 ///
 /// It names the [`Store`] that holds an outbox in this database and the [`InboxStore`] that
 /// holds a consumer's inbox. A new database is one module implementing those two traits and

@@ -12,7 +12,9 @@ use uuid::Uuid;
 
 /// Pending events no relay will ever claim: beyond their cursor's known sequence, or at or
 /// below the point it has settled, or without a cursor; `unannounced` adds the dialect's
-/// condition that no announcement is on its way for them.
+/// condition that no announcement is on its way for them. (MySQL writes its own: it keys
+/// aggregates by hash.)
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub(super) fn check(t: &str, unannounced: &str) -> String {
     format!(
         r#"SELECT o.aggregate_type, o.aggregate_id,
