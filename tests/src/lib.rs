@@ -234,9 +234,11 @@ pub async fn sqlite_pool() -> SqlitePool {
         .unwrap()
 }
 
-// The same SQL serves both databases: SQLite reads `$1` parameters too.
+// The same SQL serves every database but for its parameter marker (`$1`, which SQLite reads
+// too, or MySQL's `?`), the business id's column type and how an id reads as text.
 macro_rules! test_db {
-    ($db:ty, $pool:expr, |$outbox:ident| $drop:block) => {
+    ($db:ty, $pool:expr, param = $p:literal, id_column = $id_column:literal,
+     id_text = $id_text:literal, |$outbox:ident| $drop:block) => {
         impl TestDb for $db {
             async fn fresh() -> Outbox<Self> {
                 let outbox = Outbox::builder($pool.await)
@@ -245,8 +247,9 @@ macro_rules! test_db {
                     .unwrap();
                 outbox.migrate().await.unwrap();
                 sqlx::query(&format!(
-                    "CREATE TABLE {}_business (id TEXT PRIMARY KEY)",
-                    outbox.table()
+                    "CREATE TABLE {}_business (id {} PRIMARY KEY)",
+                    outbox.table(),
+                    $id_column
                 ))
                 .execute(outbox.pool())
                 .await
@@ -259,7 +262,11 @@ macro_rules! test_db {
                 conn: &'a mut Self::Connection,
                 id: &'a str,
             ) {
-                sqlx::query(&format!("INSERT INTO {}_business (id) VALUES ($1)", outbox.table()))
+                sqlx::query(&format!(
+                    "INSERT INTO {}_business (id) VALUES ({})",
+                    outbox.table(),
+                    $p
+                ))
                     .bind(id)
                     .execute(conn)
                     .await
@@ -268,8 +275,9 @@ macro_rules! test_db {
 
             async fn count_business_rows<'a>(outbox: &'a Outbox<Self>, id: &'a str) -> i64 {
                 sqlx::query_scalar(&format!(
-                    "SELECT count(*) FROM {}_business WHERE id = $1",
-                    outbox.table()
+                    "SELECT count(*) FROM {}_business WHERE id = {}",
+                    outbox.table(),
+                    $p
                 ))
                 .bind(id)
                 .fetch_one(outbox.pool())
@@ -286,8 +294,9 @@ macro_rules! test_db {
 
             async fn count_status<'a>(outbox: &'a Outbox<Self>, status: &'a str) -> i64 {
                 sqlx::query_scalar(&format!(
-                    "SELECT count(*) FROM {} WHERE status = $1",
-                    outbox.table()
+                    "SELECT count(*) FROM {} WHERE status = {}",
+                    outbox.table(),
+                    $p
                 ))
                 .bind(status)
                 .fetch_one(outbox.pool())
@@ -297,7 +306,8 @@ macro_rules! test_db {
 
             async fn dead_events(outbox: &Outbox<Self>) -> Vec<(String, uuid::Uuid)> {
                 let rows: Vec<(String, String)> = sqlx::query_as(&format!(
-                    "SELECT aggregate_id, CAST(id AS TEXT) FROM {} WHERE status = 'dead'",
+                    "SELECT aggregate_id, {} FROM {} WHERE status = 'dead'",
+                    $id_text,
                     outbox.table()
                 ))
                 .fetch_all(outbox.pool())
@@ -320,28 +330,42 @@ macro_rules! test_db {
     };
 }
 
-test_db!(Postgres, pg_pool(), |outbox| {
-    let t = outbox.table();
-    sqlx::raw_sql(&format!(
+test_db!(
+    Postgres,
+    pg_pool(),
+    param = "$1",
+    id_column = "TEXT",
+    id_text = "CAST(id AS TEXT)",
+    |outbox| {
+        let t = outbox.table();
+        sqlx::raw_sql(&format!(
         "DROP TABLE IF EXISTS {t}, {t}_aggregates, {t}_cursors, {t}_new, {t}_keys, {t}_archive, {t}_migrations, {t}_business, {t}_inbox"
     ))
     .execute(outbox.pool())
     .await
     .unwrap();
-});
-
-test_db!(Sqlite, sqlite_pool(), |outbox| {
-    // The database is a temporary file of its own: remove it.
-    let file: String =
-        sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
-            .fetch_one(outbox.pool())
-            .await
-            .unwrap();
-    outbox.pool().close().await;
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{file}{suffix}"));
     }
-});
+);
+
+test_db!(
+    Sqlite,
+    sqlite_pool(),
+    param = "$1",
+    id_column = "TEXT",
+    id_text = "CAST(id AS TEXT)",
+    |outbox| {
+        // The database is a temporary file of its own: remove it.
+        let file: String =
+            sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+                .fetch_one(outbox.pool())
+                .await
+                .unwrap();
+        outbox.pool().close().await;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{file}{suffix}"));
+        }
+    }
+);
 
 /// The MySQL / MariaDB server of the tests: `OUTBOX_TEST_MYSQL_URL`, else the development
 /// machine's MariaDB (root, no password, database `test`).
@@ -358,96 +382,24 @@ pub async fn mysql_pool() -> sqlx::MySqlPool {
         .unwrap_or_else(|e| panic!("cannot reach MySQL (set OUTBOX_TEST_MYSQL_URL): {e}"))
 }
 
-// MySQL reads `?` parameters, and names no `TEXT` type in `CAST`.
-impl TestDb for sqlx::MySql {
-    async fn fresh() -> Outbox<Self> {
-        let outbox = Outbox::builder(mysql_pool().await)
-            .table(unique_table())
-            .build()
-            .unwrap();
-        outbox.migrate().await.unwrap();
-        sqlx::query(&format!(
-            "CREATE TABLE {}_business (id VARCHAR(255) PRIMARY KEY)",
-            outbox.table()
-        ))
-        .execute(outbox.pool())
-        .await
-        .unwrap();
-        outbox
-    }
-
-    async fn insert_business_row<'a>(
-        outbox: &'a Outbox<Self>,
-        conn: &'a mut Self::Connection,
-        id: &'a str,
-    ) {
-        sqlx::query(&format!(
-            "INSERT INTO {}_business (id) VALUES (?)",
-            outbox.table()
-        ))
-        .bind(id)
-        .execute(conn)
-        .await
-        .unwrap();
-    }
-
-    async fn count_business_rows<'a>(outbox: &'a Outbox<Self>, id: &'a str) -> i64 {
-        sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM {}_business WHERE id = ?",
-            outbox.table()
-        ))
-        .bind(id)
-        .fetch_one(outbox.pool())
-        .await
-        .unwrap()
-    }
-
-    async fn count_outbox_rows(outbox: &Outbox<Self>) -> i64 {
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {}", outbox.table()))
-            .fetch_one(outbox.pool())
-            .await
-            .unwrap()
-    }
-
-    async fn count_status<'a>(outbox: &'a Outbox<Self>, status: &'a str) -> i64 {
-        sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM {} WHERE status = ?",
-            outbox.table()
-        ))
-        .bind(status)
-        .fetch_one(outbox.pool())
-        .await
-        .unwrap()
-    }
-
-    async fn dead_events(outbox: &Outbox<Self>) -> Vec<(String, uuid::Uuid)> {
-        sqlx::query_as(&format!(
-            "SELECT aggregate_id, id FROM {} WHERE status = 'dead'",
-            outbox.table()
-        ))
-        .fetch_all(outbox.pool())
-        .await
-        .unwrap()
-    }
-
-    async fn count_archived(outbox: &Outbox<Self>) -> i64 {
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {}_archive", outbox.table()))
-            .fetch_one(outbox.pool())
-            .await
-            .unwrap()
-    }
-
-    async fn drop_tables(outbox: &Outbox<Self>) {
+// The ids are BINARY(16): `HEX` reads them as 32 hex digits, which `Uuid` parses.
+test_db!(
+    sqlx::MySql,
+    mysql_pool(),
+    param = "?",
+    id_column = "VARCHAR(255)",
+    id_text = "HEX(id)",
+    |outbox| {
         let t = outbox.table();
         sqlx::raw_sql(&format!(
-            "DROP TABLE IF EXISTS {t}, {t}_aggregates, {t}_cursors, {t}_new, {t}_keys, {t}_archive, \
-             {t}_migrations, {t}_business, {t}_inbox, {t}_inbox_attempts"
-        ))
+        "DROP TABLE IF EXISTS {t}, {t}_aggregates, {t}_cursors, {t}_new, {t}_keys, {t}_archive, \
+         {t}_migrations, {t}_business, {t}_inbox, {t}_inbox_attempts"
+    ))
         .execute(outbox.pool())
         .await
         .unwrap();
     }
-}
+);
 
 /// Runs a relay in the background until [`RunningRelay::stop`].
 #[derive(Debug)]
