@@ -1,9 +1,6 @@
-//! Outside review of the MySQL / MariaDB store: each test shows a defect found in
-//! `outbox-core/src/store/mysql.rs` (it fails on the code as reviewed).
-//!
-//! Not registered in `tests/Cargo.toml` yet: these tests fail on the current store (README,
-//! "Known defects"). Each fix registers the file (`[[test]] name = "review_mysql"`) and makes
-//! its test pass. Run: `cargo test -p outbox-tests --all-features --test review_mysql`.
+//! Outside review of the MySQL / MariaDB store: each test showed a defect found in
+//! `outbox-core/src/store/mysql.rs` (it failed on the code as reviewed, b209993) and is now its
+//! regression test. Run: `cargo test -p outbox-tests --all-features --test review_mysql`.
 
 use outbox::{EventStatus, Relay, Retention};
 use outbox_tests::{
@@ -301,5 +298,57 @@ async fn republish_filter_past_year_9999_selects_nothing() {
         matches!(n, Ok(0) | Err(_)),
         "events created after year 10000: {n:?}"
     );
+    MySql::drop_tables(&outbox).await;
+}
+
+/// The event type filter compares as PostgreSQL does: a trailing space is part of the name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_type_filter_does_not_ignore_trailing_spaces() {
+    init_tracing();
+    let outbox = MySql::fresh().await;
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let id = outbox.enqueue(&mut *tx, &item("a", 1)).await.unwrap();
+    tx.commit().await.unwrap();
+    let log = Log::default();
+    let relay = RunningRelay::start(
+        Relay::builder(outbox.clone(), dispatcher(&log, always_ok()))
+            .poll_interval(Duration::from_millis(20)),
+    );
+    eventually("the event is delivered", WAIT, || async {
+        outbox.get(id).await.unwrap().unwrap().status == EventStatus::Delivered
+    })
+    .await;
+    relay.stop().await;
+    let event_type = outbox.get(id).await.unwrap().unwrap().event_type;
+    let exact = outbox::EventFilter::new().event_type(event_type.clone());
+    let padded = outbox::EventFilter::new().event_type(format!("{event_type} "));
+    assert_eq!(outbox.republish_dry_run(&exact).await.unwrap(), 1);
+    assert_eq!(outbox.republish_dry_run(&padded).await.unwrap(), 0);
+    MySql::drop_tables(&outbox).await;
+}
+
+/// A consumer name longer than the inbox keeps is refused when the inbox is made, not when the
+/// first message arrives; the longest one accepted works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_names_longer_than_255_bytes_are_refused_up_front() {
+    init_tracing();
+    let outbox = MySql::fresh().await;
+    let table = format!("{}_inbox", outbox.table());
+    let long = "é".repeat(128);
+    let refused = outbox::Inbox::new(outbox.pool().clone(), &table, long.as_str());
+    assert!(
+        matches!(&refused, Err(outbox::Error::InvalidField { field, .. }) if field.contains("consumer")),
+        "{refused:?}"
+    );
+    let longest = outbox::Inbox::new(outbox.pool().clone(), &table, &long[..254]).unwrap();
+    longest.migrate().await.unwrap();
+    let message = uuid::Uuid::now_v7();
+    let tx = longest
+        .begin_for(message)
+        .await
+        .unwrap()
+        .expect("first delivery");
+    tx.commit().await.unwrap();
+    assert!(longest.begin_for(message).await.unwrap().is_none());
     MySql::drop_tables(&outbox).await;
 }

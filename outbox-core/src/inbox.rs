@@ -1,6 +1,6 @@
 //! The idempotent inbox: a message changes the consumer's state once, however often it arrives.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::handler::HandlerContext;
 use crate::store::{Backend, InboxStore};
 use crate::table::TableName;
@@ -8,6 +8,9 @@ use sqlx::{Pool, Transaction};
 use std::fmt;
 use std::sync::Arc;
 use uuid::Uuid;
+
+/// The longest consumer name an [`Inbox`] accepts.
+pub const MAX_CONSUMER_NAME_BYTES: usize = 255;
 
 /// Remembers which messages a consumer has processed, in the consumer's own database.
 ///
@@ -67,15 +70,23 @@ impl<DB: Backend> fmt::Debug for Inbox<DB> {
 
 impl<DB: Backend> Inbox<DB> {
     /// An inbox for the consumer named `consumer` in the table `table` (validated like an outbox
-    /// table name). Several consumers can share one table.
+    /// table name). Several consumers can share one table. A consumer's name is at most
+    /// [`MAX_CONSUMER_NAME_BYTES`] long.
     pub fn new(pool: Pool<DB>, table: &str, consumer: impl Into<String>) -> Result<Self> {
         let table = TableName::new(table)?;
+        let consumer = consumer.into();
+        if consumer.len() > MAX_CONSUMER_NAME_BYTES {
+            return Err(Error::InvalidField {
+                field: format!("consumer name {consumer:?}"),
+                reason: "it is longer than 255 bytes",
+            });
+        }
         Ok(Self {
             inner: Arc::new(InboxInner {
                 store: DB::open_inbox(pool.clone(), table.clone()),
                 pool,
                 table,
-                consumer: consumer.into(),
+                consumer,
             }),
         })
     }

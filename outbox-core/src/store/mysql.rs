@@ -5,8 +5,9 @@
 //!   InnoDB cannot index two long text columns together, aggregate ids may be 1 KiB, and the
 //!   key compares them byte for byte. Text columns that are read back use a case-insensitive
 //!   collation (sqlx reads no `String` from a `_bin` column): statements never compare them
-//!   except through the key or with an explicit `COLLATE utf8mb4_bin`. Idempotency keys and
-//!   consumer names, compared by the table's own key, are `utf8mb4_bin`.
+//!   except through the key or as bytes (`CAST(.. AS BINARY)`: every collation, `utf8mb4_bin`
+//!   too, ignores trailing spaces). Idempotency keys and consumer names, compared by the
+//!   table's own key, are `VARBINARY`.
 //! - Times are `DATETIME(6)` in UTC from the database's clock (`UTC_TIMESTAMP(6)`), whatever the
 //!   session's time zone.
 //! - Relay statements run at READ COMMITTED: their locking reads (`FOR UPDATE SKIP LOCKED`)
@@ -55,6 +56,42 @@ const MAX_DELAY_US: i64 = 100 * 365 * 86_400 * 1_000_000;
 
 fn delay_us(d: Duration) -> i64 {
     duration_ms(d).saturating_mul(1000).min(MAX_DELAY_US)
+}
+
+/// The range of a `DATETIME`: outside it MariaDB stores a zero date, which no read can decode.
+fn datetime_range() -> (DateTime<Utc>, DateTime<Utc>) {
+    let at = |y, m, d, h, min, s, us| {
+        chrono::NaiveDate::from_ymd_opt(y, m, d)
+            .and_then(|d| d.and_hms_micro_opt(h, min, s, us))
+            .expect("a valid date")
+            .and_utc()
+    };
+    (
+        at(1000, 1, 1, 0, 0, 0, 0),
+        at(9999, 12, 31, 23, 59, 59, 999_999),
+    )
+}
+
+/// `t` moved into the `DATETIME` range, for comparisons: a bound past year 9999 then still
+/// selects nothing later than it, and one before year 1000 nothing earlier.
+fn storable(t: DateTime<Utc>) -> DateTime<Utc> {
+    let (earliest, latest) = datetime_range();
+    t.clamp(earliest, latest)
+}
+
+/// When a message may be delivered, as stored: refused past year 9999 (a clear error rather
+/// than a zero date); a time before year 1000 is as past as any, and delivered now.
+fn delivery_time(m: &Message) -> Result<Option<DateTime<Utc>>> {
+    let Some(Deliver::At(at)) = m.options.available_at else {
+        return Ok(None);
+    };
+    if at > datetime_range().1 {
+        return Err(Error::InvalidField {
+            field: format!("delivery time {at} of event {}", m.id),
+            reason: "it is after 9999-12-31, the last time MySQL stores",
+        });
+    }
+    Ok(Some(storable(at)))
 }
 
 /// The key of an aggregate: SHA-256 of its type's length, type and id (unambiguous).
@@ -330,12 +367,13 @@ CREATE TABLE IF NOT EXISTS `{t}_cursors` (
     due_pending    DATETIME(6) AS (IF(done_seq < known_seq, due_at, NULL)) STORED,
     KEY `{t}_cursors_due` (due_pending)
 ) ENGINE = InnoDB CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;
+-- Bytes: every collation, `utf8mb4_bin` too, pads with spaces ("k" = "k ").
 CREATE TABLE IF NOT EXISTS `{t}_keys` (
-    `key`      VARCHAR(512) NOT NULL PRIMARY KEY,
+    `key`      VARBINARY(512) NOT NULL PRIMARY KEY,
     event_id   BINARY(16) NOT NULL,
     created_at DATETIME(6) NOT NULL,
     KEY `{t}_keys_created_at` (created_at)
-) ENGINE = InnoDB CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;"#
+) ENGINE = InnoDB;"#
             ),
         )]
     }
@@ -369,8 +407,13 @@ CREATE TABLE IF NOT EXISTS `{t}_keys` (
         messages: &'a [Message],
     ) -> Result<Vec<Enqueued>> {
         let statements = &self.statements;
+        // Checked before any statement: a refused message leaves the transaction untouched.
+        let times = messages
+            .iter()
+            .map(delivery_time)
+            .collect::<Result<Vec<_>>>()?;
         let mut outcomes = Vec::with_capacity(messages.len());
-        for m in messages {
+        for (m, at) in messages.iter().zip(times) {
             if let Some(key) = m.idempotency_key() {
                 // A failed statement leaves MySQL's transaction open: a duplicate key is an
                 // answer, not an error.
@@ -412,10 +455,9 @@ CREATE TABLE IF NOT EXISTS `{t}_keys` (
                 .await?
                 .last_insert_id();
             let seq = i64::try_from(seq).unwrap_or(i64::MAX);
-            let (at, delay) = match m.options.available_at {
-                None => (None, 0),
-                Some(Deliver::At(at)) => (Some(at), 0),
-                Some(Deliver::After(d)) => (None, delay_us(d)),
+            let delay = match m.options.available_at {
+                Some(Deliver::After(d)) => delay_us(d),
+                _ => 0,
             };
             sqlx::query(&statements.insert)
                 .bind(m.id)
@@ -626,8 +668,10 @@ STRAIGHT_JOIN `{}` n FORCE INDEX (PRIMARY) ON n.n = j.n"#,
                 s.done_seq,
                 clamp_i32(s.attempts),
                 delay_us(s.delay),
-                s.not_before
-                    .map(|t| t.naive_utc().format("%Y-%m-%d %H:%M:%S%.6f").to_string()),
+                s.not_before.map(|t| storable(t)
+                    .naive_utc()
+                    .format("%Y-%m-%d %H:%M:%S%.6f")
+                    .to_string()),
                 s.park_at,
                 s.new_park
             ]));
@@ -683,25 +727,25 @@ ORDER BY delivered_at LIMIT ? FOR UPDATE SKIP LOCKED"#
         }
         tx.commit().await?;
         // Keys live as long as delivered rows do: never the key of an event that waits, is
-        // parked or is dead. Found by a plain read, removed by primary key: no lock on a key an
-        // application is inserting right now.
-        // Bytes: sqlx reads no `String` from a `_bin` column.
+        // parked or is dead. Locked with SKIP LOCKED and removed by primary key: a key that an
+        // application is inserting, or has just found again (a retried request holds a shared
+        // lock on it until it commits), is left for the next round, never waited for.
+        let mut tx = relay_tx(&self.pool).await?;
         let keys: Vec<Vec<u8>> = sqlx::query_scalar(&format!(
             r#"SELECT k.`key` FROM `{t}_keys` k
 WHERE k.created_at < DATE_SUB(UTC_TIMESTAMP(6), INTERVAL ? MICROSECOND)
   AND NOT EXISTS (SELECT 1 FROM `{t}` o WHERE o.id = k.event_id
                   AND (o.status <> 'delivered'
                        OR o.delivered_at >= DATE_SUB(UTC_TIMESTAMP(6), INTERVAL ? MICROSECOND)))
-LIMIT ?"#
+LIMIT ? FOR UPDATE SKIP LOCKED"#
         ))
         .bind(keep)
         .bind(keep)
         .bind(retention.batch_size as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
         if !keys.is_empty() {
             let keys: Vec<String> = keys.iter().map(|k| hex(k)).collect();
-            let mut tx = relay_tx(&self.pool).await?;
             sqlx::query(&format!(
                 r#"DELETE k FROM JSON_TABLE(?, '$[*]' COLUMNS (k VARCHAR(1024) PATH '$')) j
 STRAIGHT_JOIN `{t}_keys` k FORCE INDEX (PRIMARY) ON k.`key` = UNHEX(j.k)"#
@@ -709,8 +753,8 @@ STRAIGHT_JOIN `{t}_keys` k FORCE INDEX (PRIMARY) ON k.`key` = UNHEX(j.k)"#
             .bind(serde_json::to_string(&keys).expect("strings serialise"))
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
         }
+        tx.commit().await?;
         Ok(done)
     }
 
@@ -826,15 +870,19 @@ fn push_filter(query: &mut QueryBuilder<'_, MySql>, filter: &EventFilter) {
     }
     if let Some(event_type) = &filter.event_type {
         query
-            .push(" AND o.event_type = ")
+            .push(" AND CAST(o.event_type AS BINARY) = CAST(")
             .push_bind(event_type.clone())
-            .push(" COLLATE utf8mb4_bin");
+            .push(" AS BINARY)");
     }
     if let Some(from) = filter.created_from {
-        query.push(" AND o.created_at >= ").push_bind(from);
+        query
+            .push(" AND o.created_at >= ")
+            .push_bind(storable(from));
     }
     if let Some(until) = filter.created_until {
-        query.push(" AND o.created_at < ").push_bind(until);
+        query
+            .push(" AND o.created_at < ")
+            .push_bind(storable(until));
     }
 }
 
@@ -844,9 +892,10 @@ fn push_dead_filter(query: &mut QueryBuilder<'_, MySql>, filter: &EventFilter) {
     push_filter(query, filter);
     if let Some(reason) = filter.reason.as_deref().filter(|r| !r.is_empty()) {
         query
-            .push(" AND LOCATE(LOWER(")
+            // As bytes: in a collation "ss" would find "ß".
+            .push(" AND LOCATE(CAST(LOWER(")
             .push_bind(reason.to_owned())
-            .push("), LOWER(COALESCE(o.last_error, ''))) > 0");
+            .push(") AS BINARY), CAST(LOWER(COALESCE(o.last_error, '')) AS BINARY)) > 0");
     }
 }
 
@@ -868,7 +917,8 @@ impl Inspect for MySqlStore {
             .fetch_one(&mut *tx)
             .await?;
         let counts: Vec<(String, String, i64)> = sqlx::query_as(&format!(
-            r#"SELECT status, event_type, count(*) FROM `{t}` GROUP BY status, event_type ORDER BY status, event_type"#
+            r#"SELECT status, min(event_type), count(*) FROM `{t}`
+GROUP BY status, CAST(event_type AS BINARY) ORDER BY status, CAST(event_type AS BINARY)"#
         ))
         .fetch_all(&mut *tx)
         .await?;
@@ -1175,21 +1225,34 @@ impl Republish for MySqlStore {
         unarchive.build().execute(&mut *tx).await?;
         let mut bounds = republishable(format!(
             "SELECT o.aggregate_key, min(o.aggregate_type), min(o.aggregate_id), min(o.seq), \
-             max(o.seq), count(*) FROM `{t}` o"
+             max(o.seq) FROM `{t}` o"
         ));
         bounds.push(" GROUP BY o.aggregate_key ORDER BY o.aggregate_key");
-        let bounds: Vec<(Vec<u8>, String, String, i64, i64, i64)> =
+        let bounds: Vec<(Vec<u8>, String, String, i64, i64)> =
             bounds.build_query_as().fetch_all(&mut *tx).await?;
-        let mut again = republishable(format!(
-            "UPDATE `{t}` o SET o.status = 'pending', o.attempts = 0, \
-             o.available_at = UTC_TIMESTAMP(6), o.delivered_at = NULL, o.consumed_at = NULL, \
-             o.last_error = NULL"
-        ));
-        again.build().execute(&mut *tx).await?;
-        // Each aggregate's cursor back to just before its earliest one: the relay delivers them
-        // in `seq` order, skipping what is still delivered between them.
+        // Per aggregate, only the rows within the bounds just read: an event delivered since
+        // that read (READ COMMITTED) is either among them, and the cursor goes back before it,
+        // or left delivered. Never pending behind its cursor, where no relay would look.
         let mut n = 0;
-        for (key, aggregate_type, aggregate_id, first, last, count) in bounds {
+        for (key, aggregate_type, aggregate_id, first, last) in bounds {
+            let mut again = republishable(format!(
+                "UPDATE `{t}` o SET o.status = 'pending', o.attempts = 0, \
+                 o.available_at = UTC_TIMESTAMP(6), o.delivered_at = NULL, \
+                 o.consumed_at = NULL, o.last_error = NULL"
+            ));
+            again
+                .push(" AND o.aggregate_key = ")
+                .push_bind(key.clone())
+                .push(" AND o.seq BETWEEN ")
+                .push_bind(first)
+                .push(" AND ")
+                .push_bind(last);
+            let changed = again.build().execute(&mut *tx).await?.rows_affected();
+            if changed == 0 {
+                continue;
+            }
+            // Back to just before the earliest: the relay delivers them in `seq` order,
+            // skipping what is still delivered between them.
             sqlx::query(&self.statements.cursor_back)
                 .bind(&key)
                 .bind(&aggregate_type)
@@ -1200,7 +1263,7 @@ impl Republish for MySqlStore {
                 .bind(Option::<i64>::None)
                 .execute(&mut *tx)
                 .await?;
-            n += count.max(0) as u64;
+            n += changed;
         }
         tx.commit().await?;
         Ok(n)
@@ -1297,20 +1360,20 @@ impl MySqlInbox {
             pool,
             create: format!(
                 r#"CREATE TABLE IF NOT EXISTS `{t}` (
-    consumer     VARCHAR(255) NOT NULL,
+    consumer     VARBINARY(255) NOT NULL,
     message_id   BINARY(16) NOT NULL,
     processed_at DATETIME(6) NOT NULL,
     PRIMARY KEY (consumer, message_id)
-) ENGINE = InnoDB CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"#
+) ENGINE = InnoDB"#
             ),
             create_attempts: format!(
                 r#"CREATE TABLE IF NOT EXISTS `{a}` (
-    consumer   VARCHAR(255) NOT NULL,
+    consumer   VARBINARY(255) NOT NULL,
     message_id BINARY(16) NOT NULL,
     attempts   INT NOT NULL,
     updated_at DATETIME(6) NOT NULL,
     PRIMARY KEY (consumer, message_id)
-) ENGINE = InnoDB CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"#
+) ENGINE = InnoDB"#
             ),
             insert: format!(
                 r#"INSERT INTO `{t}` (consumer, message_id, processed_at) VALUES (?, ?, UTC_TIMESTAMP(6))"#
