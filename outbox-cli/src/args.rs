@@ -12,7 +12,8 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "outbox", version)]
 pub(crate) struct Cli {
-    /// Database URL: postgres://user@host/db or sqlite:path/to/file.db
+    /// Database URL: postgres://user@host/db, mysql://user@host/db (MySQL or MariaDB) or
+    /// sqlite:path/to/file.db
     #[arg(
         long,
         env = "OUTBOX_DATABASE_URL",

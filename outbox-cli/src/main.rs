@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! outbox --url postgres://app@db/app status
+//! outbox --url mysql://app@db/app status
 //! outbox dead groups
 //! outbox requeue --group 3f2a9c01b7de --dry-run
 //! outbox purge --older-than 7d
@@ -130,9 +131,30 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         .await?;
         let outbox = Outbox::builder(pool).table(&cli.table).build()?;
         execute(cli, outbox, exists, &shown).await
+    } else if cli.url.starts_with("mysql://") || cli.url.starts_with("mariadb://") {
+        // sqlx knows only the `mysql` scheme; MariaDB speaks the same protocol.
+        let url = cli.url.replacen("mariadb://", "mysql://", 1);
+        let options = url
+            .parse::<sqlx::mysql::MySqlConnectOptions>()
+            .map_err(|e| Failure::usage(format!("bad MySQL URL {shown}: {e}")))?;
+        let pool = sqlx::mysql::MySqlPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(|e| connect_failure(&shown, e))?;
+        let found: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM information_schema.tables
+             WHERE table_schema = DATABASE() AND table_name = ?",
+        )
+        .bind(format!("{}_cursors", cli.table))
+        .fetch_one(&pool)
+        .await?;
+        let outbox = Outbox::builder(pool).table(&cli.table).build()?;
+        execute(cli, outbox, found > 0, &shown).await
     } else {
         Err(Failure::usage(format!(
-            "unsupported database URL {shown}: use postgres://… or sqlite:…"
+            "unsupported database URL {shown}: use postgres://…, mysql://… (or mariadb://…) or sqlite:…"
         )))
     }
 }

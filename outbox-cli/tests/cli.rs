@@ -1,11 +1,11 @@
-//! The `outbox` binary against a real PostgreSQL and a SQLite file: the events are enqueued and
+//! The `outbox` binary against a real PostgreSQL, MariaDB and a SQLite file: the events are enqueued and
 //! relayed by the library, the operator acts through the command, the relay proves the effect.
 
 use outbox::{
     Backend, DeadLetters, Dispatcher, FullStore, HandlerContext, HandlerError, Outbox, OutboxEvent,
     Registry, Relay,
 };
-use outbox_tests::{eventually, pg_url, temp_dir, unique_table, RunningRelay};
+use outbox_tests::{eventually, mysql_url, pg_url, temp_dir, unique_table, RunningRelay};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -419,6 +419,33 @@ async fn operates_an_outbox_on_postgres() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operates_an_outbox_on_mysql() {
+    let url = mysql_url();
+    let pool = sqlx::MySqlPool::connect(&url).await.unwrap();
+    let table = unique_table();
+    let outbox = Outbox::builder(pool.clone()).table(&table).build().unwrap();
+    operate(outbox, &url).await;
+    // MariaDB's own scheme is accepted too.
+    let mariadb = url.replacen("mysql://", "mariadb://", 1);
+    assert!(cli_json(&mariadb, &table, &["status"])["dead"].is_number());
+    refuses_bad_input(&url, &table);
+    for suffix in [
+        "",
+        "_cursors",
+        "_new",
+        "_aggregates",
+        "_archive",
+        "_keys",
+        "_migrations",
+    ] {
+        sqlx::query(&format!("DROP TABLE IF EXISTS `{table}{suffix}`"))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operates_an_outbox_on_sqlite() {
     let dir = temp_dir("cli");
     let url = format!("sqlite:{}", dir.join("app.db").display());
@@ -466,8 +493,24 @@ fn wrong_urls_fail_clearly_without_the_password() {
             stderr(&out)
         );
     }
-    let out = cli("mysql://root@127.0.0.1/test", "outbox", &["status"]);
+    let out = cli(
+        "mysql://app:Sekr3t-pw@127.0.0.1:1/app",
+        "outbox",
+        &["status"],
+    );
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot connect to mysql://app:***@127.0.0.1:1/app"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cli("oracle://app@127.0.0.1/app", "outbox", &["status"]);
     assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("unsupported database URL"),
+        "{}",
+        stderr(&out)
+    );
     let missing = std::env::temp_dir().join(format!("no-such-{}.db", uuid::Uuid::new_v4()));
     let out = cli(
         &format!("sqlite:{}", missing.display()),
