@@ -14,13 +14,14 @@ mod brokers;
 mod pg;
 mod relay;
 mod report;
-mod sys;
+pub mod sys;
 
 use outbox::OutboxEvent;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use pg::{mean_ms, percentile_ms};
 pub use report::Report;
 
 /// Any error of the harness: it reports and stops.

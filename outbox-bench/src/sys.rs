@@ -1,4 +1,4 @@
-//! Readings from `/proc`: CPU time of the PostgreSQL server and of this process, and this
+//! Readings from `/proc`: CPU time of a database server and of this process, and this
 //! process's resident memory. Linux only; elsewhere they read as zero.
 
 use std::time::Duration;
@@ -36,18 +36,24 @@ fn stat_ticks(stat: &str, children: bool) -> Option<(String, u64)> {
 /// CPU time used so far by every process named `postgres` on this machine, including the
 /// backends that already exited (their time is in the postmaster's children's time).
 pub fn postgres_cpu() -> Duration {
+    server_cpu("postgres")
+}
+
+/// CPU time used so far by every process named `name` (`/proc/*/comm`, such as `postgres` or
+/// `mariadbd`), their exited children's included.
+pub fn server_cpu(name: &str) -> Duration {
     let mut ticks = 0;
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
-            let name = entry.file_name();
-            if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            let pid = entry.file_name();
+            if !pid.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
                 continue;
             }
             let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
                 continue;
             };
             if let Some((comm, t)) = stat_ticks(&stat, true) {
-                if comm == "postgres" {
+                if comm == name {
                     ticks += t;
                 }
             }

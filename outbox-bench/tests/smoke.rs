@@ -89,3 +89,47 @@ async fn the_harness_measures_every_section() {
     assert!(svg.contains("<svg") && svg.contains("handlers"));
     let _ = std::fs::remove_dir_all(out);
 }
+
+/// `mysql_bench --smoke` against the real MariaDB and NATS: every section reports, every
+/// drained backlog was delivered once each and in order.
+#[test]
+fn the_mysql_harness_measures_every_section() {
+    let out = std::env::temp_dir().join(format!("outbox-mysql-bench-smoke-{}", std::process::id()));
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mysql_bench"));
+    command.args(["--smoke", "--out"]).arg(&out);
+    if let Ok(url) = std::env::var("OUTBOX_TEST_MYSQL_URL") {
+        command.env("OUTBOX_BENCH_MYSQL_URL", url);
+    }
+    if let Ok(url) = std::env::var("OUTBOX_TEST_NATS_URL") {
+        command.env("OUTBOX_BENCH_NATS_URL", url);
+    }
+    let ran = command.output().expect("mysql_bench runs");
+    assert!(
+        ran.status.success(),
+        "mysql_bench --smoke failed: {}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    let report = std::fs::read_to_string(out.join("mysql.md")).expect("mysql.md written");
+    for section in [
+        "Raw limits",
+        "Enqueue overhead",
+        "Relay throughput",
+        "Hot aggregate",
+        "Latency",
+    ] {
+        assert!(report.contains(section), "no {section} in:\n{report}");
+    }
+    let drains: Vec<&str> = report
+        .lines()
+        .filter(|l| l.starts_with("| ") && l.contains("backlog"))
+        .collect();
+    // Handlers and NATS, 1 and 4 relays over 1,000 aggregates, 1 relay over one.
+    assert_eq!(drains.len(), 6, "{report}");
+    for line in drains {
+        assert!(
+            line.contains(" 0 duplicate(s), 0 order violation(s)"),
+            "{line}"
+        );
+    }
+    std::fs::remove_dir_all(out).unwrap();
+}
