@@ -208,6 +208,50 @@ async fn an_open_application_transaction_holds_back_nothing_else() {
     MySql::drop_tables(&outbox).await;
 }
 
+/// Operator actions (republish, purge, status, check) while an application transaction is open
+/// with an uncommitted event of the same aggregate: none waits on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_actions_do_not_wait_on_an_open_application_transaction() {
+    init_tracing();
+    let outbox = MySql::fresh().await;
+    let mut tx = outbox.pool().begin().await.unwrap();
+    for n in 1..=3 {
+        outbox.enqueue(&mut *tx, &item("a", n)).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let log = Log::default();
+    let relay = RunningRelay::start(
+        Relay::builder(outbox.clone(), dispatcher(&log, always_ok()))
+            .poll_interval(Duration::from_millis(20)),
+    );
+    eventually("three events delivered", WAIT, || async {
+        MySql::count_status(&outbox, "delivered").await == 3
+    })
+    .await;
+    relay.stop().await;
+
+    let mut held = outbox.pool().begin().await.unwrap();
+    outbox.enqueue(&mut *held, &item("a", 4)).await.unwrap();
+    let since_2000 =
+        outbox::EventFilter::new().created_from("2000-01-01T00:00:00Z".parse().unwrap());
+    let actions = async {
+        let republished = outbox.republish(&since_2000).await.unwrap();
+        outbox.status(Duration::from_secs(60)).await.unwrap();
+        outbox.check().await.unwrap();
+        let purged = outbox
+            .purge(&outbox::Retention::delete_after(Duration::ZERO))
+            .await
+            .unwrap();
+        (republished, purged)
+    };
+    let done = tokio::time::timeout(Duration::from_secs(10), actions).await;
+    held.rollback().await.unwrap();
+    let (republished, purged) = done.expect("an operator action waited on the application");
+    // Republished events are pending again, so retention leaves them.
+    assert_eq!((republished, purged), (3, 0));
+    MySql::drop_tables(&outbox).await;
+}
+
 /// Eight writers committing while two relays drain: InnoDB's locks give no writer a deadlock
 /// or a lock wait timeout, and every event arrives once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

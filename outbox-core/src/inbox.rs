@@ -9,9 +9,6 @@ use std::fmt;
 use std::sync::Arc;
 use uuid::Uuid;
 
-/// The longest consumer name an [`Inbox`] accepts.
-pub const MAX_CONSUMER_NAME_BYTES: usize = 255;
-
 /// Remembers which messages a consumer has processed, in the consumer's own database.
 ///
 /// Start the handler's transaction with [`begin`](Self::begin): it records the message id for
@@ -70,20 +67,24 @@ impl<DB: Backend> fmt::Debug for Inbox<DB> {
 
 impl<DB: Backend> Inbox<DB> {
     /// An inbox for the consumer named `consumer` in the table `table` (validated like an outbox
-    /// table name). Several consumers can share one table. A consumer's name is at most
-    /// [`MAX_CONSUMER_NAME_BYTES`] long.
+    /// table name). Several consumers can share one table. On MySQL a consumer's name is at
+    /// most 255 bytes long.
     pub fn new(pool: Pool<DB>, table: &str, consumer: impl Into<String>) -> Result<Self> {
         let table = TableName::new(table)?;
         let consumer = consumer.into();
-        if consumer.len() > MAX_CONSUMER_NAME_BYTES {
+        let store = DB::open_inbox(pool.clone(), table.clone());
+        if store
+            .max_consumer_name_bytes()
+            .is_some_and(|max| consumer.len() > max)
+        {
             return Err(Error::InvalidField {
                 field: format!("consumer name {consumer:?}"),
-                reason: "it is longer than 255 bytes",
+                reason: "it is longer than this database's inbox keeps (MySQL: 255 bytes)",
             });
         }
         Ok(Self {
             inner: Arc::new(InboxInner {
-                store: DB::open_inbox(pool.clone(), table.clone()),
+                store,
                 pool,
                 table,
                 consumer,

@@ -33,7 +33,7 @@ pub use event::{
 pub use handler::{
     Dispatcher, Extensions, HandlerContext, HandlerError, Registry, RegistryBuilder,
 };
-pub use inbox::{Inbox, MAX_CONSUMER_NAME_BYTES};
+pub use inbox::Inbox;
 pub use receipt::Receipt;
 pub use relay::{DeadLetters, Relay, RelayBuilder, MAX_LEASE, MAX_RESTARTS};
 pub use retention::Retention;

@@ -368,6 +368,12 @@ pub trait InboxStore: Send + Sync + fmt::Debug + 'static {
     /// Creates the table if it does not exist.
     fn migrate(&self) -> impl Future<Output = Result<()>> + Send;
 
+    /// The longest consumer name the table keeps, in bytes (`None`: no limit). An
+    /// [`Inbox`](crate::Inbox) for a longer name is refused when it is made.
+    fn max_consumer_name_bytes(&self) -> Option<usize> {
+        None
+    }
+
     /// Records `message_id` for `consumer` in the transaction on `conn`; returns whether this
     /// is the first time.
     fn record<'a>(

@@ -308,8 +308,8 @@ impl Store for MySqlStore {
 
     fn migration_sql(&self) -> Vec<(i64, &'static str, String)> {
         let t = self.table.as_str();
-        // One step: the schema PostgreSQL reached in five. MySQL commits each DDL statement
-        // by itself, so every statement is idempotent.
+        // Step 5: the schema PostgreSQL reached in five. MySQL commits each DDL statement by
+        // itself, so every statement is idempotent.
         vec![(
             5,
             "outbox table, sequence counters, announcements, cursors, idempotency keys, archive",
@@ -367,14 +367,19 @@ CREATE TABLE IF NOT EXISTS `{t}_cursors` (
     due_pending    DATETIME(6) AS (IF(done_seq < known_seq, due_at, NULL)) STORED,
     KEY `{t}_cursors_due` (due_pending)
 ) ENGINE = InnoDB CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;
--- Bytes: every collation, `utf8mb4_bin` too, pads with spaces ("k" = "k ").
 CREATE TABLE IF NOT EXISTS `{t}_keys` (
-    `key`      VARBINARY(512) NOT NULL PRIMARY KEY,
+    `key`      VARCHAR(512) NOT NULL PRIMARY KEY,
     event_id   BINARY(16) NOT NULL,
     created_at DATETIME(6) NOT NULL,
     KEY `{t}_keys_created_at` (created_at)
-) ENGINE = InnoDB;"#
+) ENGINE = InnoDB CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;"#
             ),
+        ),
+        (
+            6,
+            "idempotency keys compared as bytes",
+            // Every collation, `utf8mb4_bin` too, pads with spaces: "k" and "k " were one key.
+            format!(r#"ALTER TABLE `{t}_keys` MODIFY `key` VARBINARY(512) NOT NULL;"#),
         )]
     }
 
@@ -1217,42 +1222,42 @@ impl Republish for MySqlStore {
             return Ok(n);
         }
         let mut tx = relay_tx(&self.pool).await?;
-        let mut restore = republishable(format!(
-            "INSERT INTO `{t}` ({ROW}) SELECT {ROW} FROM `{t}_archive` o"
-        ));
-        restore.build().execute(&mut *tx).await?;
-        let mut unarchive = republishable(format!("DELETE o FROM `{t}_archive` o"));
-        unarchive.build().execute(&mut *tx).await?;
-        let mut bounds = republishable(format!(
-            "SELECT o.aggregate_key, min(o.aggregate_type), min(o.aggregate_id), min(o.seq), \
-             max(o.seq) FROM `{t}` o"
-        ));
-        bounds.push(" GROUP BY o.aggregate_key ORDER BY o.aggregate_key");
-        let bounds: Vec<(Vec<u8>, String, String, i64, i64)> =
-            bounds.build_query_as().fetch_all(&mut *tx).await?;
-        // Per aggregate, only the rows within the bounds just read: an event delivered since
-        // that read (READ COMMITTED) is either among them, and the cursor goes back before it,
-        // or left delivered. Never pending behind its cursor, where no relay would look.
-        let mut n = 0;
-        for (key, aggregate_type, aggregate_id, first, last) in bounds {
-            let mut again = republishable(format!(
+        let again = || {
+            republishable(format!(
                 "UPDATE `{t}` o SET o.status = 'pending', o.attempts = 0, \
                  o.available_at = UTC_TIMESTAMP(6), o.delivered_at = NULL, \
                  o.consumed_at = NULL, o.last_error = NULL"
-            ));
-            again
-                .push(" AND o.aggregate_key = ")
-                .push_bind(key.clone())
-                .push(" AND o.seq BETWEEN ")
-                .push_bind(first)
-                .push(" AND ")
-                .push_bind(last);
-            let changed = again.build().execute(&mut *tx).await?.rows_affected();
-            if changed == 0 {
-                continue;
-            }
-            // Back to just before the earliest: the relay delivers them in `seq` order,
-            // skipping what is still delivered between them.
+            ))
+        };
+        // The table's rows first, all at once, before any cursor moves: locked from here on, so
+        // a purge running meanwhile (SKIP LOCKED) cannot archive one of them half-way through.
+        let mut n = again().build().execute(&mut *tx).await?.rows_affected();
+        // Then the archived ones, back in the table and set pending in turn. Only what is back
+        // leaves the archive: a row a purge archived after the copy stays there.
+        let mut restore = republishable(format!(
+            "INSERT INTO `{t}` ({ROW}) SELECT {ROW} FROM `{t}_archive` o"
+        ));
+        if restore.build().execute(&mut *tx).await?.rows_affected() > 0 {
+            n += again().build().execute(&mut *tx).await?.rows_affected();
+            let mut unarchive = republishable(format!("DELETE o FROM `{t}_archive` o"));
+            unarchive.push(format!(" AND o.id IN (SELECT id FROM `{t}`)"));
+            unarchive.build().execute(&mut *tx).await?;
+        }
+        // The bounds from what is now pending behind its cursor, this transaction's own
+        // changes included: every row just set pending is there, whatever a relay delivered
+        // since the statement above.
+        let mut bounds = QueryBuilder::<MySql>::new(format!(
+            "SELECT o.aggregate_key, min(o.aggregate_type), min(o.aggregate_id), min(o.seq), \
+             max(o.seq) FROM `{t}` o LEFT JOIN `{t}_cursors` c ON c.aggregate_key = o.aggregate_key \
+             WHERE o.status = 'pending' AND (c.aggregate_key IS NULL OR o.seq <= c.done_seq)"
+        ));
+        push_filter(&mut bounds, filter);
+        bounds.push(" GROUP BY o.aggregate_key ORDER BY o.aggregate_key");
+        let bounds: Vec<(Vec<u8>, String, String, i64, i64)> =
+            bounds.build_query_as().fetch_all(&mut *tx).await?;
+        // Each aggregate's cursor back to just before its earliest one: the relay delivers them
+        // in `seq` order, skipping what is still delivered between them.
+        for (key, aggregate_type, aggregate_id, first, last) in bounds {
             sqlx::query(&self.statements.cursor_back)
                 .bind(&key)
                 .bind(&aggregate_type)
@@ -1263,7 +1268,6 @@ impl Republish for MySqlStore {
                 .bind(Option::<i64>::None)
                 .execute(&mut *tx)
                 .await?;
-            n += changed;
         }
         tx.commit().await?;
         Ok(n)
@@ -1344,6 +1348,8 @@ const ABSORB_ROUNDS: usize = 20;
 #[derive(Debug)]
 pub struct MySqlInbox {
     pool: MySqlPool,
+    table: String,
+    attempts_table: String,
     create: String,
     create_attempts: String,
     insert: String,
@@ -1358,6 +1364,8 @@ impl MySqlInbox {
         let a = table.derived("attempts");
         Self {
             pool,
+            table: t.to_owned(),
+            attempts_table: a.clone(),
             create: format!(
                 r#"CREATE TABLE IF NOT EXISTS `{t}` (
     consumer     VARBINARY(255) NOT NULL,
@@ -1400,7 +1408,29 @@ impl InboxStore for MySqlInbox {
         sqlx::raw_sql(&self.create_attempts)
             .execute(&self.pool)
             .await?;
+        // Tables made before consumer names were bytes (`VARCHAR .. utf8mb4_bin`, where
+        // "billing" and "billing " were one consumer) are converted.
+        for table in [&self.table, &self.attempts_table] {
+            let kind: Option<String> = sqlx::query_scalar(
+                "SELECT CAST(DATA_TYPE AS CHAR) FROM information_schema.columns
+                 WHERE table_schema = DATABASE() AND table_name = ? AND column_name = 'consumer'",
+            )
+            .bind(table)
+            .fetch_optional(&self.pool)
+            .await?;
+            if kind.is_some_and(|k| !k.eq_ignore_ascii_case("varbinary")) {
+                sqlx::query(&format!(
+                    "ALTER TABLE `{table}` MODIFY consumer VARBINARY(255) NOT NULL"
+                ))
+                .execute(&self.pool)
+                .await?;
+            }
+        }
         Ok(())
+    }
+
+    fn max_consumer_name_bytes(&self) -> Option<usize> {
+        Some(255)
     }
 
     async fn count_attempt<'a>(&'a self, consumer: &'a str, message_id: Uuid) -> Result<u32> {
