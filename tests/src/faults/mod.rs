@@ -1272,9 +1272,9 @@ pub async fn run_cell(
         &arrivals,
     )
     .await;
-    if let Some(log) = relay_log {
-        let log = std::fs::read_to_string(&log).unwrap_or_default();
-        let _ = std::fs::remove_file(std::env::temp_dir().join(format!("{table}-relays.log")));
+    if let Some(path) = relay_log {
+        let log = std::fs::read_to_string(&path).unwrap_or_default();
+        let _ = std::fs::remove_file(&path);
         // The relays' own warnings and errors still reach the test's output.
         for line in log.lines().map(strip_ansi) {
             if !line.contains("DEBUG") {
