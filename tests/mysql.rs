@@ -403,3 +403,102 @@ async fn inspection_and_failure_history() {
     assert_eq!(groups[0].count, 1);
     MySql::drop_tables(&outbox).await;
 }
+
+/// A batch of 1,234 events over three interleaved aggregates, two of them with idempotency
+/// keys (one key repeated inside the batch): written in several multi-row statements, numbered
+/// per aggregate in the order given, the repeated key's second event not written, and
+/// delivered in that order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_is_numbered_in_order_per_aggregate() {
+    init_tracing();
+    let outbox = MySql::fresh().await;
+    let mut messages = Vec::new();
+    for n in 0..1234u64 {
+        let event = item(["a", "b", "c"][(n % 3) as usize], n);
+        let options = match n {
+            7 | 700 => outbox::EnqueueOptions::default().idempotency_key("same-request"),
+            _ => outbox::EnqueueOptions::default(),
+        };
+        messages.push(outbox::Message::with_options(&event, options).unwrap());
+    }
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let outcomes = outbox.enqueue_messages(&mut *tx, &messages).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(outcomes[700], outbox::Enqueued::Duplicate(messages[7].id()));
+    assert_eq!(outcomes.iter().filter(|o| o.is_new()).count(), 1233);
+    assert_eq!(MySql::count_outbox_rows(&outbox).await, 1233);
+    // Sequence numbers 1, 2, 3, ... per aggregate, in the order of the batch.
+    let mut expected = std::collections::HashMap::new();
+    for (n, m) in messages.iter().enumerate().filter(|(n, _)| *n != 700) {
+        let next = expected.entry(n % 3).or_insert(0i64);
+        *next += 1;
+        if n % 97 == 0 || n > 1200 {
+            let row = outbox.get(m.id()).await.unwrap().expect("written");
+            assert_eq!(row.sequence, *next, "event {n}");
+        }
+    }
+    let log = Log::default();
+    let relay = RunningRelay::start(
+        Relay::builder(outbox.clone(), dispatcher(&log, always_ok()))
+            .poll_interval(Duration::from_millis(20)),
+    );
+    eventually("every event is delivered", WAIT, || async {
+        log.len() == 1233
+    })
+    .await;
+    relay.stop().await;
+    let mut seen: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    for handled in log.snapshot() {
+        seen.entry(handled.event.item.clone())
+            .or_default()
+            .push(handled.event.n);
+    }
+    for (aggregate, ns) in seen {
+        assert!(
+            ns.windows(2).all(|w| w[0] < w[1]),
+            "{aggregate} out of order"
+        );
+    }
+    MySql::drop_tables(&outbox).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_sharing_aggregates_in_opposite_orders_do_not_deadlock() {
+    scenarios::batches_sharing_aggregates_in_opposite_orders_do_not_deadlock::<MySql>().await;
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, outbox::OutboxEvent)]
+#[outbox(event_type = "test.bulky", aggregate_type = "item", topic = "items")]
+struct Bulky {
+    #[outbox(aggregate_id)]
+    item: String,
+    pad: String,
+}
+
+/// A batch larger than the server takes in one packet (MariaDB's `max_allowed_packet` is
+/// 16 MiB by default): 60 events of 300 KB go in several statements, and all are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_one_packet_is_written() {
+    init_tracing();
+    let outbox = MySql::fresh().await;
+    let packet: u64 = sqlx::query_scalar("SELECT @@max_allowed_packet")
+        .fetch_one(outbox.pool())
+        .await
+        .unwrap();
+    let events: Vec<Bulky> = (0..60)
+        .map(|i| Bulky {
+            item: format!("bulky-{}", i % 4),
+            pad: "x".repeat(300_000),
+        })
+        .collect();
+    assert!(
+        60 * 300_000 > packet,
+        "the batch must exceed one packet ({packet} B)"
+    );
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let ids = outbox.enqueue_batch(&mut *tx, &events).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(ids.len(), 60);
+    assert_eq!(MySql::count_outbox_rows(&outbox).await, 60);
+    MySql::drop_tables(&outbox).await;
+}

@@ -543,3 +543,8 @@ async fn concurrent_enqueues_of_one_idempotency_key_write_one_event() {
 async fn republish_delivers_delivered_and_archived_events_again_in_order() {
     scenarios::republish_delivers_again_in_order::<Postgres>().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_sharing_aggregates_in_opposite_orders_do_not_deadlock() {
+    scenarios::batches_sharing_aggregates_in_opposite_orders_do_not_deadlock::<Postgres>().await;
+}

@@ -162,9 +162,12 @@ async fn measure(
 ) -> Result<(), BoxError> {
     let payload = serde_json::to_string(&OrderPlaced::new(0, 1, PAYLOAD_BYTES))?;
     let mut raw_claim = Vec::new();
+    let mut raw_insert = 0.0f64;
     for clients in [1, 4] {
-        let (rate, server_us, own_us) = raw_claim_rate(s, pool, &payload, clients).await?;
+        let (rate, server_us, own_us, inserted) =
+            raw_claim_rate(s, pool, &payload, clients).await?;
         raw_claim.push(rate);
+        raw_insert = raw_insert.max(inserted);
         eprintln!("[mysql-bench] raw claim-and-mark, {clients} client(s): {rate:.0} rows/s");
         lines.push(Line {
             section: "Raw limits",
@@ -179,6 +182,17 @@ async fn measure(
             note: String::new(),
         });
     }
+    eprintln!("[mysql-bench] raw multi-row INSERT: {raw_insert:.0} rows/s");
+    lines.push(Line {
+        section: "Raw limits",
+        what: "MariaDB multi-row INSERT, 1,000 rows per statement".into(),
+        rate: raw_insert,
+        unit: "rows/s",
+        ratio: None,
+        server_us: 0.0,
+        own_us: 0.0,
+        note: String::new(),
+    });
     let raw_nats = raw_nats_rate(s, nats, &payload).await?;
     eprintln!("[mysql-bench] raw NATS publish: {raw_nats:.0} msgs/s");
     lines.push(Line {
@@ -233,8 +247,13 @@ async fn measure(
                     server_us: drained.server_us,
                     own_us: drained.own_us,
                     note: format!(
-                        "peak RSS {:.0} MB, {} duplicate(s), {} order violation(s)",
-                        drained.peak_rss_mb, drained.duplicates, drained.order_violations
+                        "peak RSS {:.0} MB, {} duplicate(s), {} order violation(s); backlog \
+                         written by enqueue_batch at {:.0} events/s ({:.0} % of raw INSERT)",
+                        drained.peak_rss_mb,
+                        drained.duplicates,
+                        drained.order_violations,
+                        drained.filled,
+                        drained.filled / raw_insert * 100.0
                     ),
                 });
             }
@@ -263,14 +282,15 @@ async fn measure(
     Ok(())
 }
 
-/// Plain SQL claim-and-mark of a queue table with `clients` concurrent clients: rows/s, and
-/// server and own CPU per row.
+/// Plain SQL claim-and-mark of a queue table with `clients` concurrent clients: rows/s, server
+/// and own CPU per row, and the rows/s of filling the table (multi-row `INSERT`s of 1,000 rows,
+/// one client, autocommit).
 async fn raw_claim_rate(
     s: &Settings,
     pool: &MySqlPool,
     payload: &str,
     clients: usize,
-) -> Result<(f64, f64, f64), BoxError> {
+) -> Result<(f64, f64, f64, f64), BoxError> {
     let t = format!("{}_raw", s.prefix);
     sqlx::query(&format!(
         "CREATE TABLE IF NOT EXISTS `{t}` (
@@ -287,6 +307,7 @@ async fn raw_claim_rate(
     sqlx::query(&format!("TRUNCATE `{t}`"))
         .execute(pool)
         .await?;
+    let filling = Instant::now();
     for start in (0..s.raw_events).step_by(1000) {
         let mut insert =
             QueryBuilder::<MySql>::new(format!("INSERT INTO `{t}` (aggregate_id, payload) "));
@@ -295,6 +316,7 @@ async fn raw_claim_rate(
         });
         insert.build().execute(pool).await?;
     }
+    let inserted = s.raw_events as f64 / filling.elapsed().as_secs_f64();
     let clock = Clock::start();
     let mut tasks = JoinSet::new();
     for _ in 0..clients {
@@ -338,7 +360,7 @@ async fn raw_claim_rate(
     if rows != s.raw_events {
         return Err(format!("raw claim drained {rows} of {} rows", s.raw_events).into());
     }
-    Ok((rows as f64 / seconds, server_us, own_us))
+    Ok((rows as f64 / seconds, server_us, own_us, inserted))
 }
 
 fn stream_name(s: &Settings, suffix: &str) -> String {
@@ -578,6 +600,8 @@ async fn pending(outbox: &Outbox<MySql>, pool: &MySqlPool) -> Result<i64, BoxErr
 }
 
 struct Drained {
+    /// Events/s written by `enqueue_batch`, 5,000 per transaction, before the drain.
+    filled: f64,
     rate: f64,
     server_us: f64,
     own_us: f64,
@@ -600,6 +624,7 @@ async fn drain(
     relays: usize,
 ) -> Result<Drained, BoxError> {
     reset(outbox, pool).await?;
+    let filling = Instant::now();
     for start in (0..backlog).step_by(5000) {
         let events: Vec<OrderPlaced> = (start..(start + 5000).min(backlog))
             .map(|i| OrderPlaced::new(i as u64, aggregates, PAYLOAD_BYTES))
@@ -608,6 +633,7 @@ async fn drain(
         outbox.enqueue_batch(&mut *tx, &events).await?;
         tx.commit().await?;
     }
+    let filled = backlog as f64 / filling.elapsed().as_secs_f64();
     let delivered = Arc::new(AtomicU64::new(0));
     let violations = Arc::new(AtomicU64::new(0));
     let workers = (2 / relays).max(1);
@@ -673,6 +699,7 @@ async fn drain(
     }
     result?;
     Ok(Drained {
+        filled,
         rate: backlog as f64 / seconds,
         server_us,
         own_us,

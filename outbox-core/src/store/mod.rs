@@ -873,8 +873,9 @@ impl<DB: Backend> Outbox<DB> {
             .unwrap_or(Enqueued::New(message.id)))
     }
 
-    /// Writes several events of one type in one round trip (PostgreSQL) and returns their ids
-    /// in order. Events of one aggregate get consecutive sequence numbers in slice order.
+    /// Writes several events of one type in one round trip (PostgreSQL; on MySQL two per 1,000
+    /// aggregates and two per 500 events) and returns their ids in order. Events of one
+    /// aggregate get consecutive sequence numbers in slice order.
     pub async fn enqueue_batch<'e, E: OutboxEvent + 'e>(
         &self,
         conn: &mut DB::Connection,
@@ -888,8 +889,9 @@ impl<DB: Backend> Outbox<DB> {
         Ok(messages.iter().map(Message::id).collect())
     }
 
-    /// Writes prepared [`Message`]s, of any event types, in one round trip (PostgreSQL; one
-    /// more per message with an idempotency key). One result per message, in order.
+    /// Writes prepared [`Message`]s, of any event types, in one round trip (PostgreSQL; on MySQL
+    /// as [`enqueue_batch`](Self::enqueue_batch); one more per message with an idempotency key).
+    /// One result per message, in order.
     pub async fn enqueue_messages(
         &self,
         conn: &mut DB::Connection,

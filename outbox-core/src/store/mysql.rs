@@ -31,7 +31,7 @@ use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use sqlx::mysql::{MySqlConnection, MySqlRow};
 use sqlx::{MySql, MySqlPool, QueryBuilder, Row};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -46,6 +46,18 @@ const ROW: &str = "id, created_at, aggregate_type, aggregate_id, aggregate_key, 
 /// Columns every read returns, in the order `envelope` and `record` expect.
 const COLUMNS: &str = "o.id, o.created_at, o.aggregate_type, o.aggregate_id, o.seq, o.event_type, \
      o.schema_version, o.topic, o.payload, o.headers, o.attempts";
+
+/// One event's values in `MyStatements::insert` (12 parameters).
+const INSERT_ROW: &str = "(?, UTC_TIMESTAMP(6), ?, ?, ?, ?, ?, ?, ?, ?, ?, \
+     COALESCE(?, DATE_ADD(UTC_TIMESTAMP(6), INTERVAL ? MICROSECOND)))";
+
+/// One event's values in `MyStatements::announce` (4 parameters).
+const ANNOUNCE_ROW: &str = "(?, ?, ?, ?)";
+
+/// Events per multi-row `INSERT` at most, and payload bytes: the statement must fit the
+/// server's `max_allowed_packet` (16 MiB by default on MariaDB) and its 65,535 parameters.
+const INSERT_ROWS: usize = 500;
+const INSERT_BYTES: usize = 4 << 20;
 
 /// A time no relay reaches: a parked aggregate's `due_at`.
 const NEVER: &str = "'9999-12-31 00:00:00'";
@@ -136,22 +148,23 @@ impl MyStatements {
         let t = table.as_str();
         Self {
             // The counter row's lock serialises the writers of one aggregate until commit: the
-            // sequence order is the commit order, and a rollback leaves no gap.
-            // `LAST_INSERT_ID(expr)` hands the new value back without a second statement.
+            // sequence order is the commit order, and a rollback leaves no gap. It takes the
+            // next `n` numbers at once; `LAST_INSERT_ID(expr)` hands the last back without a
+            // second statement.
             next_seq: format!(
-                r#"INSERT INTO `{t}_aggregates` (aggregate_key, last_seq) VALUES (?, LAST_INSERT_ID(1))
-ON DUPLICATE KEY UPDATE last_seq = LAST_INSERT_ID(last_seq + 1)"#
+                r#"INSERT INTO `{t}_aggregates` (aggregate_key, last_seq) VALUES (?, LAST_INSERT_ID(?))
+ON DUPLICATE KEY UPDATE last_seq = LAST_INSERT_ID(last_seq + ?)"#
             ),
+            // Followed by one `INSERT_ROW` per event.
             insert: format!(
                 r#"INSERT INTO `{t}` (id, created_at, aggregate_type, aggregate_id, aggregate_key, seq,
     event_type, schema_version, topic, payload, headers, available_at)
-VALUES (?, UTC_TIMESTAMP(6), ?, ?, ?, ?, ?, ?, ?, ?, ?,
-    COALESCE(?, DATE_ADD(UTC_TIMESTAMP(6), INTERVAL ? MICROSECOND)))"#
+VALUES "#
             ),
             // Writers announce; only relays read announcements. Writers never touch a row a
-            // relay writes: neither side ever waits for the other.
+            // relay writes: neither side ever waits for the other. One `ANNOUNCE_ROW` per event.
             announce: format!(
-                r#"INSERT INTO `{t}_new` (aggregate_key, aggregate_type, aggregate_id, seq) VALUES (?, ?, ?, ?)"#
+                r#"INSERT INTO `{t}_new` (aggregate_key, aggregate_type, aggregate_id, seq) VALUES "#
             ),
             take_key: format!(
                 r#"INSERT INTO `{t}_keys` (`key`, event_id, created_at) VALUES (?, ?, UTC_TIMESTAMP(6))"#
@@ -418,74 +431,131 @@ CREATE TABLE IF NOT EXISTS `{t}_keys` (
             .map(delivery_time)
             .collect::<Result<Vec<_>>>()?;
         let mut outcomes = Vec::with_capacity(messages.len());
-        for (m, at) in messages.iter().zip(times) {
-            if let Some(key) = m.idempotency_key() {
-                // A failed statement leaves MySQL's transaction open: a duplicate key is an
-                // answer, not an error.
-                let taken = sqlx::query(&statements.take_key)
-                    .bind(key)
-                    .bind(m.id)
-                    .execute(&mut *conn)
-                    .await;
-                match taken {
-                    Ok(_) => {}
-                    Err(sqlx::Error::Database(e))
-                        if e.kind() == sqlx::error::ErrorKind::UniqueViolation =>
-                    {
-                        let first: Option<Uuid> = sqlx::query_scalar(&statements.find_key)
-                            .bind(key)
-                            .fetch_optional(&mut *conn)
-                            .await?;
-                        match first {
-                            // Even with this message's own id: a retry of a committed message.
-                            Some(first) => outcomes.push(Enqueued::Duplicate(first)),
-                            None => {
-                                return Err(Error::InvalidField {
-                                    field: format!("idempotency key {key:?}"),
-                                    reason: "it was removed (by retention) while being \
-                                             enqueued; try again",
-                                })
-                            }
-                        }
-                        continue;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            outcomes.push(Enqueued::New(m.id));
-            let key = aggregate_key(m.aggregate_type, &m.aggregate_id);
-            let seq = sqlx::query(&statements.next_seq)
-                .bind(&key)
+        for m in messages {
+            outcomes.push(match m.idempotency_key() {
+                Some(key) => self.take_key(conn, key, m.id).await?,
+                None => Enqueued::New(m.id),
+            });
+        }
+        // The events to write, in order, with their aggregates' keys.
+        let new: Vec<NewEvent<'_>> = messages
+            .iter()
+            .zip(times)
+            .zip(&outcomes)
+            .filter(|(_, outcome)| outcome.is_new())
+            .map(|((m, at), _)| (m, at, aggregate_key(m.aggregate_type, &m.aggregate_id)))
+            .collect();
+        // Sequence numbers: one counter statement per aggregate, in key order (two batches
+        // that share aggregates lock them in the same order, so they cannot deadlock); each
+        // aggregate's events numbered in the order given.
+        let mut counts: BTreeMap<&[u8], i64> = BTreeMap::new();
+        for (_, _, key) in &new {
+            *counts.entry(key.as_slice()).or_default() += 1;
+        }
+        let mut next: HashMap<&[u8], i64> = HashMap::with_capacity(counts.len());
+        if let [(key, n)] = counts.iter().collect::<Vec<_>>()[..] {
+            // One aggregate (one event, usually): one statement.
+            let last = sqlx::query(&statements.next_seq)
+                .bind(*key)
+                .bind(*n)
+                .bind(*n)
                 .execute(&mut *conn)
                 .await?
                 .last_insert_id();
-            let seq = i64::try_from(seq).unwrap_or(i64::MAX);
-            let delay = match m.options.available_at {
-                Some(Deliver::After(d)) => delay_us(d),
-                _ => 0,
-            };
-            sqlx::query(&statements.insert)
-                .bind(m.id)
-                .bind(m.aggregate_type)
-                .bind(&m.aggregate_id)
-                .bind(&key)
-                .bind(seq)
-                .bind(m.event_type)
-                .bind(m.schema_version as i32)
-                .bind(m.topic)
-                .bind(&m.payload)
-                .bind(m.headers_json())
-                .bind(at)
-                .bind(delay)
-                .execute(&mut *conn)
-                .await?;
-            sqlx::query(&statements.announce)
-                .bind(&key)
-                .bind(m.aggregate_type)
-                .bind(&m.aggregate_id)
-                .bind(seq)
-                .execute(&mut *conn)
-                .await?;
+            next.insert(key, i64::try_from(last).unwrap_or(i64::MAX) - n + 1);
+        } else {
+            // Many: the counters upserted in one statement per 1,000 aggregates, then read back
+            // (this transaction holds their locks, so what it reads is what it wrote).
+            let counts: Vec<(&[u8], i64)> = counts.into_iter().collect();
+            for chunk in counts.chunks(1000) {
+                let mut upsert = QueryBuilder::<MySql>::new(format!(
+                    "INSERT INTO `{}` (aggregate_key, last_seq) ",
+                    self.table.derived("aggregates")
+                ));
+                upsert.push_values(chunk, |mut row, (key, n)| {
+                    row.push_bind(*key).push_bind(*n);
+                });
+                upsert.push(" ON DUPLICATE KEY UPDATE last_seq = last_seq + VALUES(last_seq)");
+                upsert.build().execute(&mut *conn).await?;
+                let mut read = QueryBuilder::<MySql>::new(format!(
+                    "SELECT aggregate_key, last_seq FROM `{}` WHERE aggregate_key IN (",
+                    self.table.derived("aggregates")
+                ));
+                let mut keys = read.separated(", ");
+                for (key, _) in chunk {
+                    keys.push_bind(*key);
+                }
+                read.push(")");
+                let lasts: HashMap<Vec<u8>, i64> = read
+                    .build_query_as::<(Vec<u8>, i64)>()
+                    .fetch_all(&mut *conn)
+                    .await?
+                    .into_iter()
+                    .collect();
+                for (key, n) in chunk {
+                    let last = lasts
+                        .get(*key)
+                        .copied()
+                        .ok_or_else(|| Error::InvalidField {
+                            field: "aggregate counter".into(),
+                            reason: "it was not found right after it was written",
+                        })?;
+                    next.insert(key, last - n + 1);
+                }
+            }
+        }
+        let mut seqs = Vec::with_capacity(new.len());
+        for (_, _, key) in &new {
+            let seq = next.get_mut(key.as_slice()).expect("counted above");
+            seqs.push(*seq);
+            *seq += 1;
+        }
+        let mut start = 0;
+        while start < new.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < new.len()
+                && end - start < INSERT_ROWS
+                && (end == start || bytes < INSERT_BYTES)
+            {
+                bytes += new[end].0.payload.len();
+                end += 1;
+            }
+            let rows = &new[start..end];
+            let list = |row: &str| vec![row; rows.len()].join(", ");
+            let insert = format!("{}{}", statements.insert, list(INSERT_ROW));
+            let mut query = sqlx::query(&insert);
+            for ((m, at, key), seq) in rows.iter().zip(&seqs[start..end]) {
+                let delay = match m.options.available_at {
+                    Some(Deliver::After(d)) => delay_us(d),
+                    _ => 0,
+                };
+                query = query
+                    .bind(m.id)
+                    .bind(m.aggregate_type)
+                    .bind(&m.aggregate_id)
+                    .bind(key)
+                    .bind(*seq)
+                    .bind(m.event_type)
+                    .bind(m.schema_version as i32)
+                    .bind(m.topic)
+                    .bind(&m.payload)
+                    .bind(m.headers_json())
+                    .bind(*at)
+                    .bind(delay);
+            }
+            query.execute(&mut *conn).await?;
+            let announce = format!("{}{}", statements.announce, list(ANNOUNCE_ROW));
+            let mut query = sqlx::query(&announce);
+            for ((m, _, key), seq) in rows.iter().zip(&seqs[start..end]) {
+                query = query
+                    .bind(key)
+                    .bind(m.aggregate_type)
+                    .bind(&m.aggregate_id)
+                    .bind(*seq);
+            }
+            query.execute(&mut *conn).await?;
+            start = end;
         }
         Ok(outcomes)
     }
@@ -767,6 +837,38 @@ STRAIGHT_JOIN `{t}_keys` k FORCE INDEX (PRIMARY) ON k.`key` = UNHEX(j.k)"#
 }
 
 impl MySqlStore {
+    /// Takes idempotency key `key` for event `id` in the caller's transaction, or finds the
+    /// event that took it first.
+    async fn take_key(&self, conn: &mut MySqlConnection, key: &str, id: Uuid) -> Result<Enqueued> {
+        // A failed statement leaves MySQL's transaction open: a duplicate key is an answer, not
+        // an error.
+        let taken = sqlx::query(&self.statements.take_key)
+            .bind(key)
+            .bind(id)
+            .execute(&mut *conn)
+            .await;
+        match taken {
+            Ok(_) => Ok(Enqueued::New(id)),
+            Err(sqlx::Error::Database(e))
+                if e.kind() == sqlx::error::ErrorKind::UniqueViolation =>
+            {
+                let first: Option<Uuid> = sqlx::query_scalar(&self.statements.find_key)
+                    .bind(key)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                match first {
+                    // Even with this message's own id: a retry of a committed message.
+                    Some(first) => Ok(Enqueued::Duplicate(first)),
+                    None => Err(Error::InvalidField {
+                        field: format!("idempotency key {key:?}"),
+                        reason: "it was removed (by retention) while being enqueued; try again",
+                    }),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The migration steps not applied yet, under the migration lock; `m` the version table.
     async fn migrate_locked(&self, conn: &mut MySqlConnection, m: &str) -> Result<()> {
         sqlx::query(&format!(
@@ -796,6 +898,9 @@ impl MySqlStore {
         Ok(())
     }
 }
+
+/// An event to write: the message, its delivery time as stored, its aggregate's key.
+type NewEvent<'a> = (&'a Message, Option<DateTime<Utc>>, Vec<u8>);
 
 /// A leased cursor: key, type, id, done, known, attempts before this claim, parked, version.
 type LeasedCursor = (Vec<u8>, String, String, i64, i64, i32, Option<i64>, i64);
