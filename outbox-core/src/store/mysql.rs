@@ -58,6 +58,9 @@ const ANNOUNCE_ROW: &str = "(?, ?, ?, ?)";
 /// server's `max_allowed_packet` (16 MiB by default on MariaDB) and its 65,535 parameters.
 const INSERT_ROWS: usize = 500;
 const INSERT_BYTES: usize = 4 << 20;
+/// What a row carries besides its payload, aggregate id and headers (counted twice, for JSON's
+/// escapes): names, numbers, quotes, generously.
+const ROW_OVERHEAD_BYTES: usize = 2048;
 
 /// A time no relay reaches: a parked aggregate's `due_at`.
 const NEVER: &str = "'9999-12-31 00:00:00'";
@@ -514,11 +517,22 @@ CREATE TABLE IF NOT EXISTS `{t}_keys` (
         while start < new.len() {
             let mut end = start;
             let mut bytes = 0;
-            while end < new.len()
-                && end - start < INSERT_ROWS
-                && (end == start || bytes < INSERT_BYTES)
-            {
-                bytes += new[end].0.payload.len();
+            while end < new.len() && end - start < INSERT_ROWS {
+                // Checked before the row joins: a large event goes into the next statement,
+                // and one larger than the limit into its own, as it would alone.
+                let m = new[end].0;
+                let headers: usize = m
+                    .options
+                    .headers
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum();
+                let size =
+                    m.payload.len() + m.aggregate_id.len() + 2 * headers + ROW_OVERHEAD_BYTES;
+                if end > start && bytes + size > INSERT_BYTES {
+                    break;
+                }
+                bytes += size;
                 end += 1;
             }
             let rows = &new[start..end];
