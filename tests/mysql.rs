@@ -5,8 +5,8 @@
 
 use outbox::{EventStatus, HandlerError, Relay};
 use outbox_tests::{
-    always_ok, dispatcher, eventually, init_tracing, scenarios, ItemChanged, Log, RunningRelay,
-    TestDb,
+    always_ok, dispatcher, eventually, init_tracing, scenarios, Bulky, ItemChanged, Log,
+    RunningRelay, TestDb,
 };
 use sqlx::MySql;
 use std::sync::Arc;
@@ -465,14 +465,6 @@ async fn a_large_batch_is_numbered_in_order_per_aggregate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_sharing_aggregates_in_opposite_orders_do_not_deadlock() {
     scenarios::batches_sharing_aggregates_in_opposite_orders_do_not_deadlock::<MySql>().await;
-}
-
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, outbox::OutboxEvent)]
-#[outbox(event_type = "test.bulky", aggregate_type = "item", topic = "items")]
-struct Bulky {
-    #[outbox(aggregate_id)]
-    item: String,
-    pad: String,
 }
 
 /// A batch larger than the server takes in one packet (MariaDB's `max_allowed_packet` is

@@ -2,16 +2,8 @@
 //! here failed on the reviewed code (it showed a defect) and is now its regression test; checks
 //! that held up were removed. Run: `cargo test -p outbox-tests --all-features --test review3_mysql`.
 
-use outbox_tests::{init_tracing, TestDb};
+use outbox_tests::{init_tracing, Bulky, TestDb};
 use sqlx::MySql;
-
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, outbox::OutboxEvent)]
-#[outbox(event_type = "test.bulky", aggregate_type = "item", topic = "items")]
-struct Bulky {
-    #[outbox(aggregate_id)]
-    item: String,
-    pad: String,
-}
 
 /// A small event then a large one (each far below `max_allowed_packet` alone, and each
 /// enqueued fine on its own): the chunker lets a row in while fewer than 4 MiB are taken, so

@@ -68,6 +68,15 @@ pub struct ItemChanged {
     pub n: u64,
 }
 
+/// An event padded to any size, for payloads near the servers' packet limits.
+#[derive(Debug, Clone, Serialize, Deserialize, OutboxEvent)]
+#[outbox(event_type = "test.bulky", aggregate_type = "item", topic = "items")]
+pub struct Bulky {
+    #[outbox(aggregate_id)]
+    pub item: String,
+    pub pad: String,
+}
+
 /// An event with no handler anywhere.
 #[derive(Debug, Clone, Serialize, Deserialize, OutboxEvent)]
 #[outbox(event_type = "test.nobody_listens")]

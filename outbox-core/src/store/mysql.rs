@@ -456,12 +456,12 @@ CREATE TABLE IF NOT EXISTS `{t}_keys` (
             *counts.entry(key.as_slice()).or_default() += 1;
         }
         let mut next: HashMap<&[u8], i64> = HashMap::with_capacity(counts.len());
-        if let [(key, n)] = counts.iter().collect::<Vec<_>>()[..] {
+        if let (1, Some((&key, &n))) = (counts.len(), counts.iter().next()) {
             // One aggregate (one event, usually): one statement.
             let last = sqlx::query(&statements.next_seq)
-                .bind(*key)
-                .bind(*n)
-                .bind(*n)
+                .bind(key)
+                .bind(n)
+                .bind(n)
                 .execute(&mut *conn)
                 .await?
                 .last_insert_id();
