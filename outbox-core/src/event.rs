@@ -353,6 +353,7 @@ impl Envelope {
         let mut schema_version = None;
         let mut rest = Headers::new();
         let mut ids = Headers::new();
+        let mut stored = Headers::new();
         for (key, value) in headers {
             match key {
                 wire::ID => {
@@ -374,6 +375,11 @@ impl Envelope {
                 wire::CAUSATION_ID => {
                     ids.insert(header::CAUSATION_ID.to_owned(), value.to_owned());
                 }
+                wire::HEADERS => {
+                    let all: Headers =
+                        serde_json::from_str(value).map_err(|e| format!("bad {key}: {e}"))?;
+                    stored.extend(all.into_iter().filter(|(k, _)| !is_reserved_header(k)));
+                }
                 // The old names (`correlation_id`, `causation_id`) land here, under the
                 // stored names they already are.
                 _ => {
@@ -382,6 +388,9 @@ impl Envelope {
             }
         }
         rest.extend(ids);
+        // Headers sent one by one win over the same names in the stored object.
+        stored.extend(rest);
+        let rest = stored;
         let missing = |name: &str| format!("message has no {name} header");
         let id = id.ok_or_else(|| missing(wire::ID))?;
         Ok(Self {
@@ -432,6 +441,11 @@ pub mod wire {
     pub const SCHEMA_VERSION: &str = "outbox-schema-version";
     /// The payload content type.
     pub const CONTENT_TYPE: &str = "content-type";
+    /// The stored headers as one JSON object of strings: how an external relay that copies
+    /// columns into headers carries the `headers` column (Debezium's outbox event router with
+    /// `headers:header:outbox-headers`). This library's transports send each header on its
+    /// own; [`Envelope::from_wire`](super::Envelope::from_wire) reads both.
+    pub const HEADERS: &str = "outbox-headers";
     /// The only content type written today.
     pub const JSON: &str = "application/json";
 
@@ -582,5 +596,35 @@ mod tests {
         assert!(err.contains("bad outbox-id"), "{err}");
         let err = Envelope::from_wire(std::iter::empty(), String::new(), 1).unwrap_err();
         assert_eq!(err, "message has no outbox-id header");
+
+        // The stored headers as one JSON object (Debezium's router copying the `headers`
+        // column): read back under their stored names; reserved names in it are ignored, and
+        // a header sent on its own wins.
+        let json = r#"{"correlation_id":"req-1","tenant":"a","outbox-id":"x"}"#;
+        let from_object = Envelope::from_wire(
+            wire.iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .filter(|(k, _)| !k.starts_with("outbox-c") && *k != "traceparent")
+                .chain([("outbox-headers", json), ("tenant", "b")]),
+            "{}".into(),
+            1,
+        )
+        .unwrap();
+        assert_eq!(from_object.id, envelope.id);
+        assert_eq!(from_object.correlation_id(), Some("req-1"));
+        assert_eq!(
+            from_object.headers.get("tenant").map(String::as_str),
+            Some("b")
+        );
+        assert!(!from_object.headers.contains_key("outbox-id"));
+        let err = Envelope::from_wire(
+            wire.iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .chain([("outbox-headers", "[1]")]),
+            String::new(),
+            1,
+        )
+        .unwrap_err();
+        assert!(err.contains("bad outbox-headers"), "{err}");
     }
 }

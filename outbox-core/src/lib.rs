@@ -53,7 +53,7 @@ pub use store::{
     DeadGroup, Discard, Enqueued, EventFilter, EventRecord, EventStatus, ExplainClaim,
     FailedAttempt, Fate, FullStore, InboxStore, Inconsistency, Inspect, Lookup, MarkConsumed,
     Outbox, OutboxBuilder, OutboxStatus, ParkedAggregate, Republish, Requeue, Run, RunEvent,
-    Settlement, StatusCount, Store, StoreOptions, StuckAggregate,
+    Settlement, StatusCount, Store, StoreOptions, StuckAggregate, TableLayout,
 };
 pub use table::{TableName, MAX_TABLE_NAME_LEN};
 

@@ -1,6 +1,7 @@
 //! Shared fixtures of the integration tests: real databases, test events, a recording handler,
 //! and scenarios that run the same on every backend.
 
+pub mod debezium;
 pub mod faults;
 pub mod lanes;
 pub mod nats;

@@ -10,7 +10,7 @@ mod sql;
 #[cfg(feature = "sqlite")]
 pub(crate) mod sqlite;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::event::{EnqueueOptions, Envelope, Message, OutboxEvent};
 use crate::retention::Retention;
 use crate::table::TableName;
@@ -50,6 +50,12 @@ pub trait Backend: sqlx::Database {
 
     /// The store for the inbox in `table`.
     fn open_inbox(pool: Pool<Self>, table: TableName) -> Self::Inbox;
+
+    /// Whether this database's store can keep an outbox in `layout` (the standard one only,
+    /// unless the store says otherwise).
+    fn supports_layout(layout: TableLayout) -> bool {
+        layout == TableLayout::Standard
+    }
 }
 
 /// What an [`OutboxBuilder`] passes to [`Backend::open_store`].
@@ -59,12 +65,34 @@ pub struct StoreOptions {
     /// Wake relays at each enqueueing commit (PostgreSQL's `NOTIFY`); see
     /// [`OutboxBuilder::notify`].
     pub notify: bool,
+    /// The table's columns; see [`OutboxBuilder::layout`].
+    pub layout: TableLayout,
+    /// Events are for an external relay and leave the table in the enqueueing transaction; see
+    /// [`OutboxBuilder::hand_off`].
+    pub hand_off: bool,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { notify: true }
+        Self {
+            notify: true,
+            layout: TableLayout::Standard,
+            hand_off: false,
+        }
     }
+}
+
+/// The columns of an outbox table; see [`OutboxBuilder::layout`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum TableLayout {
+    /// This library's columns only.
+    #[default]
+    Standard,
+    /// PostgreSQL only: also the columns Debezium's outbox event router reads by default
+    /// (`aggregatetype`, `aggregateid` and `type`, beside `id` and `payload`), so that Kafka
+    /// Connect can relay the table with the router's defaults.
+    Debezium,
 }
 
 /// The statements an outbox needs from its database: writing events in the caller's
@@ -700,6 +728,8 @@ pub struct OutboxBuilder<DB: Backend> {
     pool: Pool<DB>,
     table: String,
     notify: bool,
+    layout: TableLayout,
+    hand_off: bool,
     max_payload_bytes: Option<usize>,
 }
 
@@ -719,6 +749,45 @@ impl<DB: Backend> OutboxBuilder<DB> {
         self
     }
 
+    /// The table's columns (default [`TableLayout::Standard`]).
+    ///
+    /// [`TableLayout::Debezium`] (PostgreSQL only) adds the columns Debezium's outbox event
+    /// router reads by default, `aggregatetype`, `aggregateid` and `type`, filled by `enqueue`
+    /// from the aggregate type, aggregate id and event type; `id` and `payload` are already
+    /// there. The relays of this library work on it unchanged, so a team can move relaying to
+    /// Kafka Connect (see [`hand_off`](Self::hand_off)) and keep its table and code.
+    /// [`migrate`](Outbox::migrate) adds the columns to an existing table and fills them in.
+    /// From then on every writer of the table must be built with this layout: one without it
+    /// fails with a not-null violation on `aggregatetype` instead of handing Debezium an event
+    /// without a key.
+    ///
+    /// ```
+    /// # async fn demo(pool: sqlx::PgPool) -> outbox_core::Result<()> {
+    /// use outbox_core::{Outbox, TableLayout};
+    /// let outbox = Outbox::builder(pool).layout(TableLayout::Debezium).build()?;
+    /// outbox.migrate().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn layout(mut self, layout: TableLayout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// Hands relaying to an external relay that reads the database's log, Debezium (default
+    /// off). Needs [`TableLayout::Debezium`].
+    ///
+    /// `enqueue` still writes the event in your transaction, with its sequence number, and
+    /// then deletes it in the same transaction, as Debezium's documentation advises: the
+    /// insert is in the write-ahead log for the connector, the table stays empty, and nothing
+    /// has to purge it (the router ignores deletes). Relays are not announced or woken, so a
+    /// relay of this library only drains what was enqueued before the hand-off; see the
+    /// README's cut-over steps. Idempotency keys still work; run retention (`outbox purge`)
+    /// to remove old ones.
+    pub fn hand_off(mut self, on: bool) -> Self {
+        self.hand_off = on;
+        self
+    }
+
     /// Refuses, at enqueue, an event whose serialised payload is longer than `bytes`
     /// ([`Error::PayloadTooLarge`](crate::Error::PayloadTooLarge)), before anything is written
     /// and before the caller's transaction commits. No limit by default; set it below what
@@ -734,11 +803,25 @@ impl<DB: Backend> OutboxBuilder<DB> {
     /// Validates the configuration.
     pub fn build(self) -> Result<Outbox<DB>> {
         let table = TableName::new(self.table)?;
+        if !DB::supports_layout(self.layout) {
+            return Err(Error::Config(format!(
+                "the {:?} table layout is not available on {}",
+                self.layout,
+                DB::NAME
+            )));
+        }
+        if self.hand_off && self.layout != TableLayout::Debezium {
+            return Err(Error::Config(
+                "hand_off needs the Debezium table layout (TableLayout::Debezium)".into(),
+            ));
+        }
         let store = DB::open_store(
             self.pool.clone(),
             table.clone(),
             StoreOptions {
                 notify: self.notify,
+                layout: self.layout,
+                hand_off: self.hand_off,
             },
         );
         Ok(Outbox {
@@ -759,6 +842,8 @@ impl<DB: Backend> Outbox<DB> {
             pool,
             table: TableName::default().as_str().to_owned(),
             notify: true,
+            layout: TableLayout::Standard,
+            hand_off: false,
             max_payload_bytes: None,
         }
     }

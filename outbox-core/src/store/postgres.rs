@@ -3,7 +3,7 @@ use super::{
     clamp_i32, clamp_u32, parse_headers, ArchiveDead, Backend, Check, Claim, DeadEvent, Discard,
     Enqueued, EventFilter, EventRecord, ExplainClaim, InboxStore, Inconsistency, Inspect, Lookup,
     MarkConsumed, OutboxStatus, ParkedAggregate, Republish, Requeue, Run, RunEvent, Settlement,
-    Store, StoreOptions,
+    Store, StoreOptions, TableLayout,
 };
 use crate::error::{Error, Result};
 use crate::event::{Deliver, Envelope, Message};
@@ -21,6 +21,8 @@ use uuid::Uuid;
 struct PgStatements {
     insert: String,
     insert_one: String,
+    /// Hand-off: the events just written leave the table in the same transaction.
+    hand_off_delete: String,
     absorb: String,
     claim: String,
     settle: String,
@@ -64,15 +66,48 @@ fn channel(table: &TableName) -> String {
 }
 
 impl PgStatements {
-    fn new(table: &TableName, notify: bool) -> Self {
+    fn new(table: &TableName, options: &StoreOptions) -> Self {
         let t = table.as_str();
-        let notify = if notify {
-            format!(
-                ", wake AS (SELECT pg_notify('{}', '')) SELECT count(*) FROM ins, wake",
-                channel(table)
+        // Handed off, the row is for an external relay (Debezium) to read from the WAL: relays
+        // are neither announced nor woken.
+        let (announce, announce_one, wake) = if options.hand_off {
+            (
+                String::new(),
+                String::new(),
+                " SELECT count(*) FROM ins".to_owned(),
             )
         } else {
-            " SELECT count(*) FROM ins".to_owned()
+            (
+                format!(
+                    r#", announced AS (
+    INSERT INTO "{t}_new" (aggregate_type, aggregate_id, seq)
+    SELECT aggregate_type, aggregate_id, last_seq FROM seqs
+)"#
+                ),
+                format!(
+                    r#", announced AS (
+    INSERT INTO "{t}_new" (aggregate_type, aggregate_id, seq) SELECT $2::text, $3::text, last_seq FROM seqs
+)"#
+                ),
+                if options.notify {
+                    format!(
+                        ", wake AS (SELECT pg_notify('{}', '')) SELECT count(*) FROM ins, wake",
+                        channel(table)
+                    )
+                } else {
+                    " SELECT count(*) FROM ins".to_owned()
+                },
+            )
+        };
+        // The Debezium layout repeats three columns under the names its outbox event router
+        // reads by default.
+        let (dbz_columns, dbz_values, dbz_params) = match options.layout {
+            TableLayout::Debezium => (
+                ", aggregatetype, aggregateid, \"type\"",
+                ", i.aggregate_type, i.aggregate_id, i.event_type",
+                ", $2::text, $3::text, $4::text",
+            ),
+            TableLayout::Standard => ("", "", ""),
         };
         Self {
             // One statement for any batch: allocate consecutive sequence numbers per aggregate
@@ -100,18 +135,18 @@ impl PgStatements {
     FROM input i
 ), ins AS (
     INSERT INTO "{t}" (id, aggregate_type, aggregate_id, seq, event_type, schema_version, topic,
-                       payload, headers, available_at)
+                       payload, headers, available_at{dbz_columns})
     SELECT i.id, i.aggregate_type, i.aggregate_id, s.last_seq - c.n + i.k, i.event_type,
            i.schema_version, i.topic, i.payload, i.headers::jsonb,
-           COALESCE(i.available_at, now() + i.delay_ms * interval '1 millisecond')
+           COALESCE(i.available_at, now() + i.delay_ms * interval '1 millisecond'){dbz_values}
     FROM numbered i
     JOIN seqs s USING (aggregate_type, aggregate_id)
     JOIN counts c USING (aggregate_type, aggregate_id)
+    -- In the order given, so sequence order too: a reader of the WAL (Debezium) sees an
+    -- aggregate's events in order.
+    ORDER BY i.ord
     RETURNING 1
-), announced AS (
-    INSERT INTO "{t}_new" (aggregate_type, aggregate_id, seq)
-    SELECT aggregate_type, aggregate_id, last_seq FROM seqs
-){notify}"#
+){announce}{wake}"#
             ),
             // The same for one event (the common case, a business transaction enqueueing one
             // event), without the arrays, grouping and window: a third cheaper on the server.
@@ -123,15 +158,14 @@ impl PgStatements {
     RETURNING a.last_seq
 ), ins AS (
     INSERT INTO "{t}" (id, aggregate_type, aggregate_id, seq, event_type, schema_version, topic,
-                       payload, headers, available_at)
+                       payload, headers, available_at{dbz_columns})
     SELECT $1::uuid, $2::text, $3::text, s.last_seq, $4::text, $5::int4, $6::text, $7::text,
-           $8::jsonb, COALESCE($9::timestamptz, now() + $10::int8 * interval '1 millisecond')
+           $8::jsonb, COALESCE($9::timestamptz, now() + $10::int8 * interval '1 millisecond'){dbz_params}
     FROM seqs s
     RETURNING 1
-), announced AS (
-    INSERT INTO "{t}_new" (aggregate_type, aggregate_id, seq) SELECT $2::text, $3::text, last_seq FROM seqs
-){notify}"#
+){announce_one}{wake}"#
             ),
+            hand_off_delete: format!(r#"DELETE FROM "{t}" WHERE id = ANY($1)"#),
             // Announcements become cursors. Only committed announcements are visible, and an
             // announcement commits with its events, so `known_seq` never runs ahead of the
             // events a relay can read. Cursors are upserted in key order: relays absorbing side
@@ -385,14 +419,19 @@ impl Backend for Postgres {
 
     fn open_store(pool: PgPool, table: TableName, options: StoreOptions) -> PgStore {
         PgStore {
-            statements: PgStatements::new(&table, options.notify),
+            statements: PgStatements::new(&table, &options),
             pool,
             table,
+            options,
         }
     }
 
     fn open_inbox(pool: PgPool, table: TableName) -> PgInbox {
         PgInbox::new(pool, table)
+    }
+
+    fn supports_layout(_: TableLayout) -> bool {
+        true
     }
 }
 
@@ -402,6 +441,7 @@ pub struct PgStore {
     pool: PgPool,
     table: TableName,
     statements: PgStatements,
+    options: StoreOptions,
 }
 
 impl Store for PgStore {
@@ -409,7 +449,7 @@ impl Store for PgStore {
 
     fn migration_sql(&self) -> Vec<(i64, &'static str, String)> {
         let t = self.table.as_str();
-        vec![
+        let mut steps = vec![
             (
                 1,
                 "outbox table, aggregate sequence counters, archive",
@@ -531,7 +571,33 @@ CREATE INDEX IF NOT EXISTS "{t}_keys_created_at" ON "{t}_keys" (created_at);"#
 ALTER TABLE "{t}_archive" ADD COLUMN IF NOT EXISTS failures jsonb;"#
                 ),
             ),
-        ]
+        ];
+        if self.options.layout == TableLayout::Debezium {
+            // Only in this layout: `migrate` applies each step it has not recorded, so a table
+            // that takes the layout later still gets it.
+            let columns = |t: &str| {
+                format!(
+                    r#"ALTER TABLE "{t}" ADD COLUMN IF NOT EXISTS aggregatetype text,
+    ADD COLUMN IF NOT EXISTS aggregateid text, ADD COLUMN IF NOT EXISTS "type" text;
+UPDATE "{t}" SET aggregatetype = aggregate_type, aggregateid = aggregate_id, "type" = event_type
+    WHERE aggregatetype IS NULL OR aggregateid IS NULL OR "type" IS NULL;
+-- A writer that does not fill them (built without the layout) fails instead of handing
+-- Debezium an event without a key or a topic.
+ALTER TABLE "{t}" ALTER COLUMN aggregatetype SET NOT NULL, ALTER COLUMN aggregateid SET NOT NULL,
+    ALTER COLUMN "type" SET NOT NULL;"#
+                )
+            };
+            steps.push((
+                6,
+                "Debezium layout: the columns its outbox event router reads by default",
+                format!(
+                    "{}\n{}",
+                    columns(t),
+                    columns(&self.table.derived("archive"))
+                ),
+            ));
+        }
+        steps
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -549,12 +615,13 @@ ALTER TABLE "{t}_archive" ADD COLUMN IF NOT EXISTS failures jsonb;"#
         ))
         .execute(&mut *tx)
         .await?;
-        let applied: Option<i64> =
-            sqlx::query_scalar(&format!(r#"SELECT max(version) FROM "{m}""#))
-                .fetch_one(&mut *tx)
-                .await?;
+        // By set, not by the highest version: a layout's optional step may come after a later
+        // one was applied.
+        let applied: Vec<i64> = sqlx::query_scalar(&format!(r#"SELECT version FROM "{m}""#))
+            .fetch_all(&mut *tx)
+            .await?;
         for (version, description, sql) in self.migration_sql() {
-            if applied.is_some_and(|a| a >= version) {
+            if applied.contains(&version) {
                 continue;
             }
             sqlx::Executor::execute(&mut *tx, sql.as_str()).await?;
@@ -844,11 +911,28 @@ impl PgStore {
                 .bind(m.headers_json())
                 .bind(at)
                 .bind(delay)
-                .fetch_one(conn)
+                .fetch_one(&mut *conn)
                 .await?;
             debug_assert_eq!(inserted, 1);
-            return Ok(());
+        } else {
+            self.insert_many(&mut *conn, messages).await?;
         }
+        if self.options.hand_off {
+            let ids: Vec<Uuid> = messages.iter().map(|m| m.id).collect();
+            sqlx::query(&statements.hand_off_delete)
+                .bind(ids)
+                .execute(conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn insert_many(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        messages: &[&Message],
+    ) -> Result<()> {
+        let statements = &self.statements;
         let n = messages.len();
         let mut ids = Vec::with_capacity(n);
         let mut aggregate_types = Vec::with_capacity(n);

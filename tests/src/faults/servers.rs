@@ -93,6 +93,17 @@ pub struct PrivatePostgres {
 
 impl PrivatePostgres {
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// A cluster whose write-ahead log carries logical changes (`wal_level = logical`), for
+    /// logical replication slots and the connectors that read them (Debezium).
+    pub fn start_logical() -> Self {
+        Self::start_with("wal_level = logical\nmax_replication_slots = 10\nmax_wal_senders = 10\n")
+    }
+
+    /// A cluster with `extra` appended to its `postgresql.conf`.
+    pub fn start_with(extra: &str) -> Self {
         let bin = pg_bindir();
         let dir = temp_dir("pg");
         let port = free_port();
@@ -120,7 +131,7 @@ impl PrivatePostgres {
         );
         let conf = format!(
             "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
-             max_connections = 200\nfsync = off\nfull_page_writes = off\n",
+             max_connections = 200\nfsync = off\nfull_page_writes = off\n{extra}",
             dir.display()
         );
         let conf_file = data.join("postgresql.conf");
