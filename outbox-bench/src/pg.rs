@@ -3,7 +3,7 @@
 
 use crate::report::{EnqueueFigure, RawPg};
 use crate::{sys, BoxError, Config, OrderPlaced};
-use outbox::Outbox;
+use outbox::{Outbox, TableLayout};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Postgres};
 use std::str::FromStr;
@@ -193,12 +193,13 @@ impl Servers {
     /// Drops what the run created (the smoke run's clean-up).
     pub async fn cleanup(&self, config: &Config) {
         let p = &config.prefix;
-        let t = &self.table;
-        let drop = format!(
-            r#"DROP TABLE IF EXISTS "{t}", "{t}_aggregates", "{t}_cursors", "{t}_new", "{t}_archive", "{t}_migrations", "{p}_raw", "{p}_orders""#
-        );
-        if let Err(error) = sqlx::query(&drop).execute(&self.pool).await {
-            eprintln!("[bench] clean-up: {error}");
+        for t in [self.table.clone(), self.debezium_table()] {
+            let drop = format!(
+                r#"DROP TABLE IF EXISTS "{t}", "{t}_aggregates", "{t}_cursors", "{t}_new", "{t}_archive", "{t}_migrations", "{t}_keys", "{p}_raw", "{p}_orders""#
+            );
+            if let Err(error) = sqlx::query(&drop).execute(&self.pool).await {
+                eprintln!("[bench] clean-up: {error}");
+            }
         }
         crate::brokers::cleanup(self, config).await;
     }
@@ -366,7 +367,13 @@ SELECT 'acct-' || lpad((g % $3)::text, 5, '0'), $1::jsonb FROM generate_series(1
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Plain,
-    Enqueue { notify: bool },
+    Enqueue {
+        notify: bool,
+    },
+    /// The Debezium layout (`TableLayout::Debezium`), relayed by this library or handed off.
+    Debezium {
+        hand_off: bool,
+    },
 }
 
 impl Mode {
@@ -375,7 +382,37 @@ impl Mode {
             Mode::Plain => "INSERT + commit",
             Mode::Enqueue { notify: true } => "INSERT + enqueue + commit",
             Mode::Enqueue { notify: false } => "INSERT + enqueue + commit, notify off",
+            Mode::Debezium { hand_off: false } => "INSERT + enqueue + commit, Debezium layout",
+            Mode::Debezium { hand_off: true } => "INSERT + enqueue + commit, Debezium hand-off",
         }
+    }
+}
+
+impl Servers {
+    /// The table of the Debezium-layout runs (beside the relay runs' table).
+    fn debezium_table(&self) -> String {
+        format!("{}_dbz", self.table)
+    }
+
+    /// An outbox in the Debezium layout over `pool`, migrated and empty.
+    async fn debezium_outbox(
+        &self,
+        pool: PgPool,
+        hand_off: bool,
+    ) -> Result<Outbox<Postgres>, BoxError> {
+        let outbox = Outbox::builder(pool)
+            .table(self.debezium_table())
+            .layout(TableLayout::Debezium)
+            .hand_off(hand_off)
+            .build()?;
+        outbox.migrate().await?;
+        let t = self.debezium_table();
+        sqlx::query(&format!(
+            r#"TRUNCATE "{t}", "{t}_aggregates", "{t}_cursors", "{t}_new", "{t}_archive""#
+        ))
+        .execute(&self.pool)
+        .await?;
+        Ok(outbox)
     }
 }
 
@@ -403,6 +440,8 @@ pub async fn enqueue_overhead(
         Mode::Plain,
         Mode::Enqueue { notify: true },
         Mode::Enqueue { notify: false },
+        Mode::Debezium { hand_off: false },
+        Mode::Debezium { hand_off: true },
     ];
     let mut figures = Vec::new();
     for &writers in &config.writers {
@@ -415,6 +454,9 @@ pub async fn enqueue_overhead(
                 let outbox = match mode {
                     Mode::Plain => None,
                     Mode::Enqueue { notify } => Some(servers.outbox_on(pool.clone(), notify)?),
+                    Mode::Debezium { hand_off } => {
+                        Some(servers.debezium_outbox(pool.clone(), hand_off).await?)
+                    }
                 };
                 let started = Instant::now();
                 let deadline = started + config.enqueue_duration / 2;

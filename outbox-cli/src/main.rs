@@ -340,6 +340,20 @@ where
             break;
         }
     }
+    // Then the idempotency keys the purged rows no longer need.
+    while !stopped && !interrupted.load(Ordering::SeqCst) {
+        match outbox.store().purge_keys(retention).await {
+            Ok(n) if n >= batch_size as u64 => {}
+            Ok(_) => break,
+            Err(error) => {
+                bar.finish_and_clear();
+                return Err(Failure {
+                    code: 1,
+                    message: format!("{error} (after purging {purged} rows, which stay purged)"),
+                });
+            }
+        }
+    }
     bar.finish_and_clear();
     output::purged(json, purged, total, stopped);
     Ok(if stopped { 130 } else { 0 })

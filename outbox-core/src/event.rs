@@ -353,7 +353,7 @@ impl Envelope {
         let mut schema_version = None;
         let mut rest = Headers::new();
         let mut ids = Headers::new();
-        let mut stored = Headers::new();
+        let mut stored: Option<Headers> = None;
         for (key, value) in headers {
             match key {
                 wire::ID => {
@@ -378,7 +378,11 @@ impl Envelope {
                 wire::HEADERS => {
                     let all: Headers =
                         serde_json::from_str(value).map_err(|e| format!("bad {key}: {e}"))?;
-                    stored.extend(all.into_iter().filter(|(k, _)| !is_reserved_header(k)));
+                    stored = Some(
+                        all.into_iter()
+                            .filter(|(k, _)| !is_reserved_header(k))
+                            .collect(),
+                    );
                 }
                 // The old names (`correlation_id`, `causation_id`) land here, under the
                 // stored names they already are.
@@ -388,9 +392,9 @@ impl Envelope {
             }
         }
         rest.extend(ids);
-        // Headers sent one by one win over the same names in the stored object.
-        stored.extend(rest);
-        let rest = stored;
+        // The stored object, where a relay sent one, is the whole of the stored headers: the
+        // other headers are the relay's own (Debezium's router always adds `id`).
+        let rest = stored.unwrap_or(rest);
         let missing = |name: &str| format!("message has no {name} header");
         let id = id.ok_or_else(|| missing(wire::ID))?;
         Ok(Self {
@@ -444,7 +448,8 @@ pub mod wire {
     /// The stored headers as one JSON object of strings: how an external relay that copies
     /// columns into headers carries the `headers` column (Debezium's outbox event router with
     /// `headers:header:outbox-headers`). This library's transports send each header on its
-    /// own; [`Envelope::from_wire`](super::Envelope::from_wire) reads both.
+    /// own; [`Envelope::from_wire`](super::Envelope::from_wire) reads both, and where this
+    /// header is present it is the whole of the stored headers.
     pub const HEADERS: &str = "outbox-headers";
     /// The only content type written today.
     pub const JSON: &str = "application/json";
@@ -598,25 +603,28 @@ mod tests {
         assert_eq!(err, "message has no outbox-id header");
 
         // The stored headers as one JSON object (Debezium's router copying the `headers`
-        // column): read back under their stored names; reserved names in it are ignored, and
-        // a header sent on its own wins.
-        let json = r#"{"correlation_id":"req-1","tenant":"a","outbox-id":"x"}"#;
+        // column): they are the envelope's headers, under their stored names; reserved names
+        // in it are ignored, and the relay's own headers (the router's `id`) are not taken.
+        let json = r#"{"correlation_id":"req-1","tenant":"a","id":"order-42","outbox-id":"x"}"#;
         let from_object = Envelope::from_wire(
             wire.iter()
                 .map(|(k, v)| (k.as_str(), v.as_str()))
-                .filter(|(k, _)| !k.starts_with("outbox-c") && *k != "traceparent")
-                .chain([("outbox-headers", json), ("tenant", "b")]),
+                .filter(|(k, _)| !k.starts_with("outbox-c") && *k != "tenant")
+                .chain([("id", "ffff"), ("outbox-headers", json), ("x-relay", "b")]),
             "{}".into(),
             1,
         )
         .unwrap();
         assert_eq!(from_object.id, envelope.id);
-        assert_eq!(from_object.correlation_id(), Some("req-1"));
-        assert_eq!(
-            from_object.headers.get("tenant").map(String::as_str),
-            Some("b")
-        );
-        assert!(!from_object.headers.contains_key("outbox-id"));
+        let expected: Headers = [
+            ("correlation_id", "req-1"),
+            ("tenant", "a"),
+            ("id", "order-42"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(from_object.headers, expected);
         let err = Envelope::from_wire(
             wire.iter()
                 .map(|(k, v)| (k.as_str(), v.as_str()))

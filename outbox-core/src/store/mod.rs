@@ -159,6 +159,15 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         retention: &'a Retention,
     ) -> impl Future<Output = Result<u64>> + Send + 'a;
 
+    /// Deletes up to `retention.batch_size` idempotency keys older than its age whose events
+    /// are gone or were delivered before it, in one short transaction; returns how many. Keys
+    /// are purged apart from rows: an outbox that hands off (or whose rows are few) can hold
+    /// many more keys than rows.
+    fn purge_keys<'a>(
+        &'a self,
+        retention: &'a Retention,
+    ) -> impl Future<Output = Result<u64>> + Send + 'a;
+
     /// Bumps `wake` whenever an enqueueing transaction commits, until `cancel`. The default
     /// returns at once: the relay then polls. PostgreSQL listens whatever its own `notify`
     /// option says: other processes' writers may notify.
@@ -751,15 +760,13 @@ impl<DB: Backend> OutboxBuilder<DB> {
 
     /// The table's columns (default [`TableLayout::Standard`]).
     ///
-    /// [`TableLayout::Debezium`] (PostgreSQL only) adds the columns Debezium's outbox event
-    /// router reads by default, `aggregatetype`, `aggregateid` and `type`, filled by `enqueue`
-    /// from the aggregate type, aggregate id and event type; `id` and `payload` are already
-    /// there. The relays of this library work on it unchanged, so a team can move relaying to
-    /// Kafka Connect (see [`hand_off`](Self::hand_off)) and keep its table and code.
-    /// [`migrate`](Outbox::migrate) adds the columns to an existing table and fills them in.
-    /// From then on every writer of the table must be built with this layout: one without it
-    /// fails with a not-null violation on `aggregatetype` instead of handing Debezium an event
-    /// without a key.
+    /// [`TableLayout::Debezium`] (PostgreSQL only) makes [`migrate`](Outbox::migrate) add the
+    /// columns Debezium's outbox event router reads by default, `aggregatetype`, `aggregateid`
+    /// and `type`, and a trigger that fills them from the aggregate type, aggregate id and
+    /// event type (`id` and `payload` are already there), on a new table or an existing one.
+    /// Writers of any build fill them, and the relays of this library work on the table
+    /// unchanged, so a team can move relaying to Kafka Connect (see
+    /// [`hand_off`](Self::hand_off)) and keep its table and code.
     ///
     /// ```
     /// # async fn demo(pool: sqlx::PgPool) -> outbox_core::Result<()> {
@@ -782,7 +789,8 @@ impl<DB: Backend> OutboxBuilder<DB> {
     /// has to purge it (the router ignores deletes). Relays are not announced or woken, so a
     /// relay of this library only drains what was enqueued before the hand-off; see the
     /// README's cut-over steps. Idempotency keys still work; run retention (`outbox purge`)
-    /// to remove old ones.
+    /// to remove old ones. Deferred delivery (`enqueue_at`, `EnqueueOptions::delay`) is refused
+    /// with [`Error::InvalidField`]: the connector publishes at commit.
     pub fn hand_off(mut self, on: bool) -> Self {
         self.hand_off = on;
         self
@@ -1012,8 +1020,9 @@ impl<DB: Backend> Outbox<DB> {
         &self.inner.store
     }
 
-    /// Applies `retention` now: deletes (or archives) delivered rows older than its age, in
-    /// batches of its batch size, each its own short statement. Returns the rows removed.
+    /// Applies `retention` now: deletes (or archives) delivered rows older than its age, then
+    /// the idempotency keys it no longer needs, in batches of its batch size, each its own
+    /// short statement. Returns the rows removed.
     pub async fn purge(&self, retention: &Retention) -> Result<u64> {
         let span = tracing::info_span!("outbox.purge", table = %self.inner.table);
         async {
@@ -1022,9 +1031,11 @@ impl<DB: Backend> Outbox<DB> {
                 let n = self.store().purge_batch(retention).await?;
                 total += n;
                 if n < retention.batch_size as u64 {
-                    return Ok(total);
+                    break;
                 }
             }
+            while self.store().purge_keys(retention).await? >= retention.batch_size as u64 {}
+            Ok(total)
         }
         .instrument(span)
         .await

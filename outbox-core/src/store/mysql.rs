@@ -815,6 +815,12 @@ ORDER BY delivered_at LIMIT ? FOR UPDATE SKIP LOCKED"#
             .rows_affected();
         }
         tx.commit().await?;
+        Ok(done)
+    }
+
+    async fn purge_keys<'a>(&'a self, retention: &'a Retention) -> Result<u64> {
+        let t = self.table.as_str();
+        let keep = delay_us(retention.keep);
         // Keys live as long as delivered rows do: never the key of an event that waits, is
         // parked or is dead. Locked with SKIP LOCKED and removed by primary key: a key that an
         // application is inserting, or has just found again (a retried request holds a shared
@@ -833,15 +839,17 @@ LIMIT ? FOR UPDATE SKIP LOCKED"#
         .bind(retention.batch_size as i64)
         .fetch_all(&mut *tx)
         .await?;
+        let mut done = 0;
         if !keys.is_empty() {
             let keys: Vec<String> = keys.iter().map(|k| hex(k)).collect();
-            sqlx::query(&format!(
+            done = sqlx::query(&format!(
                 r#"DELETE k FROM JSON_TABLE(?, '$[*]' COLUMNS (k VARCHAR(1024) PATH '$')) j
 STRAIGHT_JOIN `{t}_keys` k FORCE INDEX (PRIMARY) ON k.`key` = UNHEX(j.k)"#
             ))
             .bind(serde_json::to_string(&keys).expect("strings serialise"))
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
         }
         tx.commit().await?;
         Ok(done)

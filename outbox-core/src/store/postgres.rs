@@ -99,16 +99,6 @@ impl PgStatements {
                 },
             )
         };
-        // The Debezium layout repeats three columns under the names its outbox event router
-        // reads by default.
-        let (dbz_columns, dbz_values, dbz_params) = match options.layout {
-            TableLayout::Debezium => (
-                ", aggregatetype, aggregateid, \"type\"",
-                ", i.aggregate_type, i.aggregate_id, i.event_type",
-                ", $2::text, $3::text, $4::text",
-            ),
-            TableLayout::Standard => ("", "", ""),
-        };
         Self {
             // One statement for any batch: allocate consecutive sequence numbers per aggregate
             // from the writers' counter rows (whose row locks serialise writers of one aggregate
@@ -135,10 +125,10 @@ impl PgStatements {
     FROM input i
 ), ins AS (
     INSERT INTO "{t}" (id, aggregate_type, aggregate_id, seq, event_type, schema_version, topic,
-                       payload, headers, available_at{dbz_columns})
+                       payload, headers, available_at)
     SELECT i.id, i.aggregate_type, i.aggregate_id, s.last_seq - c.n + i.k, i.event_type,
            i.schema_version, i.topic, i.payload, i.headers::jsonb,
-           COALESCE(i.available_at, now() + i.delay_ms * interval '1 millisecond'){dbz_values}
+           COALESCE(i.available_at, now() + i.delay_ms * interval '1 millisecond')
     FROM numbered i
     JOIN seqs s USING (aggregate_type, aggregate_id)
     JOIN counts c USING (aggregate_type, aggregate_id)
@@ -158,9 +148,9 @@ impl PgStatements {
     RETURNING a.last_seq
 ), ins AS (
     INSERT INTO "{t}" (id, aggregate_type, aggregate_id, seq, event_type, schema_version, topic,
-                       payload, headers, available_at{dbz_columns})
+                       payload, headers, available_at)
     SELECT $1::uuid, $2::text, $3::text, s.last_seq, $4::text, $5::int4, $6::text, $7::text,
-           $8::jsonb, COALESCE($9::timestamptz, now() + $10::int8 * interval '1 millisecond'){dbz_params}
+           $8::jsonb, COALESCE($9::timestamptz, now() + $10::int8 * interval '1 millisecond')
     FROM seqs s
     RETURNING 1
 ){announce_one}{wake}"#
@@ -574,26 +564,36 @@ ALTER TABLE "{t}_archive" ADD COLUMN IF NOT EXISTS failures jsonb;"#
         ];
         if self.options.layout == TableLayout::Debezium {
             // Only in this layout: `migrate` applies each step it has not recorded, so a table
-            // that takes the layout later still gets it.
-            let columns = |t: &str| {
-                format!(
-                    r#"ALTER TABLE "{t}" ADD COLUMN IF NOT EXISTS aggregatetype text,
-    ADD COLUMN IF NOT EXISTS aggregateid text, ADD COLUMN IF NOT EXISTS "type" text;
-UPDATE "{t}" SET aggregatetype = aggregate_type, aggregateid = aggregate_id, "type" = event_type
-    WHERE aggregatetype IS NULL OR aggregateid IS NULL OR "type" IS NULL;
--- A writer that does not fill them (built without the layout) fails instead of handing
--- Debezium an event without a key or a topic.
-ALTER TABLE "{t}" ALTER COLUMN aggregatetype SET NOT NULL, ALTER COLUMN aggregateid SET NOT NULL,
-    ALTER COLUMN "type" SET NOT NULL;"#
-                )
-            };
+            // that takes the layout later still gets it. A trigger fills the columns, so that
+            // writers of any version (a rolling deploy) write rows Debezium can route.
+            let archive = self.table.derived("archive");
             steps.push((
                 6,
                 "Debezium layout: the columns its outbox event router reads by default",
                 format!(
-                    "{}\n{}",
-                    columns(t),
-                    columns(&self.table.derived("archive"))
+                    r#"ALTER TABLE "{t}" ADD COLUMN IF NOT EXISTS aggregatetype text,
+    ADD COLUMN IF NOT EXISTS aggregateid text, ADD COLUMN IF NOT EXISTS "type" text;
+ALTER TABLE "{archive}" ADD COLUMN IF NOT EXISTS aggregatetype text,
+    ADD COLUMN IF NOT EXISTS aggregateid text, ADD COLUMN IF NOT EXISTS "type" text;
+CREATE OR REPLACE FUNCTION "{t}_debezium"() RETURNS trigger LANGUAGE plpgsql AS $body$
+BEGIN
+    NEW.aggregatetype := NEW.aggregate_type;
+    NEW.aggregateid := NEW.aggregate_id;
+    NEW."type" := NEW.event_type;
+    RETURN NEW;
+END
+$body$;
+DROP TRIGGER IF EXISTS "{t}_debezium" ON "{t}";
+CREATE TRIGGER "{t}_debezium" BEFORE INSERT ON "{t}"
+    FOR EACH ROW EXECUTE FUNCTION "{t}_debezium"();
+UPDATE "{t}" SET aggregatetype = aggregate_type, aggregateid = aggregate_id, "type" = event_type
+    WHERE aggregatetype IS NULL OR aggregateid IS NULL OR "type" IS NULL;
+UPDATE "{archive}" SET aggregatetype = aggregate_type, aggregateid = aggregate_id, "type" = event_type
+    WHERE aggregatetype IS NULL OR aggregateid IS NULL OR "type" IS NULL;
+ALTER TABLE "{t}" ALTER COLUMN aggregatetype SET NOT NULL, ALTER COLUMN aggregateid SET NOT NULL,
+    ALTER COLUMN "type" SET NOT NULL;
+ALTER TABLE "{archive}" ALTER COLUMN aggregatetype SET NOT NULL,
+    ALTER COLUMN aggregateid SET NOT NULL, ALTER COLUMN "type" SET NOT NULL;"#
                 ),
             ));
         }
@@ -643,6 +643,15 @@ ALTER TABLE "{t}" ALTER COLUMN aggregatetype SET NOT NULL, ALTER COLUMN aggregat
         conn: &'a mut sqlx::PgConnection,
         messages: &'a [Message],
     ) -> Result<Vec<Enqueued>> {
+        if self.options.hand_off {
+            if let Some(m) = messages.iter().find(|m| m.options.available_at.is_some()) {
+                return Err(Error::InvalidField {
+                    field: format!("delivery time of {}", m.event_type),
+                    reason: "an outbox that hands off to Debezium cannot defer an event: \
+                             the connector publishes it at commit",
+                });
+            }
+        }
         let mut outcomes = Vec::with_capacity(messages.len());
         let mut fresh = Vec::with_capacity(messages.len());
         for m in messages {
@@ -796,10 +805,14 @@ ALTER TABLE "{t}" ALTER COLUMN aggregatetype SET NOT NULL, ALTER COLUMN aggregat
             .bind(retention.batch_size as i64)
             .execute(pool)
             .await?;
-        sqlx::query(&statements.purge_keys)
+        Ok(done.rows_affected())
+    }
+
+    async fn purge_keys<'a>(&'a self, retention: &'a Retention) -> Result<u64> {
+        let done = sqlx::query(&self.statements.purge_keys)
             .bind(duration_ms(retention.keep))
             .bind(retention.batch_size as i64)
-            .execute(pool)
+            .execute(&self.pool)
             .await?;
         Ok(done.rows_affected())
     }
@@ -1235,7 +1248,20 @@ impl Requeue for PgStore {
 }
 
 impl PgStore {
+    /// Requeue and republish set rows pending for this library's relays, which a hand-off
+    /// outbox no longer runs, and the router ignores updates: refused rather than stranded.
+    fn refuse_when_handed_off(&self, action: &str) -> Result<()> {
+        if self.options.hand_off {
+            return Err(Error::Config(format!(
+                "this outbox hands its events to Debezium: {action} sets rows pending for this \
+                 library's relay, which Debezium does not see; enqueue the event again instead"
+            )));
+        }
+        Ok(())
+    }
+
     async fn requeue_in(&self, conn: &mut sqlx::PgConnection, id: Uuid) -> Result<bool> {
+        self.refuse_when_handed_off("requeue")?;
         let done = sqlx::query(&self.statements.requeue)
             .bind(id)
             .execute(conn)
@@ -1257,6 +1283,7 @@ impl Discard for PgStore {
 
 impl Republish for PgStore {
     async fn republish<'a>(&'a self, filter: &'a EventFilter, dry_run: bool) -> Result<u64> {
+        self.refuse_when_handed_off("republish")?;
         let bind = |sql: &'a str| {
             let (aggregate_type, aggregate_id) = filter
                 .aggregate

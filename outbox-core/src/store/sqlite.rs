@@ -551,11 +551,6 @@ ALTER TABLE "{t}_archive" ADD COLUMN failures TEXT;"#
     async fn purge_batch<'a>(&'a self, retention: &'a Retention) -> Result<u64> {
         let (pool, statements) = (&self.pool, &self.statements);
         let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(&statements.purge_keys)
-            .bind(now_ms().saturating_sub(duration_ms(retention.keep)))
-            .bind(retention.batch_size as i64)
-            .execute(&mut *tx)
-            .await?;
         let ids: Vec<String> = sqlx::query_scalar(&statements.purge_select)
             .bind(now_ms().saturating_sub(duration_ms(retention.keep)))
             .bind(retention.batch_size as i64)
@@ -577,6 +572,15 @@ ALTER TABLE "{t}_archive" ADD COLUMN failures TEXT;"#
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn purge_keys<'a>(&'a self, retention: &'a Retention) -> Result<u64> {
+        let done = sqlx::query(&self.statements.purge_keys)
+            .bind(now_ms().saturating_sub(duration_ms(retention.keep)))
+            .bind(retention.batch_size as i64)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected())
     }
 
