@@ -195,9 +195,10 @@ impl Servers {
         let p = &config.prefix;
         for t in [self.table.clone(), self.debezium_table()] {
             let drop = format!(
-                r#"DROP TABLE IF EXISTS "{t}", "{t}_aggregates", "{t}_cursors", "{t}_new", "{t}_archive", "{t}_migrations", "{t}_keys", "{p}_raw", "{p}_orders""#
+                r#"DROP TABLE IF EXISTS "{t}", "{t}_aggregates", "{t}_cursors", "{t}_new", "{t}_archive", "{t}_migrations", "{t}_keys", "{p}_raw", "{p}_orders";
+DROP FUNCTION IF EXISTS "{t}_debezium"()"#
             );
-            if let Err(error) = sqlx::query(&drop).execute(&self.pool).await {
+            if let Err(error) = sqlx::raw_sql(&drop).execute(&self.pool).await {
                 eprintln!("[bench] clean-up: {error}");
             }
         }

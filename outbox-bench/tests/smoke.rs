@@ -32,7 +32,8 @@ async fn the_harness_measures_every_section() {
     assert!(report.raw_brokers.iter().all(|r| r.msgs_per_s > 0.0));
 
     // Enqueue: three modes per writer count.
-    assert_eq!(report.enqueue.len(), 3 * config.writers.len());
+    // Plain, enqueue with and without NOTIFY, Debezium layout, hand-off.
+    assert_eq!(report.enqueue.len(), 5 * config.writers.len());
     assert!(report.enqueue.iter().all(|e| e.transactions > 0));
 
     // Relay: every target, backlog and relay count drained completely, in order, each rated
