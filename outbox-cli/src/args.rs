@@ -32,6 +32,16 @@ pub(crate) struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// The table layout `migrate` builds: the other commands read every layout alike.
+    pub fn layout(&self) -> outbox_core::TableLayout {
+        match self.command {
+            Command::Migrate { debezium: true } => outbox_core::TableLayout::Debezium,
+            _ => outbox_core::TableLayout::Standard,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Counts by status and event type, lag, leases, parked and stuck aggregates.
@@ -91,7 +101,12 @@ pub(crate) enum Command {
         dry_run: bool,
     },
     /// Create or upgrade the outbox tables.
-    Migrate,
+    Migrate {
+        /// Also the columns Debezium's outbox event router reads, filled by a trigger
+        /// (PostgreSQL; `TableLayout::Debezium`, see the README).
+        #[arg(long)]
+        debezium: bool,
+    },
     /// Find pending events no relay would ever claim.
     Check,
 }

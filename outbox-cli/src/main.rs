@@ -108,10 +108,13 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         .bind(format!("{}_cursors", cli.table))
         .fetch_one(&pool)
         .await?;
-        let outbox = Outbox::builder(pool).table(&cli.table).build()?;
+        let outbox = Outbox::builder(pool)
+            .table(&cli.table)
+            .layout(cli.layout())
+            .build()?;
         execute(cli, outbox, exists, &shown).await
     } else if cli.url.starts_with("sqlite:") {
-        let create = matches!(cli.command, Command::Migrate);
+        let create = matches!(cli.command, Command::Migrate { .. });
         let options = cli
             .url
             .parse::<sqlx::sqlite::SqliteConnectOptions>()
@@ -129,7 +132,10 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         .bind(format!("{}_cursors", cli.table))
         .fetch_one(&pool)
         .await?;
-        let outbox = Outbox::builder(pool).table(&cli.table).build()?;
+        let outbox = Outbox::builder(pool)
+            .table(&cli.table)
+            .layout(cli.layout())
+            .build()?;
         execute(cli, outbox, exists, &shown).await
     } else if cli.url.starts_with("mysql://") || cli.url.starts_with("mariadb://") {
         // sqlx knows only the `mysql` scheme; MariaDB speaks the same protocol.
@@ -150,7 +156,10 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         .bind(format!("{}_cursors", cli.table))
         .fetch_one(&pool)
         .await?;
-        let outbox = Outbox::builder(pool).table(&cli.table).build()?;
+        let outbox = Outbox::builder(pool)
+            .table(&cli.table)
+            .layout(cli.layout())
+            .build()?;
         execute(cli, outbox, found > 0, &shown).await
     } else {
         Err(Failure::usage(format!(
@@ -172,7 +181,7 @@ where
     DB::Store: FullStore,
 {
     let json = cli.json;
-    if !exists && !matches!(cli.command, Command::Migrate) {
+    if !exists && !matches!(cli.command, Command::Migrate { .. }) {
         return Err(Failure {
             code: 3,
             message: format!(
@@ -183,9 +192,14 @@ where
         });
     }
     match cli.command {
-        Command::Migrate => {
+        Command::Migrate { .. } => {
             outbox.migrate().await?;
-            output::done(json, "migrate", &json!({ "table": cli.table }));
+            let layout = format!("{:?}", cli.layout()).to_lowercase();
+            output::done(
+                json,
+                "migrate",
+                &json!({ "table": cli.table, "layout": layout }),
+            );
         }
         Command::Status { stuck_after } => {
             let status = outbox.status(stuck_after.0).await?;

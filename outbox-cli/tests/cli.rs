@@ -418,6 +418,68 @@ async fn operates_an_outbox_on_postgres() {
     }
 }
 
+/// `outbox migrate --debezium` gives a table the Debezium layout (the router's columns, filled
+/// by a trigger), on a new table and on one that already has rows; SQLite refuses it, naming
+/// the layout and the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_debezium_adds_the_routers_columns() {
+    let url = pg_url();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let table = unique_table();
+    let outbox = Outbox::builder(pool.clone()).table(&table).build().unwrap();
+    outbox.migrate().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    outbox
+        .enqueue(
+            &mut *tx,
+            &Deposit {
+                account: "a".into(),
+                n: 1,
+                refuse: false,
+            },
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let done = cli_json(&url, &table, &["migrate", "--debezium"]);
+    assert_eq!(done["result"]["layout"], "debezium", "{done}");
+    let mut tx = pool.begin().await.unwrap();
+    outbox
+        .enqueue(
+            &mut *tx,
+            &Deposit {
+                account: "a".into(),
+                n: 2,
+                refuse: false,
+            },
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let filled: i64 = sqlx::query_scalar(&format!(
+        r#"SELECT count(*) FROM "{table}" WHERE aggregatetype = aggregate_type
+           AND aggregateid = aggregate_id AND "type" = event_type"#
+    ))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        filled, 2,
+        "the old row filled in, the new one by the trigger"
+    );
+
+    let dir = temp_dir("cli-dbz");
+    let sqlite = format!("sqlite:{}", dir.join("app.db").display());
+    let out = cli(&sqlite, "outbox", &["migrate", "--debezium"]);
+    assert_ne!(code(&out), 0);
+    assert!(
+        stderr(&out).contains("Debezium") && stderr(&out).contains("SQLite"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operates_an_outbox_on_mysql() {
     let url = mysql_url();
