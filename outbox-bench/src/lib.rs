@@ -115,6 +115,11 @@ pub struct Config {
     pub latency_rates: Vec<u32>,
     /// Duration of each latency run.
     pub latency_duration: Duration,
+    /// Drains each throughput backlog a second time with a transaction holding a snapshot open
+    /// on another connection (a report or a stuck session elsewhere in the database: vacuum
+    /// cannot remove what the drain leaves dead), and measures the dead tuples and table sizes
+    /// at its end.
+    pub hold_open: bool,
     /// Drops the tables, streams, queues and topics at the end (the smoke run does).
     pub cleanup: bool,
     /// Where to write `results.json`, `results.md` and the plots.
@@ -154,6 +159,7 @@ impl Config {
             enqueue_duration: Duration::from_secs(10),
             latency_rates: vec![1000, 5000],
             latency_duration: Duration::from_secs(15),
+            hold_open: false,
             cleanup: false,
             out_dir: None,
         }
@@ -174,6 +180,7 @@ impl Config {
             enqueue_duration: Duration::from_millis(300),
             latency_rates: vec![200],
             latency_duration: Duration::from_millis(500),
+            hold_open: false,
             cleanup: true,
             ..Self::full()
         }

@@ -29,6 +29,8 @@ OPTIONS:
   --enqueue-seconds S      length of each enqueue-overhead run (default: 10)
   --replot DIR             redraw DIR's results.md and plots from its results.json; no run
   --cleanup                drop the run's tables, streams, queues and topics at the end
+  --hold-open              drain each backlog again with a snapshot held open on another
+                           connection, and report the dead tuples and table sizes it leaves
 
 SERVERS (environment):
   OUTBOX_BENCH_DATABASE_URL   default postgres://postgres@127.0.0.1:5432/outbox_bench
@@ -62,6 +64,7 @@ fn parse_args() -> Result<Config, String> {
                 std::process::exit(0);
             }
             "--cleanup" => config.cleanup = true,
+            "--hold-open" => config.hold_open = true,
             "--out" => config.out_dir = Some(PathBuf::from(value()?)),
             "--targets" => config.targets = list(&value()?, Target::parse)?,
             "--backlogs" => config.backlogs = list(&value()?, |v| v.parse().ok())?,

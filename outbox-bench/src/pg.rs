@@ -102,6 +102,37 @@ impl Servers {
         ]
     }
 
+    /// Dead and live tuples and total bytes of the outbox's tables, exact through
+    /// `pgstattuple` where the extension can be created, else from the statistics.
+    pub async fn bloat(&self) -> Result<crate::report::Bloat, BoxError> {
+        let exact = sqlx::query("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+            .execute(&self.pool)
+            .await
+            .is_ok();
+        let mut tables = Vec::new();
+        for suffix in ["", "_cursors", "_new", "_aggregates"] {
+            let t = format!("{}{suffix}", self.table);
+            let (dead, live): (i64, i64) = if exact {
+                sqlx::query_as(
+                    "SELECT dead_tuple_count, tuple_count FROM pgstattuple(quote_ident($1))",
+                )
+            } else {
+                sqlx::query_as(
+                    "SELECT n_dead_tup, n_live_tup FROM pg_stat_user_tables WHERE relname = $1",
+                )
+            }
+            .bind(&t)
+            .fetch_one(&self.pool)
+            .await?;
+            let bytes: i64 = sqlx::query_scalar("SELECT pg_total_relation_size(quote_ident($1))")
+                .bind(&t)
+                .fetch_one(&self.pool)
+                .await?;
+            tables.push((t, dead as u64, live as u64, bytes as u64));
+        }
+        Ok(crate::report::Bloat { tables })
+    }
+
     /// Empties the outbox table and its counters, then checkpoints so every run starts with the
     /// same WAL state.
     pub async fn reset_outbox(&self) -> Result<(), BoxError> {

@@ -101,13 +101,21 @@ pub async fn throughput(
     for &backlog in &config.backlogs {
         for &target in &config.targets {
             for &relays in &config.relays {
-                let run = Drain {
-                    servers,
-                    config,
-                    backlog,
-                    relays,
-                };
-                figures.push(run.measure_target(target, report).await?);
+                // With `--hold-open`, each drain twice, without and with the snapshot held, so
+                // that the machine's drift hits both alike.
+                for hold in [false, true] {
+                    if hold && !config.hold_open {
+                        continue;
+                    }
+                    let run = Drain {
+                        servers,
+                        config,
+                        backlog,
+                        relays,
+                        hold,
+                    };
+                    figures.push(run.measure_target(target, report).await?);
+                }
             }
         }
     }
@@ -134,6 +142,7 @@ pub async fn hot_aggregates(
                 config: &config,
                 backlog: config.hot_backlog,
                 relays: 1,
+                hold: false,
             };
             figures.push(run.measure_target(target, report).await?);
         }
@@ -147,6 +156,8 @@ struct Drain<'a> {
     config: &'a Config,
     backlog: usize,
     relays: usize,
+    /// Hold a snapshot open elsewhere during the drain (`--hold-open`).
+    hold: bool,
 }
 
 impl Drain<'_> {
@@ -194,6 +205,20 @@ impl Drain<'_> {
             figure.wal_bytes_per_event,
             figure.peak_rss_mb
         );
+        if let Some(bloat) = &figure.bloat {
+            let held = if figure.held_open {
+                "held open"
+            } else {
+                "nothing held"
+            };
+            eprintln!("[bench]     {held}:");
+            for (table, dead, live, bytes) in &bloat.tables {
+                eprintln!(
+                    "[bench]     {table}: {dead} dead, {live} live tuples, {:.1} MB",
+                    *bytes as f64 / 1e6
+                );
+            }
+        }
         Ok(figure)
     }
 
@@ -225,6 +250,17 @@ impl Drain<'_> {
             built.push(relay);
         }
 
+        // A transaction with a snapshot on a table of its own, as a report would hold: it takes
+        // no lock on the outbox, but vacuum can remove nothing that dies after it began.
+        let held = if self.hold {
+            let mut conn = servers.pool.acquire().await?.detach();
+            sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM pg_class")
+                .execute(&mut conn)
+                .await?;
+            Some(conn)
+        } else {
+            None
+        };
         sys::reset_peak_rss();
         let before = servers.readings().await?;
         let shutdown = CancellationToken::new();
@@ -258,6 +294,15 @@ impl Drain<'_> {
         .await;
         let usage = servers.since(&before).await;
         let peak_rss = sys::peak_rss();
+        // Both halves of a `--hold-open` pair, for the comparison.
+        let held_open = if config.hold_open {
+            Some(servers.bloat().await?)
+        } else {
+            None
+        };
+        if let Some(conn) = held {
+            sqlx::Connection::close(conn).await?;
+        }
         shutdown.cancel();
         while let Some(ended) = tasks.join_next().await {
             ended??;
@@ -285,6 +330,8 @@ impl Drain<'_> {
             peak_rss_mb: peak_rss as f64 / 1e6,
             duplicates: delivered.saturating_sub(backlog),
             order_violations: None,
+            bloat: held_open,
+            held_open: self.hold,
         })
     }
 }

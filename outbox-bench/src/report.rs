@@ -70,6 +70,21 @@ pub struct RelayFigure {
     pub duplicates: usize,
     /// Handler runs only: events seen out of sequence or twice.
     pub order_violations: Option<u64>,
+    /// `--hold-open` runs (both of each pair): dead tuples and bytes of the outbox's tables
+    /// at the drain's end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bloat: Option<Bloat>,
+    /// Whether a snapshot was held open elsewhere during the drain.
+    #[serde(default)]
+    pub held_open: bool,
+}
+
+/// What a drain left in the outbox's tables while a snapshot was held open elsewhere.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Bloat {
+    /// Per table (`<table>`, `_cursors`, `_new`, `_aggregates`): dead tuples, live tuples and
+    /// total bytes (with indexes), from `pgstattuple` where installed, else the statistics.
+    pub tables: Vec<(String, u64, u64, u64)>,
 }
 
 /// Commit-to-confirmation latency at one offered rate.
@@ -216,8 +231,9 @@ impl Report {
         for r in &self.relay {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} × {} × {} | **{:.0}** | {:.0} ({}) | **{:.0} %** | {:.0} µs | {:.2} | {:.0} B | {:.0} µs | {:.1} MB | {} | {} |",
+                "| {}{} | {} | {} × {} × {} | **{:.0}** | {:.0} ({}) | **{:.0} %** | {:.0} µs | {:.2} | {:.0} B | {:.0} µs | {:.1} MB | {} | {} |",
                 r.target.name(),
+                if r.held_open { ", snapshot held open" } else { "" },
                 r.backlog,
                 r.relays,
                 r.workers,
@@ -234,6 +250,25 @@ impl Report {
                 r.duplicates,
                 r.order_violations.map_or("—".to_owned(), |v| v.to_string())
             );
+        }
+
+        if self.relay.iter().any(|r| r.bloat.is_some()) {
+            md.push_str("\n### Tables after each drain (`--hold-open`)\n\n");
+            md.push_str(
+                "| destination | snapshot held open | table | dead tuples | live tuples | size |\n",
+            );
+            md.push_str("|---|---|---|---:|---:|---:|\n");
+            for r in &self.relay {
+                for (table, dead, live, bytes) in r.bloat.iter().flat_map(|b| &b.tables) {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | `{table}` | {dead} | {live} | {:.1} MB |",
+                        r.target.name(),
+                        if r.held_open { "yes" } else { "no" },
+                        *bytes as f64 / 1e6
+                    );
+                }
+            }
         }
 
         md.push_str("\n### Hot aggregates (one relay, the backlog spread over few aggregates)\n\n");
@@ -352,7 +387,7 @@ impl Report {
                 let mut points: Vec<(f64, f64)> = self
                     .relay
                     .iter()
-                    .filter(|r| r.target == target && r.backlog == backlog)
+                    .filter(|r| r.target == target && r.backlog == backlog && !r.held_open)
                     .map(|r| (r.relays as f64, r.events_per_s))
                     .collect();
                 if points.is_empty() {

@@ -20,6 +20,7 @@ async fn the_harness_measures_every_section() {
     }
     let out = std::env::temp_dir().join(format!("outbox-bench-smoke-{}", std::process::id()));
     config.out_dir = Some(out.clone());
+    config.hold_open = true;
     let report = run(&config).await.expect("the smoke run completes");
 
     // Raw limits: both statements for each relay count, one figure per broker.
@@ -31,17 +32,26 @@ async fn the_harness_measures_every_section() {
     assert_eq!(report.raw_brokers.len(), 3);
     assert!(report.raw_brokers.iter().all(|r| r.msgs_per_s > 0.0));
 
-    // Enqueue: three modes per writer count.
-    // Plain, enqueue with and without NOTIFY, Debezium layout, hand-off.
+    // Enqueue: plain, enqueue with and without NOTIFY, Debezium layout, hand-off, per writer
+    // count.
     assert_eq!(report.enqueue.len(), 5 * config.writers.len());
     assert!(report.enqueue.iter().all(|e| e.transactions > 0));
 
     // Relay: every target, backlog and relay count drained completely, in order, each rated
-    // against a raw limit.
+    // against a raw limit; with `hold_open`, twice (the second with a snapshot held open, which
+    // leaves every delivered row's old version dead), each with the tables' dead tuples.
     assert_eq!(
         report.relay.len(),
-        Target::ALL.len() * config.backlogs.len() * config.relays.len()
+        2 * Target::ALL.len() * config.backlogs.len() * config.relays.len()
     );
+    for r in &report.relay {
+        let bloat = r.bloat.as_ref().expect("hold_open counts dead tuples");
+        let (_, outbox_dead, _, bytes) = &bloat.tables[0];
+        assert!(*bytes > 0, "{r:?}");
+        if r.held_open {
+            assert!(*outbox_dead >= r.backlog as u64, "{r:?}");
+        }
+    }
     for r in &report.relay {
         assert!(
             r.events_per_s > 0.0 && r.raw_limit > 0.0 && r.ratio > 0.0,
