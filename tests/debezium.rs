@@ -4,50 +4,20 @@
 //! `wal_level = logical`), this library's relay on the same table, and the cut-over from one
 //! to the other.
 
-use outbox::{EnqueueOptions, Envelope, EventFilter, Outbox, Relay, Retention, TableLayout};
-use outbox_tests::debezium::{documented_settings, DebeziumProbe, Routed};
+use outbox::{EnqueueOptions, EventFilter, Outbox, Relay, Retention, TableLayout};
+use outbox_tests::debezium::{
+    assert_next_is_sentinel, count, debezium_outbox, documented_settings, envelope_of, item,
+    private_pool, DebeziumProbe, DEBEZIUM_WAIT,
+};
 use outbox_tests::faults::servers::PrivatePostgres;
 use outbox_tests::{
     always_ok, dispatcher, eventually, init_tracing, pg_pool, unique_table, ItemChanged, Log,
     RunningRelay,
 };
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{PgPool, Postgres};
+use sqlx::Postgres;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use uuid::Uuid;
-
-const DEBEZIUM_WAIT: Duration = Duration::from_secs(60);
-
-async fn private_pool(cluster: &PrivatePostgres) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(8)
-        .connect(&cluster.url())
-        .await
-        .unwrap()
-}
-
-async fn debezium_outbox(pool: &PgPool, table: &str, hand_off: bool) -> Outbox<Postgres> {
-    let outbox = Outbox::builder(pool.clone())
-        .table(table)
-        .layout(TableLayout::Debezium)
-        .hand_off(hand_off)
-        .build()
-        .unwrap();
-    outbox.migrate().await.unwrap();
-    outbox
-}
-
-fn item(item: &str, n: u64) -> ItemChanged {
-    ItemChanged {
-        item: item.into(),
-        n,
-    }
-}
-
-async fn count(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_layout_has_the_columns_the_router_reads_by_default() {
@@ -346,29 +316,7 @@ async fn debezium_routes_handed_off_events_with_its_defaults() {
         count(&pool, &format!(r#"SELECT count(*) FROM "{table}_new""#)).await,
         0
     );
-    assert_next_is_a_sentinel(&pool, &outbox, &probe).await;
-}
-
-/// Nothing else was routed: Debezium emits in commit order, so the next message is an event
-/// committed now (not the deletes, which the router filters, nor a rolled-back event, nor the
-/// relay's updates).
-async fn assert_next_is_a_sentinel(
-    pool: &PgPool,
-    outbox: &Outbox<Postgres>,
-    probe: &DebeziumProbe,
-) {
-    let mut tx = pool.begin().await.unwrap();
-    let sentinel = outbox
-        .enqueue(&mut *tx, &item("sentinel", 0))
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    let next = probe.take(1, DEBEZIUM_WAIT).remove(0);
-    assert_eq!(
-        next.header("id"),
-        Some(sentinel.to_string().as_str()),
-        "{next:?}"
-    );
+    assert_next_is_sentinel(&pool, &outbox, &probe).await;
 }
 
 /// With the README's connector settings a consumer of this library reads Debezium's messages
@@ -426,18 +374,6 @@ async fn debezium_with_the_documented_settings_carries_everything_consumers_read
             message.headers
         );
     }
-}
-
-fn envelope_of(message: &Routed) -> Envelope {
-    Envelope::from_wire(
-        message
-            .headers
-            .iter()
-            .filter_map(|(k, v)| Some((k.as_str(), v.as_deref()?))),
-        message.value.clone().unwrap_or_default(),
-        1,
-    )
-    .unwrap_or_else(|e| panic!("{e}: {message:?}"))
 }
 
 /// The README's cut-over: start the connector while this library's relay still runs, switch
@@ -532,5 +468,5 @@ async fn cutting_over_from_the_relay_to_debezium_loses_nothing() {
             "{aggregate}: {seqs:?}"
         );
     }
-    assert_next_is_a_sentinel(&pool, &relayed, &probe).await;
+    assert_next_is_sentinel(&pool, &relayed, &probe).await;
 }

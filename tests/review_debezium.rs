@@ -8,83 +8,20 @@ use outbox::{
     EnqueueOptions, Enqueued, Envelope, EventFilter, Message, Outbox, OutboxEvent, Relay,
     Retention, TableLayout,
 };
-use outbox_tests::debezium::{documented_settings, DebeziumProbe, Routed};
+use outbox_tests::debezium::{
+    assert_next_is_sentinel, count, debezium_outbox, documented_settings, envelope_of, item,
+    private_pool, DebeziumProbe, DEBEZIUM_WAIT,
+};
 use outbox_tests::faults::servers::PrivatePostgres;
 use outbox_tests::{
     always_ok, dispatcher, eventually, init_tracing, pg_pool, unique_table, Bulky, ItemChanged,
     Log, RunningRelay,
 };
 use serde::{Deserialize, Serialize};
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{PgPool, Postgres};
+use sqlx::PgPool;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 use uuid::Uuid;
-
-const DEBEZIUM_WAIT: Duration = Duration::from_secs(90);
-
-async fn private_pool(cluster: &PrivatePostgres) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(12)
-        .connect(&cluster.url())
-        .await
-        .unwrap()
-}
-
-async fn debezium_outbox(pool: &PgPool, table: &str, hand_off: bool) -> Outbox<Postgres> {
-    let outbox = Outbox::builder(pool.clone())
-        .table(table)
-        .layout(TableLayout::Debezium)
-        .hand_off(hand_off)
-        .build()
-        .unwrap();
-    outbox.migrate().await.unwrap();
-    outbox
-}
-
-fn item(item: &str, n: u64) -> ItemChanged {
-    ItemChanged {
-        item: item.into(),
-        n,
-    }
-}
-
-async fn count(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
-}
-
-fn envelope_of(message: &Routed) -> Envelope {
-    Envelope::from_wire(
-        message
-            .headers
-            .iter()
-            .filter_map(|(k, v)| Some((k.as_str(), v.as_deref()?))),
-        message.value.clone().unwrap_or_default(),
-        1,
-    )
-    .unwrap_or_else(|e| panic!("{e}: {message:?}"))
-}
-
-/// Commits a sentinel event and checks it is the very next message Debezium routes: nothing
-/// else (an unexpected event) was routed before it.
-async fn assert_next_is_sentinel(pool: &PgPool, outbox: &Outbox<Postgres>, probe: &DebeziumProbe) {
-    let mut tx = pool.begin().await.unwrap();
-    let sentinel = outbox
-        .enqueue(&mut *tx, &item("sentinel", 0))
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    let next = probe.take(1, DEBEZIUM_WAIT).remove(0);
-    let id = next
-        .header("outbox-id")
-        .or_else(|| next.header("id"))
-        .map(str::to_owned);
-    assert_eq!(
-        id.as_deref(),
-        Some(sentinel.to_string().as_str()),
-        "something was routed before the sentinel: {next:?}"
-    );
-}
 
 async fn assert_handed_off_tables_empty(pool: &PgPool, table: &str) {
     for t in [

@@ -2,12 +2,20 @@
 //! embedded engine by `tests/debezium/RouterProbe.java` (on the machine's Java, with the jars
 //! `scripts/services.sh debezium` installs), printing what Kafka Connect would write to Kafka.
 
+use crate::faults::servers::PrivatePostgres;
+use crate::ItemChanged;
+use outbox::{Envelope, Outbox, TableLayout};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, Postgres};
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+/// How long a test waits for Debezium's messages.
+pub const DEBEZIUM_WAIT: Duration = Duration::from_secs(90);
 
 /// The Debezium release `scripts/services.sh` installs.
 pub const DEBEZIUM_VERSION: &str = "3.6.3";
@@ -186,4 +194,74 @@ pub fn documented_settings() -> Vec<(&'static str, &'static str)> {
              headers:header:outbox-headers",
         ),
     ]
+}
+
+/// A pool on a private cluster.
+pub async fn private_pool(cluster: &PrivatePostgres) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(12)
+        .connect(&cluster.url())
+        .await
+        .unwrap()
+}
+
+/// An outbox in the Debezium layout on `table`, migrated, handing off or not.
+pub async fn debezium_outbox(pool: &PgPool, table: &str, hand_off: bool) -> Outbox<Postgres> {
+    let outbox = Outbox::builder(pool.clone())
+        .table(table)
+        .layout(TableLayout::Debezium)
+        .hand_off(hand_off)
+        .build()
+        .unwrap();
+    outbox.migrate().await.unwrap();
+    outbox
+}
+
+/// The test event for aggregate `item`.
+pub fn item(item: &str, n: u64) -> ItemChanged {
+    ItemChanged {
+        item: item.into(),
+        n,
+    }
+}
+
+/// The one number `sql` selects.
+pub async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// The envelope a consumer of this library rebuilds from a routed message.
+pub fn envelope_of(message: &Routed) -> Envelope {
+    Envelope::from_wire(
+        message
+            .headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str(), v.as_deref()?))),
+        message.value.clone().unwrap_or_default(),
+        1,
+    )
+    .unwrap_or_else(|e| panic!("{e}: {message:?}"))
+}
+
+/// Nothing else was routed: Debezium emits in commit order, so the next message is an event
+/// committed now (not a delete, which the router filters, nor a rolled-back event, nor a
+/// relay's update).
+pub async fn assert_next_is_sentinel(
+    pool: &PgPool,
+    outbox: &Outbox<Postgres>,
+    probe: &DebeziumProbe,
+) {
+    let mut tx = pool.begin().await.unwrap();
+    let sentinel = outbox
+        .enqueue(&mut *tx, &item("sentinel", 0))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let next = probe.take(1, DEBEZIUM_WAIT).remove(0);
+    let id = next.header("outbox-id").or_else(|| next.header("id"));
+    assert_eq!(
+        id,
+        Some(sentinel.to_string().as_str()),
+        "something was routed before the sentinel: {next:?}"
+    );
 }
