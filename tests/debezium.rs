@@ -14,10 +14,25 @@ use outbox_tests::{
     always_ok, dispatcher, eventually, init_tracing, pg_pool, unique_table, ItemChanged, Log,
     RunningRelay,
 };
-use sqlx::Postgres;
+use sqlx::{PgPool, Postgres};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use uuid::Uuid;
+
+/// The router's columns of event `id`, enqueued as `item("i-1", 1)`.
+async fn assert_routed_columns(pool: &PgPool, table: &str, id: Uuid) {
+    let columns: (String, String, String) = sqlx::query_as(&format!(
+        r#"SELECT aggregatetype, aggregateid, "type" FROM "{table}" WHERE id = $1"#
+    ))
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (columns.0.as_str(), columns.1.as_str(), columns.2.as_str()),
+        ("item", "i-1", "test.item_changed")
+    );
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_layout_has_the_columns_the_router_reads_by_default() {
@@ -56,17 +71,7 @@ async fn the_layout_has_the_columns_the_router_reads_by_default() {
     let mut tx = pool.begin().await.unwrap();
     let id = outbox.enqueue(&mut *tx, &item("i-1", 1)).await.unwrap();
     tx.commit().await.unwrap();
-    let (aggregatetype, aggregateid, ty): (String, String, String) = sqlx::query_as(&format!(
-        r#"SELECT aggregatetype, aggregateid, "type" FROM "{table}" WHERE id = $1"#
-    ))
-    .bind(id)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!(
-        (aggregatetype.as_str(), aggregateid.as_str(), ty.as_str()),
-        ("item", "i-1", "test.item_changed")
-    );
+    assert_routed_columns(&pool, &table, id).await;
 
     // The step exists only in this layout.
     let standard = Outbox::builder(pool.clone()).table(&table).build().unwrap();
@@ -85,17 +90,7 @@ async fn a_writer_without_the_layout_still_fills_the_columns() {
     let mut tx = pool.begin().await.unwrap();
     let id = standard.enqueue(&mut *tx, &item("i-1", 1)).await.unwrap();
     tx.commit().await.unwrap();
-    let (aggregatetype, aggregateid, ty): (String, String, String) = sqlx::query_as(&format!(
-        r#"SELECT aggregatetype, aggregateid, "type" FROM "{table}" WHERE id = $1"#
-    ))
-    .bind(id)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!(
-        (aggregatetype.as_str(), aggregateid.as_str(), ty.as_str()),
-        ("item", "i-1", "test.item_changed")
-    );
+    assert_routed_columns(&pool, &table, id).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -428,34 +428,21 @@ async fn migrate_debezium_adds_the_routers_columns() {
     let table = unique_table();
     let outbox = Outbox::builder(pool.clone()).table(&table).build().unwrap();
     outbox.migrate().await.unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    outbox
-        .enqueue(
-            &mut *tx,
-            &Deposit {
-                account: "a".into(),
-                n: 1,
-                refuse: false,
-            },
-        )
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    let done = cli_json(&url, &table, &["migrate", "--debezium"]);
-    assert_eq!(done["result"]["layout"], "debezium", "{done}");
-    let mut tx = pool.begin().await.unwrap();
-    outbox
-        .enqueue(
-            &mut *tx,
-            &Deposit {
-                account: "a".into(),
-                n: 2,
-                refuse: false,
-            },
-        )
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    // One row before the layout, one after.
+    for n in 1..=2 {
+        if n == 2 {
+            let done = cli_json(&url, &table, &["migrate", "--debezium"]);
+            assert_eq!(done["result"]["layout"], "debezium", "{done}");
+        }
+        let mut tx = pool.begin().await.unwrap();
+        let deposit = Deposit {
+            account: "a".into(),
+            n,
+            refuse: false,
+        };
+        outbox.enqueue(&mut *tx, &deposit).await.unwrap();
+        tx.commit().await.unwrap();
+    }
     let filled: i64 = sqlx::query_scalar(&format!(
         r#"SELECT count(*) FROM "{table}" WHERE aggregatetype = aggregate_type
            AND aggregateid = aggregate_id AND "type" = event_type"#
