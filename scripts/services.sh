@@ -188,6 +188,40 @@ PY
   log "Debezium $DEBEZIUM_VERSION ready in $DEBEZIUM_LIBS ($(java -version 2>&1 | head -n 1))"
 }
 
+# A private PostgreSQL cluster with wal_level = logical on 127.0.0.1:5434, for the log-tailing
+# relay's benchmark (outbox-bench's wal_bench) and for trying log tailing by hand. The tests
+# start clusters of their own. Created once per machine, outside the clone.
+PG_LOGICAL_DIR=${OUTBOX_TOOLS:-/opt/outbox-tools}/pg-logical
+pg_logical_answers() { pg_isready -q -h 127.0.0.1 -p 5434; }
+
+pg_logical() {
+  postgres
+  local bin
+  bin=/usr/lib/postgresql/$(ls /etc/postgresql | sort -V | tail -n 1)/bin
+  if [ ! -f "$PG_LOGICAL_DIR/data/PG_VERSION" ]; then
+    log "creating the logical-replication cluster in $PG_LOGICAL_DIR"
+    as_root mkdir -p "$PG_LOGICAL_DIR"
+    as_root chown postgres:postgres "$PG_LOGICAL_DIR"
+    as_root su postgres -c "$bin/initdb -D $PG_LOGICAL_DIR/data -A trust -U postgres -E UTF8 --no-sync" >/dev/null
+    as_root su postgres -c "cat >> $PG_LOGICAL_DIR/data/postgresql.conf" <<CONF
+port = 5434
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$PG_LOGICAL_DIR'
+wal_level = logical
+max_replication_slots = 20
+max_wal_senders = 20
+max_slot_wal_keep_size = '4GB'
+fsync = off
+CONF
+  fi
+  if ! pg_logical_answers; then
+    log "starting the logical-replication cluster on 127.0.0.1:5434"
+    as_root su postgres -c "$bin/pg_ctl -D $PG_LOGICAL_DIR/data -l $PG_LOGICAL_DIR/server.log -w -t 60 start" >/dev/null
+    wait_for "PostgreSQL (logical)" 60 pg_logical_answers
+  fi
+  log "PostgreSQL with wal_level = logical ready on 127.0.0.1:5434"
+}
+
 # Debian's Chromium and ChromeDriver, for the dashboard's browser test (tests/dashboard.rs).
 chromium() {
   if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
@@ -198,10 +232,11 @@ chromium() {
 }
 
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(postgres mariadb rabbitmq nats kafka debezium chromium)
+[ ${#targets[@]} -gt 0 ] || targets=(postgres pg-logical mariadb rabbitmq nats kafka debezium chromium)
 for target in "${targets[@]}"; do
   case "$target" in
     postgres) postgres ;;
+    pg-logical) pg_logical ;;
     mariadb) mariadb_server ;;
     rabbitmq) rabbitmq ;;
     nats) nats ;;

@@ -23,6 +23,9 @@ mod store;
 mod table;
 mod trace;
 mod upcast;
+#[cfg(feature = "wal")]
+#[cfg_attr(docsrs, doc(cfg(feature = "wal")))]
+pub mod wal;
 
 pub use consumer::Consumer;
 pub use destination::{DeliveryError, DeliveryResult, Destination, Retry, StoppedRuns, Transport};
@@ -53,7 +56,7 @@ pub use store::{
     DeadGroup, Discard, Enqueued, EventFilter, EventRecord, EventStatus, ExplainClaim,
     FailedAttempt, Fate, FullStore, InboxStore, Inconsistency, Inspect, Lookup, MarkConsumed,
     Outbox, OutboxBuilder, OutboxStatus, ParkedAggregate, Republish, Requeue, Run, RunEvent,
-    Settlement, StatusCount, Store, StoreOptions, StuckAggregate, TableLayout,
+    Settlement, StatusCount, Store, StoreOptions, StuckAggregate, TableLayout, TailMode,
 };
 pub use table::{TableName, MAX_TABLE_NAME_LEN};
 

@@ -12,6 +12,7 @@
 //! | `outbox_events` | gauge | `table`, `status` | rows by status (`pending`, `delivered`, `dead`), see [`Outbox::record_gauges`](crate::Outbox::record_gauges) |
 //! | `outbox_oldest_pending_age_seconds` | gauge | `table` | how long the oldest due event has waited: **the lag to alert on** |
 //! | `outbox_aggregates_parked` | gauge | `table` | aggregates parked at a dead event |
+//! | `outbox_wal_retained_bytes` | gauge | `slot` | WAL the log-tailing relay's replication slot keeps (`wal` feature), read at each heartbeat |
 //! | `outbox_consumer_handled_total` | counter | `source`, `event_type` | messages handled and acknowledged |
 //! | `outbox_consumer_retried_total` | counter | `source`, `event_type` | handler failures that will be retried |
 //! | `outbox_consumer_dead_total` | counter | `source`, `event_type` | messages dead-lettered |
@@ -40,6 +41,8 @@ pub const EVENTS: &str = "outbox_events";
 pub const OLDEST_PENDING_AGE: &str = "outbox_oldest_pending_age_seconds";
 /// `outbox_aggregates_parked`.
 pub const PARKED: &str = "outbox_aggregates_parked";
+/// `outbox_wal_retained_bytes`.
+pub const WAL_RETAINED: &str = "outbox_wal_retained_bytes";
 /// `outbox_consumer_handled_total`.
 pub const CONSUMER_HANDLED: &str = "outbox_consumer_handled_total";
 /// `outbox_consumer_retried_total`.
@@ -135,4 +138,9 @@ pub(crate) fn handler_time(source: &str, event_type: &str, took: Duration) {
         ("event_type", event_type.to_owned()),
     ];
     ::metrics::histogram!(PROCESS_DURATION, &labels).record(took.as_secs_f64());
+}
+
+#[cfg(feature = "wal")]
+pub(crate) fn wal_retained(slot: &str, bytes: u64) {
+    ::metrics::gauge!(WAL_RETAINED, "slot" => slot.to_owned()).set(bytes as f64);
 }

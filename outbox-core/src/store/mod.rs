@@ -56,6 +56,12 @@ pub trait Backend: sqlx::Database {
     fn supports_layout(layout: TableLayout) -> bool {
         layout == TableLayout::Standard
     }
+
+    /// Whether this database's store can write for a log-tailing relay (see
+    /// [`OutboxBuilder::log_tailing`]).
+    fn supports_log_tailing() -> bool {
+        false
+    }
 }
 
 /// What an [`OutboxBuilder`] passes to [`Backend::open_store`].
@@ -70,6 +76,21 @@ pub struct StoreOptions {
     /// Events are for an external relay and leave the table in the enqueueing transaction; see
     /// [`OutboxBuilder::hand_off`].
     pub hand_off: bool,
+    /// Events are for this library's log-tailing relay; see [`OutboxBuilder::log_tailing`].
+    pub log_tailing: Option<TailMode>,
+}
+
+impl StoreOptions {
+    /// Whether events are relayed from the database's log rather than by polling relays: they
+    /// are not announced to polling relays, and whatever sets a row pending for them is refused.
+    pub fn relayed_from_log(&self) -> bool {
+        self.hand_off || self.log_tailing.is_some()
+    }
+
+    /// Whether `enqueue` writes a row and deletes it in the same transaction, for a log reader.
+    pub fn deletes_at_enqueue(&self) -> bool {
+        self.hand_off || self.log_tailing == Some(TailMode::Table)
+    }
 }
 
 impl Default for StoreOptions {
@@ -78,8 +99,24 @@ impl Default for StoreOptions {
             notify: true,
             layout: TableLayout::Standard,
             hand_off: false,
+            log_tailing: None,
         }
     }
+}
+
+/// How `enqueue` writes events for the log-tailing relay (PostgreSQL); see
+/// [`OutboxBuilder::log_tailing`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TailMode {
+    /// Each event is a row of the outbox table, inserted and deleted in the caller's
+    /// transaction: the relay follows the table's inserts through a publication, and the table
+    /// stays empty.
+    Table,
+    /// Each event is a transactional logical decoding message
+    /// (`pg_logical_emit_message(true, 'outbox:<table>', …)`) in the caller's transaction, and
+    /// no row at all: the cheapest write, nothing to delete, nothing to vacuum.
+    Messages,
 }
 
 /// The columns of an outbox table; see [`OutboxBuilder::layout`].
@@ -739,6 +776,7 @@ pub struct OutboxBuilder<DB: Backend> {
     notify: bool,
     layout: TableLayout,
     hand_off: bool,
+    log_tailing: Option<TailMode>,
     max_payload_bytes: Option<usize>,
 }
 
@@ -796,6 +834,35 @@ impl<DB: Backend> OutboxBuilder<DB> {
         self
     }
 
+    /// Writes events for this library's log-tailing relay, `WalRelay` (PostgreSQL, the `wal`
+    /// feature), which reads them from a logical replication slot instead of querying the table
+    /// (default: off, rows for polling relays).
+    ///
+    /// - [`TailMode::Messages`]: each event is a transactional logical decoding message in
+    ///   your transaction, and no row: nothing to delete or vacuum, the cheapest write.
+    /// - [`TailMode::Table`]: each event is a row, inserted and deleted in your transaction
+    ///   (as [`hand_off`](Self::hand_off) does for Debezium): the relay follows the table's
+    ///   inserts, and the table stays empty.
+    ///
+    /// Either way sequence numbers are allocated as usual (so an aggregate's events commit in
+    /// order), idempotency keys work, polling relays are neither announced nor woken, and what
+    /// would set a row pending for a polling relay is refused with a clear error: deferred
+    /// delivery (`enqueue_at`, `EnqueueOptions::delay`), `requeue` and `republish`. Events the
+    /// relay gives up on are written to the table as dead rows, with their reason, where
+    /// `outbox dead` and the dashboard show them.
+    ///
+    /// ```
+    /// # async fn demo(pool: sqlx::PgPool) -> outbox_core::Result<()> {
+    /// use outbox_core::{Outbox, TailMode};
+    /// let outbox = Outbox::builder(pool).log_tailing(TailMode::Messages).build()?;
+    /// outbox.migrate().await?; // the table still holds sequence counters and dead events
+    /// # Ok(()) }
+    /// ```
+    pub fn log_tailing(mut self, mode: TailMode) -> Self {
+        self.log_tailing = Some(mode);
+        self
+    }
+
     /// Refuses, at enqueue, an event whose serialised payload is longer than `bytes`
     /// ([`Error::PayloadTooLarge`](crate::Error::PayloadTooLarge)), before anything is written
     /// and before the caller's transaction commits. No limit by default; set it below what
@@ -823,6 +890,18 @@ impl<DB: Backend> OutboxBuilder<DB> {
                 "hand_off needs the Debezium table layout (TableLayout::Debezium)".into(),
             ));
         }
+        if self.log_tailing.is_some() && !DB::supports_log_tailing() {
+            return Err(Error::Config(format!(
+                "log tailing (a logical replication slot) is not available on {}",
+                DB::NAME
+            )));
+        }
+        if self.log_tailing.is_some() && self.hand_off {
+            return Err(Error::Config(
+                "log_tailing and hand_off are two different relays of the same log: choose one"
+                    .into(),
+            ));
+        }
         let store = DB::open_store(
             self.pool.clone(),
             table.clone(),
@@ -830,6 +909,7 @@ impl<DB: Backend> OutboxBuilder<DB> {
                 notify: self.notify,
                 layout: self.layout,
                 hand_off: self.hand_off,
+                log_tailing: self.log_tailing,
             },
         );
         Ok(Outbox {
@@ -852,6 +932,7 @@ impl<DB: Backend> Outbox<DB> {
             notify: true,
             layout: TableLayout::Standard,
             hand_off: false,
+            log_tailing: None,
             max_payload_bytes: None,
         }
     }

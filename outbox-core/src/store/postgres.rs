@@ -3,7 +3,7 @@ use super::{
     clamp_i32, clamp_u32, parse_headers, ArchiveDead, Backend, Check, Claim, DeadEvent, Discard,
     Enqueued, EventFilter, EventRecord, ExplainClaim, InboxStore, Inconsistency, Inspect, Lookup,
     MarkConsumed, OutboxStatus, ParkedAggregate, Republish, Requeue, Run, RunEvent, Settlement,
-    Store, StoreOptions, TableLayout,
+    Store, StoreOptions, TableLayout, TailMode,
 };
 use crate::error::{Error, Result};
 use crate::event::{Deliver, Envelope, Message};
@@ -23,6 +23,10 @@ struct PgStatements {
     insert_one: String,
     /// Hand-off: the events just written leave the table in the same transaction.
     hand_off_delete: String,
+    /// Log tailing in message mode: the events as logical decoding messages, no rows.
+    emit: String,
+    /// The log-tailing relay's dead events, written back as dead rows.
+    dead_rows: String,
     absorb: String,
     claim: String,
     settle: String,
@@ -70,7 +74,7 @@ impl PgStatements {
         let t = table.as_str();
         // Handed off, the row is for an external relay (Debezium) to read from the WAL: relays
         // are neither announced nor woken.
-        let (announce, announce_one, wake) = if options.hand_off {
+        let (announce, announce_one, wake) = if options.relayed_from_log() {
             (
                 String::new(),
                 String::new(),
@@ -156,6 +160,51 @@ impl PgStatements {
 ){announce_one}{wake}"#
             ),
             hand_off_delete: format!(r#"DELETE FROM "{t}" WHERE id = ANY($1)"#),
+            // Sequence numbers as for rows (the counter row's lock orders an aggregate's writers
+            // by commit), then one transactional message per event, in the order given: the
+            // volatile function in the sorted subquery runs after the sort.
+            emit: format!(
+                r#"WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[],
+                         $7::text[], $8::text[])
+        WITH ORDINALITY AS i(id, aggregate_type, aggregate_id, event_type, schema_version, topic,
+                             payload, headers, ord)
+), counts AS (
+    SELECT aggregate_type, aggregate_id, count(*) AS n FROM input GROUP BY aggregate_type, aggregate_id
+), seqs AS (
+    INSERT INTO "{t}_aggregates" AS a (aggregate_type, aggregate_id, last_seq)
+    SELECT aggregate_type, aggregate_id, n FROM counts ORDER BY aggregate_type, aggregate_id
+    ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET last_seq = a.last_seq + EXCLUDED.last_seq
+    RETURNING a.aggregate_type, a.aggregate_id, a.last_seq
+), numbered AS (
+    SELECT i.*, row_number() OVER (PARTITION BY i.aggregate_type, i.aggregate_id ORDER BY i.ord) AS k
+    FROM input i
+)
+SELECT count(*) FROM (
+    SELECT pg_logical_emit_message(true, $9, json_build_object(
+        'id', i.id, 'created_at', now(), 'aggregate_type', i.aggregate_type,
+        'aggregate_id', i.aggregate_id, 'seq', s.last_seq - c.n + i.k,
+        'event_type', i.event_type, 'schema_version', i.schema_version, 'topic', i.topic,
+        'payload', i.payload::json, 'headers', i.headers::json)::text)
+    FROM numbered i
+    JOIN seqs s USING (aggregate_type, aggregate_id)
+    JOIN counts c USING (aggregate_type, aggregate_id)
+    ORDER BY i.ord
+) emitted"#
+            ),
+            // Not pending, so a table-mode relay that sees this insert in its own slot skips it.
+            dead_rows: format!(
+                r#"INSERT INTO "{t}" (id, created_at, aggregate_type, aggregate_id, seq, event_type,
+                   schema_version, topic, payload, headers, status, attempts, last_error, dead_at)
+SELECT id, created_at, aggregate_type, aggregate_id, seq, event_type, schema_version, topic,
+       payload, headers::jsonb, 'dead', attempts, reason, now()
+FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::int8[], $6::text[],
+            $7::int4[], $8::text[], $9::text[], $10::text[], $11::int4[], $12::text[])
+    AS d(id, created_at, aggregate_type, aggregate_id, seq, event_type, schema_version, topic,
+         payload, headers, attempts, reason)
+ON CONFLICT (id) DO UPDATE SET status = 'dead', attempts = EXCLUDED.attempts,
+    last_error = EXCLUDED.last_error, dead_at = EXCLUDED.dead_at"#
+            ),
             // Announcements become cursors. Only committed announcements are visible, and an
             // announcement commits with its events, so `known_seq` never runs ahead of the
             // events a relay can read. Cursors are upserted in key order: relays absorbing side
@@ -423,6 +472,10 @@ impl Backend for Postgres {
     fn supports_layout(_: TableLayout) -> bool {
         true
     }
+
+    fn supports_log_tailing() -> bool {
+        true
+    }
 }
 
 /// An outbox table in PostgreSQL: the [`Store`] of [`Outbox<Postgres>`](super::Outbox).
@@ -635,6 +688,11 @@ ALTER TABLE "{archive}" ALTER COLUMN aggregatetype SET NOT NULL,
             tracing::info!(version, description, "applied outbox migration");
         }
         tx.commit().await?;
+        if let Some(mode) = self.options.log_tailing {
+            // After the commit: a slot cannot be created in a transaction that wrote. From
+            // now on the slot keeps every event for the relay, even before it first runs.
+            ensure_log_tailing(pool, table, mode).await?;
+        }
         Ok(())
     }
 
@@ -643,12 +701,17 @@ ALTER TABLE "{archive}" ALTER COLUMN aggregatetype SET NOT NULL,
         conn: &'a mut sqlx::PgConnection,
         messages: &'a [Message],
     ) -> Result<Vec<Enqueued>> {
-        if self.options.hand_off {
+        if self.options.relayed_from_log() {
             if let Some(m) = messages.iter().find(|m| m.options.available_at.is_some()) {
                 return Err(Error::InvalidField {
                     field: format!("delivery time of {}", m.event_type),
-                    reason: "an outbox that hands off to Debezium cannot defer an event: \
-                             the connector publishes it at commit",
+                    reason: if self.options.hand_off {
+                        "an outbox that hands off to Debezium cannot defer an event: \
+                         the connector publishes it at commit"
+                    } else {
+                        "an outbox relayed from the database's log cannot defer an event: \
+                         the relay publishes it at commit"
+                    },
                 });
             }
         }
@@ -911,6 +974,9 @@ impl PgStore {
             return Ok(());
         }
         let statements = &self.statements;
+        if self.options.log_tailing == Some(TailMode::Messages) {
+            return self.emit(conn, messages).await;
+        }
         if let [m] = messages {
             let (at, delay) = deliver_at(m);
             let inserted: i64 = sqlx::query_scalar(&statements.insert_one)
@@ -930,7 +996,7 @@ impl PgStore {
         } else {
             self.insert_many(&mut *conn, messages).await?;
         }
-        if self.options.hand_off {
+        if self.options.deletes_at_enqueue() {
             let ids: Vec<Uuid> = messages.iter().map(|m| m.id).collect();
             sqlx::query(&statements.hand_off_delete)
                 .bind(ids)
@@ -938,6 +1004,85 @@ impl PgStore {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Log tailing in message mode: the events as transactional logical decoding messages.
+    async fn emit(&self, conn: &mut sqlx::PgConnection, messages: &[&Message]) -> Result<()> {
+        let n = messages.len();
+        let mut columns = MessageColumns::with_capacity(n);
+        for m in messages {
+            columns.push(m);
+        }
+        let emitted: i64 = sqlx::query_scalar(&self.statements.emit)
+            .bind(columns.ids)
+            .bind(columns.aggregate_types)
+            .bind(columns.aggregate_ids)
+            .bind(columns.event_types)
+            .bind(columns.versions)
+            .bind(columns.topics)
+            .bind(columns.payloads)
+            .bind(columns.headers)
+            .bind(message_prefix(&self.table))
+            .fetch_one(conn)
+            .await?;
+        debug_assert_eq!(emitted as usize, n);
+        Ok(())
+    }
+
+    /// Writes events that a log-tailing relay gave up on as dead rows, with their reasons
+    /// (`(envelope, attempts, reason)`); an existing row of the same id becomes dead.
+    #[cfg_attr(not(feature = "wal"), allow(dead_code))]
+    pub(crate) async fn record_dead(&self, dead: &[(&Envelope, u32, &str)]) -> Result<()> {
+        let n = dead.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut created = Vec::with_capacity(n);
+        let mut aggregate_types = Vec::with_capacity(n);
+        let mut aggregate_ids = Vec::with_capacity(n);
+        let mut seqs = Vec::with_capacity(n);
+        let mut event_types = Vec::with_capacity(n);
+        let mut versions = Vec::with_capacity(n);
+        let mut topics = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        let mut headers = Vec::with_capacity(n);
+        let mut attempts = Vec::with_capacity(n);
+        let mut reasons = Vec::with_capacity(n);
+        for (e, tries, reason) in dead {
+            ids.push(e.id);
+            created.push(e.created_at);
+            aggregate_types.push(e.aggregate_type.as_str());
+            aggregate_ids.push(e.aggregate_id.as_str());
+            seqs.push(e.sequence);
+            event_types.push(e.event_type.as_str());
+            versions.push(clamp_i32(e.schema_version));
+            topics.push(e.topic.as_str());
+            payloads.push(e.payload.as_str());
+            headers.push(serde_json::to_string(&e.headers).unwrap_or_else(|_| "{}".into()));
+            attempts.push(clamp_i32(*tries));
+            // PostgreSQL text cannot hold NUL: a reason with one is stored without it.
+            reasons.push(reason.replace('\0', ""));
+        }
+        sqlx::query(&self.statements.dead_rows)
+            .bind(ids)
+            .bind(created)
+            .bind(aggregate_types)
+            .bind(aggregate_ids)
+            .bind(seqs)
+            .bind(event_types)
+            .bind(versions)
+            .bind(topics)
+            .bind(payloads)
+            .bind(headers)
+            .bind(attempts)
+            .bind(reasons)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The options the outbox was built with.
+    #[cfg_attr(not(feature = "wal"), allow(dead_code))]
+    pub(crate) fn options(&self) -> &StoreOptions {
+        &self.options
     }
 
     async fn insert_many(
@@ -985,6 +1130,114 @@ impl PgStore {
             .await?;
         debug_assert_eq!(inserted as usize, n);
         Ok(())
+    }
+}
+
+/// The replication slot and publication of a log-tailing outbox: `<table>_relay`.
+pub(crate) fn log_tailing_slot(table: &TableName) -> String {
+    table.derived("relay")
+}
+
+/// Checks `wal_level` and creates the log-tailing relay's publication and slot if missing.
+pub(crate) async fn ensure_log_tailing(
+    pool: &PgPool,
+    table: &TableName,
+    mode: TailMode,
+) -> Result<()> {
+    let level: String = sqlx::query_scalar("SELECT current_setting('wal_level')")
+        .fetch_one(pool)
+        .await?;
+    if level != "logical" {
+        return Err(Error::Config(format!(
+            "PostgreSQL's wal_level is '{level}': log tailing needs wal_level = logical \
+             (set it in postgresql.conf and restart the server)"
+        )));
+    }
+    let name = log_tailing_slot(table);
+    let publication = match mode {
+        TailMode::Table => {
+            format!(r#"CREATE PUBLICATION "{name}" FOR TABLE "{table}" WITH (publish = 'insert')"#)
+        }
+        // Messages are decoded whatever the publication holds.
+        TailMode::Messages => format!(r#"CREATE PUBLICATION "{name}""#),
+    };
+    let missing: (bool, bool) = sqlx::query_as(
+        "SELECT NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
+                NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+    )
+    .bind(&name)
+    .fetch_one(pool)
+    .await?;
+    // Two processes starting at once: the loser's duplicate is harmless.
+    let exists_already = |error: &sqlx::Error| {
+        error
+            .as_database_error()
+            .and_then(|e| e.code())
+            .is_some_and(|c| c == "42710" || c == "23505")
+    };
+    if missing.0 {
+        if let Err(error) = sqlx::query(&publication).execute(pool).await {
+            if !exists_already(&error) {
+                return Err(error.into());
+            }
+        }
+    }
+    if missing.1 {
+        if let Err(error) = sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+            .bind(&name)
+            .execute(pool)
+            .await
+        {
+            if !exists_already(&error) {
+                return Err(error.into());
+            }
+        }
+        tracing::info!(slot = %name, "created the log-tailing relay's replication slot");
+    }
+    Ok(())
+}
+
+/// The prefix of an outbox's logical decoding messages: its table, so that outboxes of one
+/// database do not read each other's.
+pub(crate) fn message_prefix(table: &TableName) -> String {
+    format!("outbox:{table}")
+}
+
+/// A batch of messages as the array parameters of the message-mode statement.
+struct MessageColumns<'m> {
+    ids: Vec<Uuid>,
+    aggregate_types: Vec<&'m str>,
+    aggregate_ids: Vec<&'m str>,
+    event_types: Vec<&'m str>,
+    versions: Vec<i32>,
+    topics: Vec<&'m str>,
+    payloads: Vec<&'m str>,
+    headers: Vec<String>,
+}
+
+impl<'m> MessageColumns<'m> {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            ids: Vec::with_capacity(n),
+            aggregate_types: Vec::with_capacity(n),
+            aggregate_ids: Vec::with_capacity(n),
+            event_types: Vec::with_capacity(n),
+            versions: Vec::with_capacity(n),
+            topics: Vec::with_capacity(n),
+            payloads: Vec::with_capacity(n),
+            headers: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, m: &'m Message) {
+        self.ids.push(m.id);
+        self.aggregate_types.push(m.aggregate_type);
+        self.aggregate_ids.push(m.aggregate_id.as_str());
+        self.event_types.push(m.event_type);
+        self.versions.push(m.schema_version as i32);
+        self.topics.push(m.topic);
+        self.payloads.push(m.payload.as_str());
+        self.headers.push(m.headers_json());
     }
 }
 
@@ -1251,6 +1504,12 @@ impl PgStore {
     /// Requeue and republish set rows pending for this library's relays, which a hand-off
     /// outbox no longer runs, and the router ignores updates: refused rather than stranded.
     fn refuse_when_handed_off(&self, action: &str) -> Result<()> {
+        if self.options.log_tailing.is_some() {
+            return Err(Error::Config(format!(
+                "this outbox is relayed from the database's log: {action} sets rows pending for \
+                 a polling relay, which does not run on it; enqueue the event again instead"
+            )));
+        }
         if self.options.hand_off {
             return Err(Error::Config(format!(
                 "this outbox hands its events to Debezium: {action} sets rows pending for this \
