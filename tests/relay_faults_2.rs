@@ -43,24 +43,6 @@ pub struct Shipped {
     pub n: u64,
 }
 
-/// Polls `check` until it holds (true) or `timeout` passes (false).
-async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Waits until `check` holds, panicking with `what` after `WAIT`.
 async fn must<F, Fut>(what: &str, check: F)
 where
@@ -68,7 +50,7 @@ where
     Fut: Future<Output = bool>,
 {
     assert!(
-        wait_until(WAIT, check).await,
+        outbox_tests::within(WAIT, check).await,
         "timed out waiting for: {what}"
     );
 }
@@ -207,7 +189,7 @@ async fn requeue_of_the_parked_event_during_an_earlier_requeue_is_not_lost<DB: T
         "requeue of the parked seq 2"
     );
     gate.open.store(true, Ordering::SeqCst);
-    let all = wait_until(Duration::from_secs(15), || async {
+    let all = outbox_tests::within(Duration::from_secs(15), || async {
         DB::count_status(&outbox, "delivered").await == 4
     })
     .await;
@@ -279,7 +261,7 @@ async fn discard_while_the_aggregate_is_leased_releases_it<DB: TestDb>() {
         "discard of the parked seq 2"
     );
     gate.open.store(true, Ordering::SeqCst);
-    let released = wait_until(Duration::from_secs(15), || async {
+    let released = outbox_tests::within(Duration::from_secs(15), || async {
         status(&outbox, ids[3]).await == EventStatus::Delivered
     })
     .await;
@@ -351,7 +333,7 @@ async fn a_park_settled_after_a_concurrent_requeue_still_parks<DB: TestDb>() {
     })
     .await;
     // Bounded: in a correct relay seq 3 stays pending behind the parked seq 2.
-    let overtaken = wait_until(Duration::from_secs(3), || async {
+    let overtaken = outbox_tests::within(Duration::from_secs(3), || async {
         status(&outbox, ids[2]).await != EventStatus::Pending
     })
     .await;

@@ -2,8 +2,9 @@
 //! cluster with `wal_level = logical` per test, NATS JetStream and tansu (Kafka protocol).
 
 use outbox::wal::{WalRelay, WalRelayBuilder};
-use outbox::{DeliveryResult, Destination, Envelope, HandlerError, Outbox, RetryPolicy, TailMode};
+use outbox::{Destination, HandlerError, Outbox, RetryPolicy, TailMode};
 use outbox_tests::faults::servers::PrivatePostgres;
+use outbox_tests::wal::{gated, Running};
 use outbox_tests::{always_ok, dispatcher, eventually, init_tracing, unique_table};
 use outbox_tests::{ItemChanged, Log};
 use sqlx::postgres::PgPoolOptions;
@@ -12,8 +13,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -81,7 +80,7 @@ impl Wal {
 
     /// The slot's confirmed position minus `lsn`, in bytes (negative: not yet confirmed).
     async fn confirmed_past(&self, lsn: &str) -> i64 {
-        let slot = format!("{}_relay", self.outbox.table());
+        let slot = format!("{}_relay_postgres", self.outbox.table());
         sqlx::query_scalar(
             "SELECT COALESCE((confirmed_flush_lsn - $2::pg_lsn)::int8, -1) \
              FROM pg_replication_slots WHERE slot_name = $1",
@@ -111,35 +110,6 @@ impl Wal {
         .fetch_all(&self.pool)
         .await
         .unwrap()
-    }
-}
-
-/// A relay running in a task of its own.
-struct Running {
-    stop: CancellationToken,
-    task: JoinHandle<outbox::Result<()>>,
-}
-
-impl Running {
-    fn start<D: Destination>(builder: WalRelayBuilder<D>) -> Self {
-        let relay = builder.build().unwrap();
-        let stop = CancellationToken::new();
-        let token = stop.clone();
-        Self {
-            stop,
-            task: tokio::spawn(async move { relay.run(token).await }),
-        }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        self.task.await.unwrap().unwrap();
-    }
-
-    /// Kills the relay as a crash would: no graceful stop, no final confirmation.
-    async fn kill(self) {
-        self.task.abort();
-        let _ = self.task.await;
     }
 }
 
@@ -228,33 +198,6 @@ async fn message_mode_delivers_committed_events_once_in_order_and_writes_no_row(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn table_mode_delivers_committed_events_once_in_order_and_leaves_the_table_empty() {
     delivers_committed_events_once_in_order(TailMode::Table).await;
-}
-
-/// What a destination sees, and a gate that holds its answer back.
-#[derive(Clone)]
-struct Gated {
-    open: watch::Receiver<bool>,
-    seen: Arc<std::sync::Mutex<Vec<Envelope>>>,
-}
-
-impl Destination for Gated {
-    async fn deliver(&self, batch: &[Envelope]) -> Vec<DeliveryResult> {
-        self.seen.lock().unwrap().extend_from_slice(batch);
-        let mut open = self.open.clone();
-        let _ = open.wait_for(|o| *o).await;
-        batch.iter().map(|_| Ok(())).collect()
-    }
-}
-
-fn gated(open: bool) -> (Gated, watch::Sender<bool>) {
-    let (tx, rx) = watch::channel(open);
-    (
-        Gated {
-            open: rx,
-            seen: Arc::default(),
-        },
-        tx,
-    )
 }
 
 /// The slot's confirmed position stays before an event until the destination confirmed it;

@@ -144,3 +144,47 @@ fn the_mysql_harness_measures_every_section() {
     }
     std::fs::remove_dir_all(out).unwrap();
 }
+
+/// `wal_bench --smoke` against the logical cluster `scripts/services.sh pg-logical` starts, NATS
+/// and tansu: every section reports, every drain finished, every latency sample confirmed.
+#[test]
+fn the_wal_harness_measures_every_section() {
+    let out = std::env::temp_dir().join(format!("outbox-wal-bench-smoke-{}", std::process::id()));
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_wal_bench"));
+    command
+        .args(["--smoke", "--latency-seconds", "1", "--out"])
+        .arg(&out);
+    if let Ok(url) = std::env::var("OUTBOX_TEST_NATS_URL") {
+        command.env("OUTBOX_BENCH_NATS_URL", url);
+    }
+    let ran = command.output().expect("wal_bench runs");
+    assert!(
+        ran.status.success(),
+        "wal_bench --smoke failed: {}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    let report = std::fs::read_to_string(out.join("results.md")).expect("results.md written");
+    for section in [
+        "Raw limits",
+        "Draining a backlog",
+        "Several log-tailing relays",
+        "Commit → confirmation latency",
+    ] {
+        assert!(report.contains(section), "no {section} in:\n{report}");
+    }
+    let drains = report
+        .lines()
+        .filter(|l| l.starts_with("| log tailing") || l.starts_with("| polling relay"))
+        .count();
+    // Three relay kinds, three targets, 1 and 1,000 aggregates.
+    assert_eq!(drains, 18, "{report}");
+    for line in report
+        .lines()
+        .filter(|l| l.starts_with("| ") && l.contains(" of "))
+    {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let (got, of) = cells[2].split_once(" of ").expect("n of m");
+        assert_eq!(got, of, "a latency sample was never confirmed: {line}");
+    }
+    std::fs::remove_dir_all(out).unwrap();
+}

@@ -6,6 +6,7 @@ pub mod faults;
 pub mod lanes;
 pub mod nats;
 pub mod scenarios;
+pub mod wal;
 
 use outbox::{Backend, HandlerContext, HandlerError, Outbox, OutboxEvent};
 use serde::{Deserialize, Serialize};
@@ -164,7 +165,19 @@ pub fn always_ok() -> Behaviour {
 }
 
 /// Polls `check` until it holds, or panics after `timeout` saying what was awaited.
-pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    assert!(
+        within(timeout, check).await,
+        "timed out after {timeout:?} waiting for: {what}"
+    );
+}
+
+/// Polls `check` until it holds (true) or `timeout` passes (false).
+pub async fn within<F, Fut>(timeout: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -172,12 +185,11 @@ where
     let deadline = Instant::now() + timeout;
     loop {
         if check().await {
-            return;
+            return true;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for: {what}"
-        );
+        if Instant::now() >= deadline {
+            return false;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -210,10 +210,25 @@ impl Bench {
     }
 
     async fn drop_outbox(&self, table: &str) {
-        let _ = sqlx::query("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1")
-            .bind(format!("{table}_relay"))
-            .execute(&self.pool)
-            .await;
+        // The slot keeps WAL until dropped; the stopped relay's walsender may take a moment to
+        // let it go.
+        if let Ok(outbox) = self.outbox(table, Mode::Messages) {
+            if let Ok(slot) = outbox::wal::slot_name(&outbox).await {
+                for _ in 0..100 {
+                    let dropped = sqlx::query(
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                         WHERE slot_name = $1",
+                    )
+                    .bind(&slot)
+                    .execute(&self.pool)
+                    .await;
+                    if dropped.is_ok() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
         let _ = sqlx::query(&format!(r#"DROP PUBLICATION IF EXISTS "{table}_relay""#))
             .execute(&self.pool)
             .await;
@@ -297,10 +312,12 @@ impl Bench {
         let n = self.s.backlog;
         self.write_backlog(&outbox, n, 1000).await?;
         let url = replication_url(&self.s.url);
-        let config =
-            ReplicationStreamConfig::builder(format!("{table}_relay"), format!("{table}_relay"))
-                .with_protocol_version(1)
-                .with_messages(true);
+        let config = ReplicationStreamConfig::builder(
+            outbox::wal::slot_name(&outbox).await?,
+            format!("{table}_relay"),
+        )
+        .with_protocol_version(1)
+        .with_messages(true);
         let mut stream = LogicalReplicationStream::new(&url, config).await?;
         stream.start(None).await?;
         let cancel = pg_walstream::CancellationToken::new();

@@ -688,10 +688,10 @@ ALTER TABLE "{archive}" ALTER COLUMN aggregatetype SET NOT NULL,
             tracing::info!(version, description, "applied outbox migration");
         }
         tx.commit().await?;
-        if let Some(mode) = self.options.log_tailing {
+        if self.options.log_tailing.is_some() {
             // After the commit: a slot cannot be created in a transaction that wrote. From
             // now on the slot keeps every event for the relay, even before it first runs.
-            ensure_log_tailing(pool, table, mode).await?;
+            ensure_log_tailing(pool, table).await?;
         }
         Ok(())
     }
@@ -1133,39 +1133,58 @@ impl PgStore {
     }
 }
 
-/// The replication slot and publication of a log-tailing outbox: `<table>_relay`.
-pub(crate) fn log_tailing_slot(table: &TableName) -> String {
+/// The replication slot of a log-tailing outbox: `<table>_relay_<database>`. Slots belong to
+/// the whole server, so the database is part of the name: two databases with an `outbox`
+/// table each get a slot each. The database name is folded to what a slot name allows.
+pub(crate) fn log_tailing_slot(table: &TableName, database: &str) -> String {
+    let room = 63 - table.as_str().len() - "_relay_".len();
+    let database: String = database
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9') => c,
+            _ => '_',
+        })
+        .take(room)
+        .collect();
+    format!("{}_{database}", table.derived("relay"))
+}
+
+/// The publication a log-tailing outbox's slot decodes with: `<table>_relay`, the table's
+/// inserts (publications belong to one database).
+pub(crate) fn log_tailing_publication(table: &TableName) -> String {
     table.derived("relay")
 }
 
-/// Checks `wal_level` and creates the log-tailing relay's publication and slot if missing.
-pub(crate) async fn ensure_log_tailing(
-    pool: &PgPool,
-    table: &TableName,
-    mode: TailMode,
-) -> Result<()> {
-    let level: String = sqlx::query_scalar("SELECT current_setting('wal_level')")
-        .fetch_one(pool)
-        .await?;
+/// Checks `wal_level`, creates the log-tailing relay's publication and slot if missing, puts
+/// the table in the publication if it is not, and returns the slot's name.
+///
+/// Both modes use the same publication, on the table's inserts, and the relay reads both the
+/// table's inserts and the messages: writers can move from one mode to the other (a rolling
+/// deploy) without losing an event.
+pub(crate) async fn ensure_log_tailing(pool: &PgPool, table: &TableName) -> Result<String> {
+    let (level, database): (String, String) =
+        sqlx::query_as("SELECT current_setting('wal_level'), current_database()::text")
+            .fetch_one(pool)
+            .await?;
     if level != "logical" {
         return Err(Error::Config(format!(
             "PostgreSQL's wal_level is '{level}': log tailing needs wal_level = logical \
              (set it in postgresql.conf and restart the server)"
         )));
     }
-    let name = log_tailing_slot(table);
-    let publication = match mode {
-        TailMode::Table => {
-            format!(r#"CREATE PUBLICATION "{name}" FOR TABLE "{table}" WITH (publish = 'insert')"#)
-        }
-        // Messages are decoded whatever the publication holds.
-        TailMode::Messages => format!(r#"CREATE PUBLICATION "{name}""#),
-    };
-    let missing: (bool, bool) = sqlx::query_as(
+    let (slot, publication) = (
+        log_tailing_slot(table, &database),
+        log_tailing_publication(table),
+    );
+    let (no_publication, published, slot_database): (bool, bool, Option<String>) = sqlx::query_as(
         "SELECT NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
-                NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+                    EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1
+                            AND tablename = $2 AND schemaname = ANY (current_schemas(false))),
+                    (SELECT database::text FROM pg_replication_slots WHERE slot_name = $3)",
     )
-    .bind(&name)
+    .bind(&publication)
+    .bind(table.as_str())
+    .bind(&slot)
     .fetch_one(pool)
     .await?;
     // Two processes starting at once: the loser's duplicate is harmless.
@@ -1175,26 +1194,47 @@ pub(crate) async fn ensure_log_tailing(
             .and_then(|e| e.code())
             .is_some_and(|c| c == "42710" || c == "23505")
     };
-    if missing.0 {
-        if let Err(error) = sqlx::query(&publication).execute(pool).await {
+    let statement = if no_publication {
+        Some(format!(
+            r#"CREATE PUBLICATION "{publication}" FOR TABLE "{table}" WITH (publish = 'insert')"#
+        ))
+    } else if !published {
+        Some(format!(
+            r#"ALTER PUBLICATION "{publication}" ADD TABLE "{table}""#
+        ))
+    } else {
+        None
+    };
+    if let Some(statement) = statement {
+        if let Err(error) = sqlx::query(&statement).execute(pool).await {
             if !exists_already(&error) {
                 return Err(error.into());
             }
         }
     }
-    if missing.1 {
-        if let Err(error) = sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
-            .bind(&name)
-            .execute(pool)
-            .await
-        {
-            if !exists_already(&error) {
-                return Err(error.into());
-            }
+    match slot_database {
+        Some(other) if other != database => {
+            return Err(Error::Config(format!(
+                "the replication slot {slot} belongs to database {other:?}, not {database:?}: \
+                 give one of the outboxes another table name"
+            )))
         }
-        tracing::info!(slot = %name, "created the log-tailing relay's replication slot");
+        Some(_) => {}
+        None => {
+            if let Err(error) =
+                sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+                    .bind(&slot)
+                    .execute(pool)
+                    .await
+            {
+                if !exists_already(&error) {
+                    return Err(error.into());
+                }
+            }
+            tracing::info!(%slot, "created the log-tailing relay's replication slot");
+        }
     }
-    Ok(())
+    Ok(slot)
 }
 
 /// The prefix of an outbox's logical decoding messages: its table, so that outboxes of one

@@ -57,8 +57,10 @@ pub(super) fn decode_message(content: &[u8], lsn: u64) -> Decoded {
 }
 
 /// A row inserted into the outbox table; `None` for a row that is not pending (a dead event
-/// the relay wrote back itself).
-pub(super) fn decode_row(row: &RowData) -> Option<Decoded> {
+/// the relay wrote back itself). `committed_at` (the transaction's commit time) stands in for
+/// `created_at` when the server prints timestamps in a `DateStyle` other than ISO: the
+/// replication connection cannot choose its own.
+pub(super) fn decode_row(row: &RowData, committed_at: DateTime<Utc>) -> Option<Decoded> {
     let text = |name: &str| row.get(name).and_then(|v| v.as_str());
     if text("status").is_some_and(|s| s != "pending") {
         return None;
@@ -69,7 +71,13 @@ pub(super) fn decode_row(row: &RowData) -> Option<Decoded> {
         let headers = field("headers")?;
         Ok(Envelope {
             id: id.parse().map_err(|e| format!("id {id:?}: {e}"))?,
-            created_at: parse_timestamp(field("created_at")?)?,
+            created_at: parse_timestamp(field("created_at")?).unwrap_or_else(|error| {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!(%error, "the server's DateStyle is not ISO: log-tailed rows take their commit time as created_at");
+                });
+                committed_at
+            }),
             event_type: field("event_type")?.to_owned(),
             aggregate_type: field("aggregate_type")?.to_owned(),
             aggregate_id: field("aggregate_id")?.to_owned(),

@@ -7,8 +7,8 @@ use crate::destination::{DeliveryError, DeliveryResult, Destination, Retry};
 use crate::error::{Error, Result};
 use crate::event::Envelope;
 use crate::retry::RetryPolicy;
-use crate::store::postgres::{ensure_log_tailing, log_tailing_slot, message_prefix};
-use crate::store::{Outbox, TailMode};
+use crate::store::postgres::{ensure_log_tailing, log_tailing_publication, message_prefix};
+use crate::store::Outbox;
 use crate::table::TableName;
 use decode::{decode_message, decode_row, Decoded};
 use futures_util::FutureExt;
@@ -27,8 +27,8 @@ use tracing::Instrument;
 /// queries, no table bloat, events in commit order.
 ///
 /// The outbox must be built with [`OutboxBuilder::log_tailing`](crate::OutboxBuilder::log_tailing):
-/// in [`TailMode::Messages`] `enqueue` writes each event as a transactional logical decoding
-/// message and no row; in [`TailMode::Table`] it inserts the row and deletes it in the same
+/// in [`TailMode::Messages`](crate::TailMode::Messages) `enqueue` writes each event as a transactional logical decoding
+/// message and no row; in [`TailMode::Table`](crate::TailMode::Table) it inserts the row and deletes it in the same
 /// transaction, and the relay follows the table's inserts through a publication.
 ///
 /// - **Order.** The slot delivers transactions in commit order, and an aggregate's writers
@@ -78,8 +78,6 @@ pub struct WalRelay<D: Destination> {
 #[derive(Clone)]
 struct Config {
     replication_url: String,
-    mode: TailMode,
-    slot: String,
     max_batch_events: usize,
     retry: RetryPolicy,
     delivery_timeout: Duration,
@@ -93,8 +91,6 @@ impl std::fmt::Debug for Config {
     // The replication URL may carry a password: never print it.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
-            .field("mode", &self.mode)
-            .field("slot", &self.slot)
             .field("max_batch_events", &self.max_batch_events)
             .finish_non_exhaustive()
     }
@@ -117,16 +113,9 @@ impl<D: Destination> WalRelay<D> {
         replication_url: impl Into<String>,
         destination: D,
     ) -> WalRelayBuilder<D> {
-        let slot = log_tailing_slot(outbox.table());
         WalRelayBuilder {
             config: Config {
                 replication_url: replication_url.into(),
-                mode: outbox
-                    .store()
-                    .options()
-                    .log_tailing
-                    .unwrap_or(TailMode::Messages),
-                slot,
                 max_batch_events: 1000,
                 retry: RetryPolicy::default(),
                 delivery_timeout: Duration::from_secs(30),
@@ -138,12 +127,6 @@ impl<D: Destination> WalRelay<D> {
             outbox,
             destination,
         }
-    }
-
-    /// The replication slot this relay streams, and the publication it decodes with:
-    /// `<table>_relay`, created by [`Outbox::migrate`] (and by [`run`](Self::run) if missing).
-    pub fn slot(&self) -> &str {
-        &self.config.slot
     }
 }
 
@@ -218,6 +201,18 @@ impl<D: Destination> WalRelayBuilder<D> {
     }
 }
 
+/// The name of `outbox`'s replication slot, `<table>_relay_<database>` (for monitoring, or to
+/// drop it when log tailing is given up); the publication is `<table>_relay`.
+pub async fn slot_name(outbox: &Outbox<Postgres>) -> Result<String> {
+    let database: String = sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(outbox.pool())
+        .await?;
+    Ok(crate::store::postgres::log_tailing_slot(
+        outbox.table(),
+        &database,
+    ))
+}
+
 /// What the reader task passes on from the slot, in commit order.
 // Most items are events: boxing them would add an allocation per event for nothing.
 #[allow(clippy::large_enum_variant)]
@@ -237,27 +232,56 @@ enum Stopped {
 
 impl<D: Destination> WalRelay<D> {
     /// Streams and delivers until `shutdown` is cancelled, then finishes the batch in flight
-    /// (within the shutdown timeout), confirms it, and returns. Connection losses and a slot
-    /// held by another relay are waited out; a server without `wal_level = logical` is an
-    /// [`Error::Config`].
+    /// (within the shutdown timeout), confirms it, and returns. An unreachable server (at
+    /// start-up too), connection losses and a slot held by another relay are waited out; a
+    /// server without `wal_level = logical` is an [`Error::Config`], and a refusal from the
+    /// server while preparing the slot (a missing privilege) an [`Error::Database`].
     pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
         let span = tracing::info_span!(
             "outbox.wal_relay",
             table = %self.outbox.table(),
-            slot = %self.config.slot,
+            slot = tracing::field::Empty,
         );
         async {
-            ensure_log_tailing(self.outbox.pool(), self.outbox.table(), self.config.mode).await?;
+            // A database that cannot be reached yet is waited for; one that answers no is an
+            // error.
+            let mut failures = 0u32;
+            let slot = loop {
+                match ensure_log_tailing(self.outbox.pool(), self.outbox.table()).await {
+                    Ok(slot) => break slot,
+                    // The server's answer (wal_level, a missing privilege) will not change.
+                    Err(error @ (Error::Config(_) | Error::Database(sqlx::Error::Database(_)))) => {
+                        return Err(error)
+                    }
+                    Err(error) => {
+                        failures += 1;
+                        let delay = RetryPolicy::exponential(Duration::from_millis(200))
+                            .max_delay(Duration::from_secs(10))
+                            .delay(failures);
+                        tracing::warn!(%error, retry_in = ?delay, "log-tailing relay cannot prepare its slot yet");
+                        wait(&shutdown, delay).await;
+                        if shutdown.is_cancelled() {
+                            return Ok(());
+                        }
+                    }
+                }
+            };
+            tracing::Span::current().record("slot", slot.as_str());
             // Aborted with this future, even when it is dropped rather than shut down.
             let _heartbeat = AbortOnDropHandle::new(tokio::spawn(
-                watch_slot(self.outbox.clone(), self.config.clone(), shutdown.child_token())
-                    .in_current_span(),
+                watch_slot(
+                    self.outbox.clone(),
+                    slot.clone(),
+                    self.config.clone(),
+                    shutdown.child_token(),
+                )
+                .in_current_span(),
             ));
             let mut confirmed: Option<u64> = None;
             let mut failures = 0u32;
             let mut standby_logged = false;
             while !shutdown.is_cancelled() {
-                match self.stream(&shutdown, &mut confirmed).await {
+                match self.stream(&slot, &shutdown, &mut confirmed).await {
                     Stopped::Shutdown => break,
                     Stopped::Standby => {
                         if !standby_logged {
@@ -286,12 +310,17 @@ impl<D: Destination> WalRelay<D> {
     }
 
     /// Streams from the slot, after `confirmed` if set, until shutdown or a failure.
-    async fn stream(&self, shutdown: &CancellationToken, confirmed: &mut Option<u64>) -> Stopped {
+    async fn stream(
+        &self,
+        slot: &str,
+        shutdown: &CancellationToken,
+        confirmed: &mut Option<u64>,
+    ) -> Stopped {
         // A standby asks the server before it opens a replication connection: waiting is
         // then one cheap query per interval.
         let active: std::result::Result<Option<bool>, sqlx::Error> =
             sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
-                .bind(&self.config.slot)
+                .bind(slot)
                 .fetch_optional(self.outbox.pool())
                 .await;
         match active {
@@ -300,15 +329,14 @@ impl<D: Destination> WalRelay<D> {
             Ok(None) => {
                 tracing::error!("the replication slot is missing (dropped by hand?): recreating it; events committed while it was missing are not in it and were not relayed");
                 if let Err(error) =
-                    ensure_log_tailing(self.outbox.pool(), self.outbox.table(), self.config.mode)
-                        .await
+                    ensure_log_tailing(self.outbox.pool(), self.outbox.table()).await
                 {
                     return Stopped::Failed(error.to_string());
                 }
             }
             Err(error) => return Stopped::Failed(error.to_string()),
         }
-        let stream = match self.connect(*confirmed).await {
+        let stream = match self.connect(slot, *confirmed).await {
             Ok(stream) => stream,
             Err(reason) if reason.contains("is active for PID") => return Stopped::Standby,
             Err(reason) => return Stopped::Failed(reason),
@@ -322,7 +350,7 @@ impl<D: Destination> WalRelay<D> {
         let mut reader = AbortOnDropHandle::new(tokio::spawn(
             read(
                 stream,
-                Arc::new(Prefixes::new(self.outbox.table(), self.config.mode)),
+                Arc::new(Prefixes::new(self.outbox.table())),
                 items,
                 stop_reading.clone(),
             )
@@ -370,18 +398,21 @@ impl<D: Destination> WalRelay<D> {
                 confirm(lsn, confirmed);
             }
         }
-        // The reader sends the confirmed position as it stops.
+        // The reader sends the confirmed position as it stops; closing the channel frees it if
+        // it waits for room there.
         stop_reading.cancel();
+        drop(received);
         let _ = reader.await;
         Stopped::Shutdown
     }
 
     async fn connect(
         &self,
+        slot: &str,
         start: Option<u64>,
     ) -> std::result::Result<LogicalReplicationStream, String> {
         let config =
-            ReplicationStreamConfig::builder(self.config.slot.clone(), self.config.slot.clone())
+            ReplicationStreamConfig::builder(slot, log_tailing_publication(self.outbox.table()))
                 .with_protocol_version(1)
                 .with_messages(true)
                 .with_feedback_interval(Duration::from_millis(100))
@@ -426,9 +457,24 @@ impl<D: Destination> WalRelay<D> {
                     envelope.attempt = tried + 1;
                 }
                 let results = if one_by_one {
+                    // An aggregate whose event failed sends nothing more this round: its later
+                    // events must not overtake the failed one.
+                    let mut failed: HashSet<(&str, &str)> = HashSet::new();
                     let mut results = Vec::with_capacity(pending.len());
                     for envelope in &pending {
-                        results.push(self.call_one(envelope).await);
+                        let key = (
+                            envelope.aggregate_type.as_str(),
+                            envelope.aggregate_id.as_str(),
+                        );
+                        if failed.contains(&key) {
+                            results.push(Err(DeliveryError::held_back()));
+                            continue;
+                        }
+                        let result = self.call_one(envelope).await;
+                        if matches!(&result, Err(e) if e.retry != Retry::Never) {
+                            failed.insert(key);
+                        }
+                        results.push(result);
                     }
                     results
                 } else {
@@ -627,21 +673,19 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "a panic without a message".into())
 }
 
-/// What the reader passes on: the outbox table's inserts (table mode) or the messages with
-/// the outbox's prefix (message mode). The relay's heartbeats have a prefix of their own, so
-/// only their commits pass.
+/// What the reader passes on: the outbox table's inserts and the messages with the outbox's
+/// prefix, whatever this outbox's mode, so that writers can change modes in a rolling deploy.
+/// The relay's heartbeats have a prefix of their own: only their commits pass.
 struct Prefixes {
     table: String,
     events: String,
-    mode: TailMode,
 }
 
 impl Prefixes {
-    fn new(table: &TableName, mode: TailMode) -> Self {
+    fn new(table: &TableName) -> Self {
         Self {
             table: table.as_str().to_owned(),
             events: message_prefix(table),
-            mode,
         }
     }
 }
@@ -654,39 +698,44 @@ async fn read(
     items: mpsc::Sender<Item>,
     stop: CancellationToken,
 ) -> std::result::Result<(), String> {
+    // The commit time of the transaction being read: a row's `created_at` when the server's
+    // `DateStyle` prints it in a form other than ISO.
+    let mut committed_at = chrono::Utc::now();
     let outcome = loop {
         let event = match stream.next_event(&stop).await {
             Ok(event) => event,
             Err(_) if stop.is_cancelled() => break Ok(()),
             Err(error) => break Err(error.to_string()),
         };
-        let item = match event.event_type {
-            EventType::Insert { table, data, .. }
-                if prefixes.mode == TailMode::Table && *table == *prefixes.table =>
-            {
-                match decode_row(&data) {
-                    Some(decoded) => Item::Event(decoded),
+        let (item, commit) = match event.event_type {
+            EventType::Begin {
+                commit_timestamp, ..
+            } => {
+                committed_at = commit_timestamp;
+                continue;
+            }
+            EventType::Insert { table, data, .. } if *table == *prefixes.table => {
+                match decode_row(&data, committed_at) {
+                    Some(decoded) => (Item::Event(decoded), false),
                     // A row the relay wrote itself (a dead event), not one to deliver.
                     None => continue,
                 }
             }
             EventType::Message {
                 prefix, content, ..
-            } if prefixes.mode == TailMode::Messages && *prefix == *prefixes.events => {
-                Item::Event(decode_message(&content, event.lsn.value()))
-            }
-            EventType::Commit { end_lsn, .. } => {
-                let item = Item::Commit(end_lsn.value());
-                if items.send(item).await.is_err() {
-                    break Ok(());
-                }
-                stream.maybe_send_feedback().await;
-                continue;
-            }
+            } if *prefix == *prefixes.events => (
+                Item::Event(decode_message(&content, event.lsn.value())),
+                false,
+            ),
+            EventType::Commit { end_lsn, .. } => (Item::Commit(end_lsn.value()), true),
             _ => continue,
         };
-        if items.send(item).await.is_err() {
-            break Ok(());
+        tokio::select! {
+            sent = items.send(item) => if sent.is_err() { break Ok(()) },
+            _ = stop.cancelled() => break Ok(()),
+        }
+        if commit {
+            stream.maybe_send_feedback().await;
         }
     };
     let _ = stream.stop().await;
@@ -694,7 +743,12 @@ async fn read(
 }
 
 /// Heartbeats (so the slot moves when no event is written) and the retained-WAL gauge.
-async fn watch_slot(outbox: Outbox<Postgres>, config: Config, stop: CancellationToken) {
+async fn watch_slot(
+    outbox: Outbox<Postgres>,
+    slot: String,
+    config: Config,
+    stop: CancellationToken,
+) {
     let prefix = format!("{}:heartbeat", message_prefix(outbox.table()));
     let mut ticks = tokio::time::interval(config.heartbeat);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -715,17 +769,17 @@ async fn watch_slot(outbox: Outbox<Postgres>, config: Config, stop: Cancellation
                 "SELECT (pg_current_wal_lsn() - restart_lsn)::int8, wal_status::text \
              FROM pg_replication_slots WHERE slot_name = $1",
             )
-            .bind(&config.slot)
+            .bind(&slot)
             .fetch_optional(outbox.pool())
             .await;
         match retained {
             Ok(Some((bytes, status))) => {
                 let bytes = bytes.unwrap_or(0).max(0) as u64;
-                crate::metrics::wal_retained(&config.slot, bytes);
+                crate::metrics::wal_retained(&slot, bytes);
                 if status.as_deref() == Some("lost") {
-                    tracing::error!(slot = %config.slot, "the replication slot was invalidated (max_slot_wal_keep_size): events written while the relay was behind are no longer in the WAL; drop the slot and recover them from the application");
+                    tracing::error!(%slot, "the replication slot was invalidated (max_slot_wal_keep_size): events written while the relay was behind are no longer in the WAL; drop the slot and recover them from the application");
                 } else if bytes > config.retained_wal_warning {
-                    tracing::warn!(slot = %config.slot, retained_bytes = bytes, "the replication slot retains much WAL: is the relay keeping up, or stopped?");
+                    tracing::warn!(%slot, retained_bytes = bytes, "the replication slot retains much WAL: is the relay keeping up, or stopped?");
                 }
             }
             Ok(None) => {}
