@@ -851,8 +851,8 @@ impl<DB: Backend> OutboxBuilder<DB> {
     /// relay gives up on are written to the table as dead rows, with their reason, where
     /// `outbox dead` and the dashboard show them.
     ///
-    /// [`migrate`](Outbox::migrate) then also creates the publication and the replication slot
-    /// `<table>_relay` (the server needs `wal_level = logical`): from then on the slot keeps
+    /// [`migrate`](Outbox::migrate) then also creates the publication `<table>_relay` and the
+    /// replication slot `<table>_relay_<database>` (the server needs `wal_level = logical`): from then on the slot keeps
     /// every event for the relay, even before it first runs, and the server keeps the WAL
     /// until a relay confirms it. See the README's "Relaying from the WAL".
     ///
