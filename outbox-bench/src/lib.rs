@@ -120,6 +120,9 @@ pub struct Config {
     /// cannot remove what the drain leaves dead), and measures the dead tuples and table sizes
     /// at its end.
     pub hold_open: bool,
+    /// The relay runs use the partitioned layout (`TableLayout::Partitioned`, four hour-long
+    /// partitions) in a table of its own, instead of the standard one.
+    pub partitioned: bool,
     /// Drops the tables, streams, queues and topics at the end (the smoke run does).
     pub cleanup: bool,
     /// Where to write `results.json`, `results.md` and the plots.
@@ -160,6 +163,7 @@ impl Config {
             latency_rates: vec![1000, 5000],
             latency_duration: Duration::from_secs(15),
             hold_open: false,
+            partitioned: false,
             cleanup: false,
             out_dir: None,
         }

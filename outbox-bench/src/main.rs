@@ -30,7 +30,9 @@ OPTIONS:
   --replot DIR             redraw DIR's results.md and plots from its results.json; no run
   --cleanup                drop the run's tables, streams, queues and topics at the end
   --hold-open              drain each backlog again with a snapshot held open on another
-                           connection, and report the dead tuples and table sizes it leaves
+                           connection, and report the dead tuples and table sizes it leaves,
+                           before and after retention (delete_after(0)) with it still held
+  --partitioned            relay runs on the partitioned layout (4 partitions of an hour)
 
 SERVERS (environment):
   OUTBOX_BENCH_DATABASE_URL   default postgres://postgres@127.0.0.1:5432/outbox_bench
@@ -65,6 +67,7 @@ fn parse_args() -> Result<Config, String> {
             }
             "--cleanup" => config.cleanup = true,
             "--hold-open" => config.hold_open = true,
+            "--partitioned" => config.partitioned = true,
             "--out" => config.out_dir = Some(PathBuf::from(value()?)),
             "--targets" => config.targets = list(&value()?, Target::parse)?,
             "--backlogs" => config.backlogs = list(&value()?, |v| v.parse().ok())?,

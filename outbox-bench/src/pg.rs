@@ -20,6 +20,8 @@ pub struct Servers {
     pub amqp: lapin::Connection,
     /// The outbox table the relay runs use.
     pub table: String,
+    /// Its layout.
+    pub layout: TableLayout,
 }
 
 impl Servers {
@@ -34,13 +36,22 @@ impl Servers {
         let amqp =
             lapin::Connection::connect(&config.amqp_url, lapin::ConnectionProperties::default())
                 .await?;
-        let table = format!("{}_outbox", config.prefix);
+        // A table per layout: a plain table cannot become partitioned.
+        let (table, layout) = if config.partitioned {
+            (
+                format!("{}_poutbox", config.prefix),
+                TableLayout::partitioned(Duration::from_secs(3600), 4),
+            )
+        } else {
+            (format!("{}_outbox", config.prefix), TableLayout::Standard)
+        };
         let servers = Self {
             pool,
             options,
             nats,
             amqp,
             table,
+            layout,
         };
         servers.outbox(true)?.migrate().await?;
         Ok(servers)
@@ -56,6 +67,7 @@ impl Servers {
         Ok(Outbox::builder(pool)
             .table(&self.table)
             .notify(notify)
+            .layout(self.layout)
             .build()?)
     }
 
@@ -112,22 +124,36 @@ impl Servers {
         let mut tables = Vec::new();
         for suffix in ["", "_cursors", "_new", "_aggregates"] {
             let t = format!("{}{suffix}", self.table);
-            let (dead, live): (i64, i64) = if exact {
-                sqlx::query_as(
-                    "SELECT dead_tuple_count, tuple_count FROM pgstattuple(quote_ident($1))",
-                )
-            } else {
-                sqlx::query_as(
-                    "SELECT n_dead_tup, n_live_tup FROM pg_stat_user_tables WHERE relname = $1",
-                )
-            }
+            // A partitioned table has no storage: its partitions, summed.
+            let parts: Vec<String> = sqlx::query_scalar(
+                "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                 WHERE i.inhparent = to_regclass(quote_ident($1))
+                 UNION ALL SELECT $1 WHERE NOT EXISTS
+                     (SELECT 1 FROM pg_inherits WHERE inhparent = to_regclass(quote_ident($1)))",
+            )
             .bind(&t)
-            .fetch_one(&self.pool)
+            .fetch_all(&self.pool)
             .await?;
-            let bytes: i64 = sqlx::query_scalar("SELECT pg_total_relation_size(quote_ident($1))")
-                .bind(&t)
+            let (mut dead, mut live, mut bytes) = (0i64, 0i64, 0i64);
+            for part in parts {
+                let (d, l): (i64, i64) = if exact {
+                    sqlx::query_as(
+                        "SELECT dead_tuple_count, tuple_count FROM pgstattuple(quote_ident($1))",
+                    )
+                } else {
+                    sqlx::query_as(
+                        "SELECT n_dead_tup, n_live_tup FROM pg_stat_user_tables WHERE relname = $1",
+                    )
+                }
+                .bind(&part)
                 .fetch_one(&self.pool)
                 .await?;
+                let b: i64 = sqlx::query_scalar("SELECT pg_total_relation_size(quote_ident($1))")
+                    .bind(&part)
+                    .fetch_one(&self.pool)
+                    .await?;
+                (dead, live, bytes) = (dead + d, live + l, bytes + b);
+            }
             tables.push((t, dead as u64, live as u64, bytes as u64));
         }
         Ok(crate::report::Bloat { tables })

@@ -2,9 +2,9 @@
 //! latency under an open-loop load.
 
 use crate::pg::{percentile_ms, Servers, Usage};
-use crate::report::{LatencyFigure, RelayFigure, Report};
+use crate::report::{LatencyFigure, RelayFigure, Report, RetentionFigure};
 use crate::{brokers, sys, BoxError, Config, OrderPlaced, Target};
-use outbox::{DeliveryResult, Destination, Dispatcher, Envelope, Registry, Relay};
+use outbox::{DeliveryResult, Destination, Dispatcher, Envelope, Registry, Relay, Retention};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -300,6 +300,25 @@ impl Drain<'_> {
         } else {
             None
         };
+        // Retention right after, the snapshot still held: what deleting rows, or truncating
+        // partitions, gives back.
+        let retention = if config.hold_open {
+            let started = Instant::now();
+            let removed = servers
+                .outbox(false)?
+                .purge(&Retention::delete_after(Duration::ZERO).batch_size(10_000))
+                .await?;
+            let seconds = started.elapsed().as_secs_f64();
+            let bloat = servers.bloat().await?;
+            eprintln!("[bench]     retention removed {removed} events in {seconds:.2} s");
+            Some(RetentionFigure {
+                seconds,
+                removed,
+                bloat,
+            })
+        } else {
+            None
+        };
         if let Some(conn) = held {
             sqlx::Connection::close(conn).await?;
         }
@@ -332,6 +351,8 @@ impl Drain<'_> {
             order_violations: None,
             bloat: held_open,
             held_open: self.hold,
+            layout: layout_name(servers.layout).to_owned(),
+            retention,
         })
     }
 }
@@ -491,4 +512,13 @@ async fn open_loop<D: Destination>(
         duplicates: confirmations.len().saturating_sub(committed as usize),
         distribution_ms: distribution,
     })
+}
+
+/// The layout's name in the report.
+pub fn layout_name(layout: outbox::TableLayout) -> &'static str {
+    match layout {
+        outbox::TableLayout::Partitioned(_) => "partitioned",
+        outbox::TableLayout::Debezium => "debezium",
+        _ => "standard",
+    }
 }

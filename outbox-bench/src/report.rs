@@ -77,6 +77,22 @@ pub struct RelayFigure {
     /// Whether a snapshot was held open elsewhere during the drain.
     #[serde(default)]
     pub held_open: bool,
+    /// The table layout: `standard` or `partitioned`.
+    #[serde(default)]
+    pub layout: String,
+    /// `--hold-open` runs: retention (`delete_after(0)`) right after the drain, the snapshot
+    /// still held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionFigure>,
+}
+
+/// One retention pass after a `--hold-open` drain.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct RetentionFigure {
+    pub seconds: f64,
+    pub removed: u64,
+    /// The tables after it.
+    pub bloat: Bloat,
 }
 
 /// What a drain left in the outbox's tables while a snapshot was held open elsewhere.
@@ -255,17 +271,44 @@ impl Report {
         if self.relay.iter().any(|r| r.bloat.is_some()) {
             md.push_str("\n### Tables after each drain (`--hold-open`)\n\n");
             md.push_str(
-                "| destination | snapshot held open | table | dead tuples | live tuples | size |\n",
+                "| destination | layout | snapshot held open | table | dead tuples | live tuples | size | after retention: dead | live | size |\n",
             );
-            md.push_str("|---|---|---|---:|---:|---:|\n");
+            md.push_str("|---|---|---|---|---:|---:|---:|---:|---:|---:|\n");
             for r in &self.relay {
-                for (table, dead, live, bytes) in r.bloat.iter().flat_map(|b| &b.tables) {
+                let after = r.retention.as_ref().map(|f| &f.bloat.tables);
+                for (i, (table, dead, live, bytes)) in
+                    r.bloat.iter().flat_map(|b| &b.tables).enumerate()
+                {
+                    let after = after.and_then(|a| a.get(i)).map_or_else(
+                        || "— | — | —".to_owned(),
+                        |(_, dead, live, bytes)| {
+                            format!("{dead} | {live} | {:.1} MB", *bytes as f64 / 1e6)
+                        },
+                    );
                     let _ = writeln!(
                         md,
-                        "| {} | {} | `{table}` | {dead} | {live} | {:.1} MB |",
+                        "| {} | {} | {} | `{table}` | {dead} | {live} | {:.1} MB | {after} |",
                         r.target.name(),
+                        r.layout,
                         if r.held_open { "yes" } else { "no" },
                         *bytes as f64 / 1e6
+                    );
+                }
+            }
+            md.push_str(
+                "\n| destination | layout | snapshot held open | retention removed | in |\n",
+            );
+            md.push_str("|---|---|---|---:|---:|\n");
+            for r in &self.relay {
+                if let Some(f) = &r.retention {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | {} | {} | {:.2} s |",
+                        r.target.name(),
+                        r.layout,
+                        if r.held_open { "yes" } else { "no" },
+                        f.removed,
+                        f.seconds
                     );
                 }
             }

@@ -36,7 +36,12 @@ impl Cli {
     /// The table layout `migrate` builds: the other commands read every layout alike.
     pub fn layout(&self) -> outbox_core::TableLayout {
         match self.command {
-            Command::Migrate { debezium: true } => outbox_core::TableLayout::Debezium,
+            Command::Migrate { debezium: true, .. } => outbox_core::TableLayout::Debezium,
+            Command::Migrate {
+                partitions: Some(count),
+                partition_every,
+                ..
+            } => outbox_core::TableLayout::partitioned(partition_every.0, count),
             _ => outbox_core::TableLayout::Standard,
         }
     }
@@ -104,8 +109,15 @@ pub(crate) enum Command {
     Migrate {
         /// Also the columns Debezium's outbox event router reads, filled by a trigger
         /// (PostgreSQL; `TableLayout::Debezium`, see the README).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "partitions")]
         debezium: bool,
+        /// A new table partitioned into this many partitions (2 to 64) that retention
+        /// truncates whole (PostgreSQL; `TableLayout::Partitioned`, see the README).
+        #[arg(long)]
+        partitions: Option<u16>,
+        /// How long each partition takes new events, with `--partitions`.
+        #[arg(long, default_value = "1h", requires = "partitions")]
+        partition_every: Span,
     },
     /// Find pending events no relay would ever claim.
     Check,

@@ -19,7 +19,7 @@ mod parse;
 
 use args::{Cli, Command, DeadCommand, FilterArgs, ParkedCommand};
 use clap::Parser;
-use outbox_core::{Backend, EventFilter, FullStore, Outbox, Retention, Store};
+use outbox_core::{Backend, EventFilter, FullStore, Outbox, Retention, Store, TableLayout};
 use serde_json::json;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,7 +43,8 @@ impl Failure {
     fn database(error: outbox_core::Error) -> Self {
         let code = match error {
             outbox_core::Error::InvalidField { .. }
-            | outbox_core::Error::InvalidTableName { .. } => 2,
+            | outbox_core::Error::InvalidTableName { .. }
+            | outbox_core::Error::Config(_) => 2,
             _ => 1,
         };
         Self {
@@ -194,7 +195,11 @@ where
     match cli.command {
         Command::Migrate { .. } => {
             outbox.migrate().await?;
-            let layout = format!("{:?}", cli.layout()).to_lowercase();
+            let layout = match cli.layout() {
+                TableLayout::Debezium => "debezium",
+                TableLayout::Partitioned(_) => "partitioned",
+                _ => "standard",
+            };
             output::done(
                 json,
                 "migrate",

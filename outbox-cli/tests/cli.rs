@@ -467,6 +467,77 @@ async fn migrate_debezium_adds_the_routers_columns() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// `outbox migrate --partitions 3` creates a partitioned table, and `outbox purge` truncates
+/// its delivered partition (the CLI reads the layout from the table, not from a flag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_partitions_and_purge_truncates() {
+    let url = pg_url();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let table = unique_table();
+    let done = cli_json(
+        &url,
+        &table,
+        &["migrate", "--partitions", "3", "--partition-every", "1h"],
+    );
+    assert_eq!(done["result"]["layout"], "partitioned", "{done}");
+    let partitions: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM pg_inherits WHERE inhparent = '{table}'::regclass"
+    ))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(partitions, 3);
+    let out = cli(&url, &table, &["migrate", "--partitions", "1"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("2 to 64 partitions"),
+        "{}",
+        stderr(&out)
+    );
+
+    let outbox = Outbox::builder(pool.clone()).table(&table).build().unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    for n in 1..=3 {
+        let deposit = Deposit {
+            account: "a".into(),
+            n,
+            refuse: false,
+        };
+        outbox.enqueue(&mut *tx, &deposit).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let switches = Arc::new(Switches::default());
+    relay_until(
+        &outbox,
+        &switches,
+        "three delivered",
+        |s| s["delivered"] == 3,
+        &url,
+    )
+    .await;
+    let purge = cli_json(&url, &table, &["purge", "--older-than", "0"]);
+    assert_eq!(purge["purged"], 3, "{purge}");
+    let rows: i64 = sqlx::query_scalar(&format!(r#"SELECT count(*) FROM "{table}""#))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+    for suffix in [
+        "",
+        "_cursors",
+        "_new",
+        "_aggregates",
+        "_archive",
+        "_keys",
+        "_migrations",
+    ] {
+        sqlx::query(&format!(r#"DROP TABLE IF EXISTS "{table}{suffix}""#))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operates_an_outbox_on_mysql() {
     let url = mysql_url();

@@ -55,8 +55,8 @@ pub use store::{
     dead_fingerprint, group_dead, normalise_reason, ArchiveDead, Backend, Check, Claim, DeadEvent,
     DeadGroup, Discard, Enqueued, EventFilter, EventRecord, EventStatus, ExplainClaim,
     FailedAttempt, Fate, FullStore, InboxStore, Inconsistency, Inspect, Lookup, MarkConsumed,
-    Outbox, OutboxBuilder, OutboxStatus, ParkedAggregate, Republish, Requeue, Run, RunEvent,
-    Settlement, StatusCount, Store, StoreOptions, StuckAggregate, TableLayout, TailMode,
+    Outbox, OutboxBuilder, OutboxStatus, ParkedAggregate, Partitions, Republish, Requeue, Run,
+    RunEvent, Settlement, StatusCount, Store, StoreOptions, StuckAggregate, TableLayout, TailMode,
 };
 pub use table::{TableName, MAX_TABLE_NAME_LEN};
 

@@ -259,12 +259,13 @@ pub async fn sqlite_pool() -> SqlitePool {
 // The same SQL serves every database but for its parameter marker (`$1`, which SQLite reads
 // too, or MySQL's `?`), the business id's column type and how an id reads as text.
 macro_rules! test_db {
-    ($db:ty, $pool:expr, param = $p:literal, id_column = $id_column:literal,
+    ($db:ty, $pool:expr, layout = $layout:expr, param = $p:literal, id_column = $id_column:literal,
      id_text = $id_text:literal, |$outbox:ident| $drop:block) => {
         impl TestDb for $db {
             async fn fresh() -> Outbox<Self> {
                 let outbox = Outbox::builder($pool.await)
                     .table(unique_table())
+                    .layout($layout)
                     .build()
                     .unwrap();
                 outbox.migrate().await.unwrap();
@@ -352,16 +353,28 @@ macro_rules! test_db {
     };
 }
 
+/// The layout of the PostgreSQL scenarios' outboxes: standard, unless a test binary (one
+/// process) chose another with [`use_pg_layout`] before its first scenario.
+static PG_LAYOUT: std::sync::OnceLock<outbox::TableLayout> = std::sync::OnceLock::new();
+
+/// Runs this process's PostgreSQL scenarios on `layout`. Every test of the binary calls it
+/// first, with the same layout (whichever test runs first sets it).
+pub fn use_pg_layout(layout: outbox::TableLayout) {
+    let chosen = *PG_LAYOUT.get_or_init(|| layout);
+    assert_eq!(chosen, layout, "one layout per test binary");
+}
+
 test_db!(
     Postgres,
     pg_pool(),
+    layout = PG_LAYOUT.get().copied().unwrap_or_default(),
     param = "$1",
     id_column = "TEXT",
     id_text = "CAST(id AS TEXT)",
     |outbox| {
         let t = outbox.table();
         sqlx::raw_sql(&format!(
-        "DROP TABLE IF EXISTS {t}, {t}_aggregates, {t}_cursors, {t}_new, {t}_keys, {t}_archive, {t}_migrations, {t}_business, {t}_inbox"
+        "DROP TABLE IF EXISTS {t}, {t}_aggregates, {t}_cursors, {t}_new, {t}_keys, {t}_archive, {t}_migrations, {t}_business, {t}_inbox, {t}_inbox_attempts"
     ))
     .execute(outbox.pool())
     .await
@@ -372,6 +385,7 @@ test_db!(
 test_db!(
     Sqlite,
     sqlite_pool(),
+    layout = outbox::TableLayout::Standard,
     param = "$1",
     id_column = "TEXT",
     id_text = "CAST(id AS TEXT)",
@@ -408,6 +422,7 @@ pub async fn mysql_pool() -> sqlx::MySqlPool {
 test_db!(
     sqlx::MySql,
     mysql_pool(),
+    layout = outbox::TableLayout::Standard,
     param = "?",
     id_column = "VARCHAR(255)",
     id_text = "HEX(id)",

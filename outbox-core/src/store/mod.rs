@@ -130,6 +130,71 @@ pub enum TableLayout {
     /// (`aggregatetype`, `aggregateid` and `type`, beside `id` and `payload`), so that Kafka
     /// Connect can relay the table with the router's defaults.
     Debezium,
+    /// PostgreSQL only: the standard columns in a table partitioned by time into a ring of
+    /// child tables, which retention truncates whole instead of deleting rows; see
+    /// [`Partitions`].
+    Partitioned(Partitions),
+}
+
+impl TableLayout {
+    /// [`TableLayout::Partitioned`] with `count` partitions (2 to 64), each taking the events
+    /// written during one `every` (at least a second) in turn; see [`Partitions`].
+    pub fn partitioned(every: Duration, count: u16) -> Self {
+        Self::Partitioned(Partitions { every, count })
+    }
+}
+
+/// The ring of a [`TableLayout::Partitioned`] table.
+///
+/// The table `<table>` is partitioned by list into `<table>_p0` … `<table>_p{count-1}`. An
+/// event goes to partition `⌊transaction start time / every⌋ mod count`, computed by the
+/// column's default in the database, so writers of any build agree and a partition exists for
+/// every moment: writes never fail for want of one, even with no relay running.
+///
+/// Retention ([`Outbox::purge`], [`Relay`](crate::Relay)'s schedule) truncates a partition
+/// once every delivered event in it is older than the retention age. A few events still
+/// pending or dead in it (at most the retention's batch size) are moved to another partition
+/// first; a partition with more waits. `TRUNCATE` frees the space at once, however old the
+/// oldest open snapshot in the database is, where deleting rows leaves dead tuples that vacuum
+/// cannot remove while a long transaction runs. It takes its lock with a 100 ms
+/// `lock_timeout`, and tries again at the next round if an application's transaction holds
+/// the partition.
+///
+/// Delivered events are kept at least the retention age and, while writes go on, at most about
+/// `count × every` plus that age. The ring is fixed when [`migrate`](Outbox::migrate) creates
+/// the table; a table created without partitions cannot become partitioned in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Partitions {
+    every: Duration,
+    count: u16,
+}
+
+impl Partitions {
+    /// How long each partition takes new events.
+    pub fn every(&self) -> Duration {
+        self.every
+    }
+
+    /// How many partitions the ring has.
+    pub fn count(&self) -> u16 {
+        self.count
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !(2..=64).contains(&self.count) {
+            return Err(Error::Config(format!(
+                "a partitioned outbox needs 2 to 64 partitions, not {}",
+                self.count
+            )));
+        }
+        if self.every < Duration::from_secs(1) {
+            return Err(Error::Config(format!(
+                "each partition must take events for at least a second, not {:?}",
+                self.every
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The statements an outbox needs from its database: writing events in the caller's
@@ -813,6 +878,22 @@ impl<DB: Backend> OutboxBuilder<DB> {
     /// outbox.migrate().await?;
     /// # Ok(()) }
     /// ```
+    ///
+    /// [`TableLayout::Partitioned`] (PostgreSQL only) keeps the standard columns in a ring of
+    /// time partitions that retention truncates whole, so the table does not bloat while a long
+    /// transaction elsewhere holds back vacuum; see [`Partitions`] and the README's "A table
+    /// that does not bloat".
+    ///
+    /// ```
+    /// # async fn demo(pool: sqlx::PgPool) -> outbox_core::Result<()> {
+    /// use outbox_core::{Outbox, TableLayout};
+    /// use std::time::Duration;
+    /// let outbox = Outbox::builder(pool)
+    ///     .layout(TableLayout::partitioned(Duration::from_secs(3600), 4))
+    ///     .build()?;
+    /// outbox.migrate().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn layout(mut self, layout: TableLayout) -> Self {
         self.layout = layout;
         self
@@ -889,6 +970,16 @@ impl<DB: Backend> OutboxBuilder<DB> {
                 self.layout,
                 DB::NAME
             )));
+        }
+        if let TableLayout::Partitioned(partitions) = self.layout {
+            partitions.validate()?;
+            if self.log_tailing.is_some() {
+                return Err(Error::Config(
+                    "log tailing writes no rows to relay, so it has nothing to partition: \
+                     use the standard layout with log_tailing"
+                        .into(),
+                ));
+            }
         }
         if self.hand_off && self.layout != TableLayout::Debezium {
             return Err(Error::Config(
