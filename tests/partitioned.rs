@@ -131,7 +131,12 @@ async fn events_go_to_the_partition_of_their_period() {
     .unwrap();
     assert_eq!(
         partitions,
-        [format!("{t}_p0"), format!("{t}_p1"), format!("{t}_p2")]
+        [
+            format!("{t}_dead"),
+            format!("{t}_p0"),
+            format!("{t}_p1"),
+            format!("{t}_p2")
+        ]
     );
 
     let mut seen = HashSet::new();
@@ -434,6 +439,21 @@ async fn a_plain_table_and_bad_rings_are_refused_clearly() {
     assert!(err.contains("cannot partition a table in place"), "{err}");
     drop_tables(&plain).await;
 
+    // A log-tailing outbox (its dead events need a unique id) on a table another process
+    // created partitioned.
+    let partitioned = fast_ring().await;
+    let err = Outbox::builder(partitioned.pool().clone())
+        .table(partitioned.table().as_str())
+        .log_tailing(TailMode::Messages)
+        .build()
+        .unwrap()
+        .migrate()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is partitioned"), "{err}");
+    drop_tables(&partitioned).await;
+
     let pool = pg_pool().await;
     for (layout, expected) in [
         (
@@ -492,7 +512,10 @@ async fn concurrent_migrations_leave_one_ring() {
     .fetch_one(outbox.pool())
     .await
     .unwrap();
-    assert_eq!(partitions, 4);
-    assert!(current_partition(&outbox).await < 4);
+    assert_eq!(
+        partitions, 5,
+        "the ring of 4 and the dead events' partition"
+    );
+    assert!((0..4).contains(&current_partition(&outbox).await));
     drop_tables(&outbox).await;
 }

@@ -486,7 +486,10 @@ async fn migrate_partitions_and_purge_truncates() {
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(partitions, 3);
+    assert_eq!(
+        partitions, 4,
+        "the ring of 3 and the dead events' partition"
+    );
     let out = cli(&url, &table, &["migrate", "--partitions", "1"]);
     assert_eq!(code(&out), 2, "{}", stderr(&out));
     assert!(

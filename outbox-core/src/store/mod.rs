@@ -152,17 +152,20 @@ impl TableLayout {
 /// every moment: writes never fail for want of one, even with no relay running.
 ///
 /// Retention ([`Outbox::purge`], [`Relay`](crate::Relay)'s schedule) truncates a partition
-/// once every delivered event in it is older than the retention age. A few events still
-/// pending or dead in it (at most the retention's batch size) are moved to another partition
-/// first; a partition with more waits. `TRUNCATE` frees the space at once, however old the
-/// oldest open snapshot in the database is, where deleting rows leaves dead tuples that vacuum
-/// cannot remove while a long transaction runs. It takes its lock with a 100 ms
-/// `lock_timeout`, and tries again at the next round if an application's transaction holds
-/// the partition.
+/// once every delivered event in it is older than the retention age, and in any case the
+/// partition next to take writes, so that new events never join old ones. Events still pending
+/// in it (at most the retention's batch size; a partition with more waits) move to another
+/// partition first, and dead ones to `<table>_dead`, where they stay until an operator acts.
+/// `TRUNCATE` frees the space at once, however old the oldest open snapshot in the database
+/// is, where deleting rows leaves dead tuples that vacuum cannot remove while a long
+/// transaction runs. It takes its lock with a 100 ms `lock_timeout`, and tries again at the
+/// next round if an application's transaction holds the partition.
 ///
-/// Delivered events are kept at least the retention age and, while writes go on, at most about
-/// `count × every` plus that age. The ring is fixed when [`migrate`](Outbox::migrate) creates
-/// the table; a table created without partitions cannot become partitioned in place.
+/// Delivered events are kept for the retention age, but never longer than the ring holds
+/// them: about `count × every` at most, and as little as `(count − 2) × every` when the age is
+/// longer than that (retention then warns). The ring is fixed when
+/// [`migrate`](Outbox::migrate) creates the table; a table created without partitions cannot
+/// become partitioned in place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Partitions {
     every: Duration,

@@ -509,6 +509,10 @@ impl Store for PgStore {
                             "\nCREATE TABLE IF NOT EXISTS \"{t}_p{i}\" PARTITION OF \"{t}\" FOR VALUES IN ({i});"
                         )
                     })
+                    .chain([format!(
+                        "\n-- Dead events, moved out of the ring when their partition is truncated.\
+                         \nCREATE TABLE IF NOT EXISTS \"{t}_dead\" PARTITION OF \"{t}\" FOR VALUES IN ({DEAD_PARTITION});"
+                    )])
                     .collect(),
             ),
         };
@@ -685,20 +689,24 @@ ALTER TABLE "{archive}" ALTER COLUMN aggregatetype SET NOT NULL,
             .bind(format!("outbox-migrate:{table}"))
             .execute(&mut *tx)
             .await?;
-        if self.partitions().is_some() {
-            let kind: Option<String> = sqlx::query_scalar(
-                "SELECT relkind::text FROM pg_class WHERE oid = to_regclass(quote_ident($1))",
-            )
-            .bind(table.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-            if kind.as_deref() == Some("r") {
-                return Err(Error::Config(format!(
-                    "the outbox table {table} exists without partitions, and PostgreSQL cannot \
-                     partition a table in place: give the partitioned outbox a new table name, \
-                     and drain the old one with a relay of the standard layout"
-                )));
-            }
+        let kind: Option<String> = sqlx::query_scalar(
+            "SELECT relkind::text FROM pg_class WHERE oid = to_regclass(quote_ident($1))",
+        )
+        .bind(table.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if self.options.log_tailing.is_some() && kind.as_deref() == Some("p") {
+            return Err(Error::Config(format!(
+                "the outbox table {table} is partitioned: log tailing writes no rows to relay \
+                 and needs the standard layout's table (its dead events have a unique id)"
+            )));
+        }
+        if self.partitions().is_some() && kind.as_deref() == Some("r") {
+            return Err(Error::Config(format!(
+                "the outbox table {table} exists without partitions, and PostgreSQL cannot \
+                 partition a table in place: give the partitioned outbox a new table name, \
+                 and drain the old one with a relay of the standard layout"
+            )));
         }
         let m = table.derived("migrations");
         sqlx::query(&format!(
@@ -1157,42 +1165,48 @@ impl PgStore {
             .collect())
     }
 
-    /// How many delivered events `partition` would give up to `retention`, if it can be
-    /// truncated: it holds delivered events, all older than the retention age, and at most
-    /// the batch size of events still pending or dead (which are moved out first). Every
-    /// part is read through a partial index.
-    /// Without `count`, the delivered events are not counted (only found), for the check
-    /// under the lock, which holds up every claim while it runs.
-    async fn truncatable(
+    /// What `partition` holds for retention: its delivered events (counted, or only found
+    /// without `count`, for the look under the lock, which holds up every claim while it runs),
+    /// whether any of them is younger than the retention age, and its pending events, up to
+    /// one more than the batch size. Every part is read through a partial index.
+    async fn look_at(
         &self,
         conn: &mut sqlx::PgConnection,
         partition: &str,
         retention: &Retention,
         count: bool,
-    ) -> Result<Option<u64>> {
+    ) -> Result<PartitionLook> {
         let limit = if count { "" } else { " LIMIT 1" };
-        let (delivered, young, waiting): (i64, bool, i64) = sqlx::query_as(&format!(
+        let (delivered, young, pending): (i64, bool, i64) = sqlx::query_as(&format!(
             r#"SELECT
     (SELECT count(*) FROM (SELECT 1 FROM "{partition}" WHERE status = 'delivered'{limit}) d),
     EXISTS (SELECT 1 FROM "{partition}" WHERE status = 'delivered'
             AND delivered_at >= now() - $1 * interval '1 millisecond'),
-    (SELECT count(*) FROM (SELECT 1 FROM "{partition}" WHERE status = 'pending' LIMIT $2 + 1) p)
-    + (SELECT count(*) FROM (SELECT 1 FROM "{partition}" WHERE status = 'dead' LIMIT $2 + 1) d)"#
+    (SELECT count(*) FROM (SELECT 1 FROM "{partition}" WHERE status = 'pending' LIMIT $2 + 1) p)"#
         ))
         .bind(duration_ms(retention.keep))
         .bind(retention.batch_size as i64)
         .fetch_one(conn)
         .await?;
-        let ok = delivered > 0 && !young && waiting <= retention.batch_size as i64;
-        Ok(ok.then_some(delivered as u64))
+        Ok(PartitionLook {
+            delivered: delivered.max(0) as u64,
+            young,
+            pending: pending.max(0) as u64,
+        })
     }
 
-    /// Retention of a partitioned table: each partition whose delivered events are all older
-    /// than the retention age is truncated (after its archive copy, when archiving), once the
-    /// few events still pending or dead in it moved to another partition. `TRUNCATE` frees
-    /// the space whatever snapshot is open; its lock is taken with a short `lock_timeout`, so
-    /// an application's transaction that holds the partition (an enqueue not yet committed)
-    /// delays it to the next round instead of making writers queue behind it.
+    /// Retention of a partitioned table. A partition is truncated (after its archive copy,
+    /// when archiving) when it holds delivered events, at most the batch size of pending ones,
+    /// and either all its delivered events are older than the retention age, or it is the next
+    /// to take writes: the ring must never bring new events into a partition whose old ones
+    /// are kept, or no partition would ever be wholly old while writes go on. Its pending
+    /// events first move to another partition, and its dead ones to `<table>_dead`, where
+    /// they stay until an operator acts, and no longer hold any partition back.
+    ///
+    /// `TRUNCATE` frees the space whatever snapshot is open. Its lock is taken with a short
+    /// `lock_timeout`, so an application's transaction that holds the partition (an enqueue
+    /// not yet committed) delays it to the next round instead of making writers queue behind
+    /// it.
     async fn truncate_partitions(
         &self,
         retention: &Retention,
@@ -1213,47 +1227,89 @@ impl PgStore {
                 "the partitioned table {t} has no default for its part column"
             ))
         })?;
-        let count = partitions.len();
-        let mut total = 0;
+        let current: i16 = sqlx::query_scalar(&format!("SELECT ({now})::int2"))
+            .fetch_one(&self.pool)
+            .await?;
+        let count = partitions.len() as i16;
+        let next = (current + 1) % count.max(1);
+        let mut total = self.purge_dead_partition(retention).await?;
         for (partition, value) in partitions {
             // A first look without locks (most partitions, most of the time, are not due),
             // which also counts what it would remove.
             let mut conn = self.pool.acquire().await?;
-            let looked = self
-                .truncatable(&mut conn, &partition, retention, true)
-                .await?;
+            let look = self.look_at(&mut conn, &partition, retention, true).await?;
             drop(conn);
-            let Some(delivered) = looked else {
+            if !look.due(retention, value == next) {
                 continue;
-            };
-            let mut tx = self.pool.begin().await?;
-            let mine: bool = sqlx::query_scalar(
-                "SELECT pg_try_advisory_xact_lock(hashtext($1)), set_config('lock_timeout', '100ms', true)",
-            )
-            .bind(format!("outbox-retention:{t}"))
-            .fetch_one(&mut *tx)
-            .await?;
-            if !mine {
-                // Another relay's retention is at work on this table.
-                return Ok(total);
             }
-            let lock = format!(r#"LOCK TABLE "{partition}" IN ACCESS EXCLUSIVE MODE"#);
-            let locked = sqlx::query(&lock).execute(&mut *tx).await;
-            match locked {
-                Ok(_) => {}
-                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
-                    tracing::debug!(%partition, "partition busy, truncated at a later round");
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            }
-            // Again under the lock: nothing can write to the partition now.
-            if self
-                .truncatable(&mut tx, &partition, retention, false)
-                .await?
-                .is_none()
+            match self
+                .truncate(retention, &partition, value, value == next, &now, count)
+                .await
             {
-                continue;
+                Ok(Truncated::Done { moved }) => {
+                    if look.young {
+                        tracing::warn!(
+                            %partition,
+                            keep = ?retention.keep,
+                            "the next partition to take writes still held events delivered \
+                             within the retention age, and was emptied: the ring (count × \
+                             every) is shorter than the retention age"
+                        );
+                    }
+                    tracing::info!(
+                        %partition,
+                        delivered = look.delivered,
+                        moved,
+                        "truncated a delivered partition"
+                    );
+                    total += look.delivered;
+                }
+                Ok(Truncated::NotDue) => {}
+                Ok(Truncated::Busy) => {
+                    tracing::debug!(%partition, "partition busy, truncated at a later round");
+                }
+                Ok(Truncated::OtherRelay) => return Ok(total),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(total)
+    }
+
+    /// One partition, in one transaction; see [`truncate_partitions`](Self::truncate_partitions).
+    async fn truncate(
+        &self,
+        retention: &Retention,
+        partition: &str,
+        value: i16,
+        next: bool,
+        now: &str,
+        count: i16,
+    ) -> Result<Truncated> {
+        let t = self.table.as_str();
+        let mut tx = self.pool.begin().await?;
+        let mine: bool = sqlx::query_scalar(
+            "SELECT pg_try_advisory_xact_lock(hashtext($1)), set_config('lock_timeout', '100ms', true)",
+        )
+        .bind(format!("outbox-retention:{t}"))
+        .fetch_one(&mut *tx)
+        .await?;
+        if !mine {
+            // Another relay's retention is at work on this table.
+            return Ok(Truncated::OtherRelay);
+        }
+        let steps = async {
+            sqlx::query(&format!(
+                r#"LOCK TABLE "{partition}" IN ACCESS EXCLUSIVE MODE"#
+            ))
+            .execute(&mut *tx)
+            .await?;
+            // Again under the lock: nothing can write to the partition now.
+            if !self
+                .look_at(&mut tx, partition, retention, false)
+                .await?
+                .due(retention, next)
+            {
+                return Ok(None);
             }
             if retention.archive {
                 sqlx::query(&format!(
@@ -1262,11 +1318,13 @@ impl PgStore {
                 .execute(&mut *tx)
                 .await?;
             }
-            // Pending and dead events go to the partition taking writes now (or the next one,
-            // if that is this one), through the parent: an update that moves rows. They keep
-            // their ids and sequence numbers; relays read them by aggregate and sequence.
+            // Through the parent, an update that moves rows: dead events to `<table>_dead`,
+            // pending ones to the partition taking writes now (or the next one, if that is
+            // this one). They keep their ids and sequence numbers; relays read them by
+            // aggregate and sequence.
             let moved = sqlx::query(&format!(
-                r#"UPDATE "{t}" SET part = CASE WHEN {now} = $1 THEN ($1 + 1) % {count} ELSE {now} END
+                r#"UPDATE "{t}" SET part = CASE WHEN status = 'dead' THEN {DEAD_PARTITION}
+    WHEN {now} = $1 THEN ($1 + 1) % {count} ELSE {now} END
 WHERE part = $1 AND status <> 'delivered'"#
             ))
             .bind(value)
@@ -1276,11 +1334,53 @@ WHERE part = $1 AND status <> 'delivered'"#
             sqlx::query(&format!(r#"TRUNCATE "{partition}""#))
                 .execute(&mut *tx)
                 .await?;
-            tx.commit().await?;
-            tracing::info!(%partition, delivered, moved, "truncated a delivered partition");
-            total += delivered;
+            Ok::<_, Error>(Some(moved))
+        };
+        match steps.await {
+            Ok(Some(moved)) => {
+                tx.commit().await?;
+                Ok(Truncated::Done { moved })
+            }
+            Ok(None) => Ok(Truncated::NotDue),
+            // Any step can meet the lock timeout (an application holds the partition, or the
+            // one the events move to): the partition waits for the next round.
+            Err(Error::Database(sqlx::Error::Database(e)))
+                if e.code().as_deref() == Some("55P03") =>
+            {
+                Ok(Truncated::Busy)
+            }
+            Err(e) => Err(e),
         }
-        Ok(total)
+    }
+
+    /// Events requeued from `<table>_dead` and then delivered: deleted (or archived) as in the
+    /// standard layout, a batch per round; the partition holds few rows.
+    async fn purge_dead_partition(&self, retention: &Retention) -> Result<u64> {
+        let dead = self.table.derived("dead");
+        let t = self.table.as_str();
+        let doomed = format!(
+            r#"WITH doomed AS (
+    SELECT ctid FROM "{dead}" WHERE status = 'delivered'
+      AND delivered_at < now() - $1 * interval '1 millisecond'
+    LIMIT $2 FOR UPDATE SKIP LOCKED
+), moved AS (
+    DELETE FROM "{dead}" o USING doomed WHERE o.ctid = doomed.ctid RETURNING o.*
+)"#
+        );
+        let sql = if retention.archive {
+            format!(r#"{doomed} INSERT INTO "{t}_archive" SELECT * FROM moved"#)
+        } else {
+            format!("{doomed} SELECT count(*) FROM moved")
+        };
+        let query = sqlx::query(&sql)
+            .bind(duration_ms(retention.keep))
+            .bind(retention.batch_size as i64);
+        Ok(if retention.archive {
+            query.execute(&self.pool).await?.rows_affected()
+        } else {
+            let n: i64 = query.fetch_one(&self.pool).await?.try_get(0)?;
+            n.max(0) as u64
+        })
     }
 
     async fn insert_many(
@@ -1334,6 +1434,36 @@ WHERE part = $1 AND status <> 'delivered'"#
 /// The replication slot of a log-tailing outbox: `<table>_relay_<database>`. Slots belong to
 /// the whole server, so the database is part of the name: two databases with an `outbox`
 /// table each get a slot each. The database name is folded to what a slot name allows.
+/// The `part` of `<table>_dead`, the partition that keeps dead events out of the ring.
+const DEAD_PARTITION: i16 = -1;
+
+/// What a partition holds for retention; see `PgStore::look_at`.
+struct PartitionLook {
+    delivered: u64,
+    young: bool,
+    pending: u64,
+}
+
+impl PartitionLook {
+    /// Whether retention truncates the partition: it has delivered events to remove, at most
+    /// the batch size of pending ones to move, and is old enough, or `next` to take writes.
+    fn due(&self, retention: &Retention, next: bool) -> bool {
+        self.delivered > 0 && self.pending <= retention.batch_size as u64 && (!self.young || next)
+    }
+}
+
+/// How the truncation of one partition ended.
+enum Truncated {
+    Done {
+        moved: u64,
+    },
+    NotDue,
+    /// A lock timed out: at a later round.
+    Busy,
+    /// Another relay's retention holds the table's advisory lock.
+    OtherRelay,
+}
+
 /// The partition of an event written now: the ring's turn at the transaction's start time,
 /// the default of the `part` column.
 fn partition_now(ring: Partitions) -> String {
@@ -1660,11 +1790,9 @@ ORDER BY o.dead_at NULLS FIRST, c.aggregate_type, c.aggregate_id LIMIT $1"#
             let mut total = 0;
             for (partition, _) in partitions {
                 let mut conn = self.pool.acquire().await?;
-                if let Some(delivered) = self
-                    .truncatable(&mut conn, &partition, retention, true)
-                    .await?
-                {
-                    total += delivered;
+                let look = self.look_at(&mut conn, &partition, retention, true).await?;
+                if look.due(retention, false) {
+                    total += look.delivered;
                 }
             }
             return Ok(total);
