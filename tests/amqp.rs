@@ -197,6 +197,93 @@ async fn unroutable_and_oversize_events_go_dead_with_the_broker_reason() {
     Postgres::drop_tables(&outbox).await;
 }
 
+/// Each unroutable event goes dead with RabbitMQ's NO_ROUTE, and no other event: a batch of
+/// 300 routable events with 150 unroutable ones between them (this failed in 2 runs of 3
+/// before the fix). lapin hands a returned message to
+/// whichever confirmation it resolves next, and resolves the tags of one multiple ack in
+/// hash-map order, so the return could land on a routable neighbour (which then went dead while
+/// the unroutable event counted as delivered); returns are matched to events by id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_return_kills_its_own_event_only() {
+    init_tracing();
+    let (exchange, queue) = names();
+    let (_connection, channel) = open_channel(&amqp_url()).await;
+    Topology::new(&exchange).declare(&channel).await.unwrap();
+    // A transient queue: RabbitMQ confirms at once, without a disk write, so its acks come
+    // several tags at a time (`multiple`), which is when lapin's pairing goes astray.
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: false,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "items.#".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let outbox = Postgres::fresh().await;
+    let mut tx = outbox.pool().begin().await.unwrap();
+    let mut unrouted = HashSet::new();
+    for n in 0..300u64 {
+        let event = ItemChanged {
+            item: format!("item-{}", n % 30),
+            n,
+        };
+        outbox.enqueue(&mut *tx, &event).await.unwrap();
+        if n % 2 == 1 {
+            let lost = Unrouted {
+                item: format!("lost-{n}"),
+            };
+            unrouted.insert(outbox.enqueue(&mut *tx, &lost).await.unwrap());
+        }
+    }
+    tx.commit().await.unwrap();
+    let relay = RunningRelay::start(
+        Relay::builder(
+            outbox.clone(),
+            AmqpTransport::new(amqp_url()).exchange(&exchange),
+        )
+        .retry(broker_retry())
+        .poll_interval(Duration::from_millis(50)),
+    );
+    eventually("every event settled", WAIT, || async {
+        Postgres::count_status(&outbox, "dead").await
+            + Postgres::count_status(&outbox, "delivered").await
+            == 450
+    })
+    .await;
+    relay.stop().await;
+    let dead: HashSet<uuid::Uuid> = Postgres::dead_events(&outbox)
+        .await
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
+    let wrongly_dead = dead.difference(&unrouted).count();
+    let wrongly_delivered = unrouted.difference(&dead).count();
+    assert_eq!(
+        (wrongly_dead, wrongly_delivered),
+        (0, 0),
+        "routable events dead, unroutable ones counted delivered"
+    );
+    for id in unrouted {
+        assert_dead_at_once(&outbox, id, "NO_ROUTE").await;
+    }
+    assert_eq!(read_queue(&channel, &queue, 300).await.len(), 300);
+    Postgres::drop_tables(&outbox).await;
+}
+
 /// A message to an exchange that does not exist makes RabbitMQ close the channel: that event is
 /// dead at once, and every other event of the batch is confirmed once, at its first attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

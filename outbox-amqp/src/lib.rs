@@ -30,6 +30,7 @@ use lapin::{
 };
 use outbox_core::consumer::{Consumer, Received, Source};
 use outbox_core::{wire, DeliveryError, DeliveryResult, Envelope, Error, StoppedRuns, Transport};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::Mutex;
@@ -157,22 +158,51 @@ pub fn properties(envelope: &Envelope) -> BasicProperties {
         .with_headers(headers)
 }
 
-fn confirmation_result(confirmation: Result<Confirmation, lapin::Error>) -> DeliveryResult {
+/// The message a confirmation carries back (`basic.return`: mandatory and unroutable), as
+/// its message id (the event id) and the reason.
+fn returned(confirmation: &Confirmation) -> Option<(Option<String>, String)> {
+    let (Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned))) = confirmation
+    else {
+        return None;
+    };
+    let reason = format!(
+        "RabbitMQ returned the message: {} {} (exchange {:?}, routing key {:?})",
+        returned.reply_code,
+        returned.reply_text,
+        returned.delivery.exchange.as_str(),
+        returned.delivery.routing_key.as_str()
+    );
+    let id = returned
+        .delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str().to_owned());
+    Some((id, reason))
+}
+
+/// What a confirmation says of `envelope`, knowing every message the batch's confirmations
+/// carried back (by event id). lapin hands a returned message to the next confirmation it
+/// resolves, and resolves the tags of one multiple ack in no set order, so a return can arrive
+/// on another message's confirmation: it is matched to its message by id, never by position.
+fn confirmation_result(
+    confirmation: Confirmation,
+    envelope: &Envelope,
+    returns: &HashMap<String, String>,
+) -> DeliveryResult {
+    if let Some(reason) = returns.get(&envelope.id.to_string()) {
+        return Err(DeliveryError::permanent(reason.clone()));
+    }
+    // A return without an id can only be told by where it arrived; one with another message's
+    // id is that message's (above).
+    if let Some((None, reason)) = returned(&confirmation) {
+        return Err(DeliveryError::permanent(reason));
+    }
     match confirmation {
-        Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
-        Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => {
-            Err(DeliveryError::permanent(format!(
-                "RabbitMQ returned the message: {} {} (exchange {:?}, routing key {:?})",
-                returned.reply_code,
-                returned.reply_text,
-                returned.delivery.exchange.as_str(),
-                returned.delivery.routing_key.as_str()
-            )))
-        }
-        Ok(Confirmation::Nack(None)) => Err(DeliveryError::retry(
+        Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Nack(_) => Err(DeliveryError::retry(
             "RabbitMQ refused to take the message (nack)",
         )),
-        Err(error) => Err(classify(&error)),
     }
 }
 
@@ -282,16 +312,28 @@ impl AmqpTransport {
                 .await;
             pending.push(sent);
         }
-        join_all(pending.into_iter().map(|sent| async move {
+        let confirmations = join_all(pending.into_iter().map(|sent| async move {
             match sent {
-                Ok(confirm) => match confirm.await {
-                    Err(error) => Sent::ChannelFailed(error),
-                    confirmed => Sent::Confirmed(confirmation_result(confirmed)),
-                },
-                Err(error) => Sent::ChannelFailed(error),
+                Ok(confirm) => confirm.await,
+                Err(error) => Err(error),
             }
         }))
-        .await
+        .await;
+        let returns: HashMap<String, String> = confirmations
+            .iter()
+            .filter_map(|c| returned(c.as_ref().ok()?))
+            .filter_map(|(id, reason)| Some((id?, reason)))
+            .collect();
+        confirmations
+            .into_iter()
+            .zip(batch)
+            .map(|(confirmation, envelope)| match confirmation {
+                Ok(confirmation) => {
+                    Sent::Confirmed(confirmation_result(confirmation, envelope, &returns))
+                }
+                Err(error) => Sent::ChannelFailed(error),
+            })
+            .collect()
     }
 }
 
