@@ -5,9 +5,10 @@
 //! and relays deliver every event once and in order while partitions are truncated under them.
 
 use outbox::{EventStatus, HandlerError, Outbox, Relay, Retention, TableLayout, TailMode};
+use outbox_tests::partitioned::{current_partition, item, ring};
 use outbox_tests::{
     always_ok, dispatcher, eventually, init_tracing, pg_pool, scenarios, sqlite_pool, unique_table,
-    use_pg_layout, ItemChanged, Log, RunningRelay,
+    use_pg_layout, ItemChanged, Log, RunningRelay, TestDb,
 };
 use sqlx::{Postgres, Row};
 use std::collections::{BTreeMap, HashSet};
@@ -56,44 +57,6 @@ scenario!(concurrent_idempotency_keys);
 scenario!(republish_delivers_again_in_order);
 scenario!(batches_sharing_aggregates_in_opposite_orders_do_not_deadlock);
 
-/// A migrated outbox whose partitions turn every second, three of them.
-async fn fast_ring() -> Outbox<Postgres> {
-    let outbox = Outbox::builder(pg_pool().await)
-        .table(unique_table())
-        .layout(TableLayout::partitioned(Duration::from_secs(1), 3))
-        .build()
-        .unwrap();
-    outbox.migrate().await.unwrap();
-    outbox
-}
-
-async fn drop_tables(outbox: &Outbox<Postgres>) {
-    let t = outbox.table();
-    sqlx::raw_sql(&format!(
-        "DROP TABLE IF EXISTS {t}, {t}_aggregates, {t}_cursors, {t}_new, {t}_keys, {t}_archive, {t}_migrations"
-    ))
-    .execute(outbox.pool())
-    .await
-    .unwrap();
-}
-
-/// The partition taking writes now, by the table's own column default.
-async fn current_partition(outbox: &Outbox<Postgres>) -> i16 {
-    let t = outbox.table();
-    let default: String = sqlx::query_scalar(&format!(
-        "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d JOIN pg_attribute a
-         ON a.attrelid = d.adrelid AND a.attnum = d.adnum
-         WHERE d.adrelid = '{t}'::regclass AND a.attname = 'part'"
-    ))
-    .fetch_one(outbox.pool())
-    .await
-    .unwrap();
-    sqlx::query_scalar(&format!("SELECT {default}"))
-        .fetch_one(outbox.pool())
-        .await
-        .unwrap()
-}
-
 /// Where an event's row is: its `part` and the partition that holds it.
 async fn placement(outbox: &Outbox<Postgres>, id: uuid::Uuid) -> (i16, String) {
     let row = sqlx::query(&format!(
@@ -107,19 +70,12 @@ async fn placement(outbox: &Outbox<Postgres>, id: uuid::Uuid) -> (i16, String) {
     (row.get("part"), row.get("partition"))
 }
 
-fn item(aggregate: &str, n: u64) -> ItemChanged {
-    ItemChanged {
-        item: aggregate.to_owned(),
-        n,
-    }
-}
-
 /// `migrate` creates the ring, and each event goes to the partition of its transaction's
 /// period: over a few seconds of writes, every partition takes its turn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_go_to_the_partition_of_their_period() {
     init_tracing();
-    let outbox = fast_ring().await;
+    let outbox = ring(Duration::from_secs(1), 3).await;
     outbox.migrate().await.unwrap();
     let t = outbox.table().to_string();
     let partitions: Vec<String> = sqlx::query_scalar(&format!(
@@ -160,7 +116,7 @@ async fn events_go_to_the_partition_of_their_period() {
         // Pacing, not synchronisation: the ring turns with the clock.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    drop_tables(&outbox).await;
+    Postgres::drop_tables(&outbox).await;
 }
 
 /// Retention truncates a partition whose delivered events are all older than the retention
@@ -170,7 +126,7 @@ async fn events_go_to_the_partition_of_their_period() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_truncates_a_delivered_partition_and_keeps_its_stragglers() {
     init_tracing();
-    let outbox = fast_ring().await;
+    let outbox = ring(Duration::from_secs(1), 3).await;
     let t = outbox.table().to_string();
 
     // One transaction, so one partition: 20 events to deliver, one poison, one deferred.
@@ -267,7 +223,7 @@ async fn retention_truncates_a_delivered_partition_and_keeps_its_stragglers() {
     .await;
     relay.stop().await;
     sqlx::Connection::close(report).await.unwrap();
-    drop_tables(&outbox).await;
+    Postgres::drop_tables(&outbox).await;
 }
 
 /// A partition that an application's open transaction has written to cannot be truncated
@@ -278,12 +234,7 @@ async fn retention_truncates_a_delivered_partition_and_keeps_its_stragglers() {
 async fn retention_never_waits_on_an_open_application_transaction() {
     init_tracing();
     // Hour-long partitions: the committed event and the open transaction's share one.
-    let outbox = Outbox::builder(pg_pool().await)
-        .table(unique_table())
-        .layout(TableLayout::partitioned(Duration::from_secs(3600), 2))
-        .build()
-        .unwrap();
-    outbox.migrate().await.unwrap();
+    let outbox = ring(Duration::from_secs(3600), 2).await;
     let log = Log::default();
     let relay = RunningRelay::start(
         Relay::builder(outbox.clone(), dispatcher(&log, always_ok()))
@@ -346,7 +297,7 @@ async fn retention_never_waits_on_an_open_application_transaction() {
         .await
         .unwrap();
     assert_eq!(rows, 0);
-    drop_tables(&outbox).await;
+    Postgres::drop_tables(&outbox).await;
 }
 
 /// Four writers for several seconds over a ring turning every second, two relays that apply
@@ -355,7 +306,7 @@ async fn retention_never_waits_on_an_open_application_transaction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relays_deliver_once_and_in_order_while_partitions_are_truncated() {
     init_tracing();
-    let outbox = fast_ring().await;
+    let outbox = ring(Duration::from_secs(1), 3).await;
     let log = Log::default();
     let relays: Vec<RunningRelay> = (0..2)
         .map(|_| {
@@ -413,7 +364,7 @@ async fn relays_deliver_once_and_in_order_while_partitions_are_truncated() {
         let previous = last.insert(h.event.item.clone(), h.sequence).unwrap_or(0);
         assert_eq!(h.sequence, previous + 1, "{}: out of order", h.event.item);
     }
-    drop_tables(&outbox).await;
+    Postgres::drop_tables(&outbox).await;
 }
 
 /// A table created without partitions is not silently kept as it is, nor rebuilt: `migrate`
@@ -437,11 +388,11 @@ async fn a_plain_table_and_bad_rings_are_refused_clearly() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("cannot partition a table in place"), "{err}");
-    drop_tables(&plain).await;
+    Postgres::drop_tables(&plain).await;
 
     // A log-tailing outbox (its dead events need a unique id) on a table another process
     // created partitioned.
-    let partitioned = fast_ring().await;
+    let partitioned = ring(Duration::from_secs(1), 3).await;
     let err = Outbox::builder(partitioned.pool().clone())
         .table(partitioned.table().as_str())
         .log_tailing(TailMode::Messages)
@@ -452,7 +403,7 @@ async fn a_plain_table_and_bad_rings_are_refused_clearly() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("is partitioned"), "{err}");
-    drop_tables(&partitioned).await;
+    Postgres::drop_tables(&partitioned).await;
 
     let pool = pg_pool().await;
     for (layout, expected) in [
@@ -517,5 +468,5 @@ async fn concurrent_migrations_leave_one_ring() {
         "the ring of 4 and the dead events' partition"
     );
     assert!((0..4).contains(&current_partition(&outbox).await));
-    drop_tables(&outbox).await;
+    Postgres::drop_tables(&outbox).await;
 }

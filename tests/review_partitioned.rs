@@ -6,13 +6,10 @@
 //! Two of these tests failed on a68c26b (their doc comments say what they showed); the
 //! defects are fixed and the tests kept as regression tests.
 
-use outbox::{
-    EnqueueOptions, EventStatus, HandlerContext, HandlerError, Outbox, Relay, Retention,
-    TableLayout,
-};
+use outbox::{EnqueueOptions, EventStatus, HandlerContext, HandlerError, Outbox, Relay, Retention};
+use outbox_tests::partitioned::{current_partition, enqueue, item, part_of, ring};
 use outbox_tests::{
-    always_ok, dispatcher, eventually, init_tracing, pg_pool, unique_table, within, ItemChanged,
-    Log, RunningRelay,
+    always_ok, dispatcher, eventually, init_tracing, within, ItemChanged, Log, RunningRelay, TestDb,
 };
 use sqlx::Postgres;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,68 +17,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-async fn ring(every: Duration, count: u16) -> Outbox<Postgres> {
-    let outbox = Outbox::builder(pg_pool().await)
-        .table(unique_table())
-        .layout(TableLayout::partitioned(every, count))
-        .build()
-        .unwrap();
-    outbox.migrate().await.unwrap();
-    outbox
-}
-
-async fn drop_tables(outbox: &Outbox<Postgres>) {
-    let t = outbox.table();
-    sqlx::raw_sql(&format!(
-        "DROP TABLE IF EXISTS {t}, {t}_aggregates, {t}_cursors, {t}_new, {t}_keys, {t}_archive, {t}_migrations"
-    ))
-    .execute(outbox.pool())
-    .await
-    .unwrap();
-}
-
-/// The partition taking writes now, by the table's own column default.
-async fn current_partition(outbox: &Outbox<Postgres>) -> i16 {
-    let t = outbox.table();
-    let default: String = sqlx::query_scalar(&format!(
-        "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d JOIN pg_attribute a
-         ON a.attrelid = d.adrelid AND a.attnum = d.adnum
-         WHERE d.adrelid = '{t}'::regclass AND a.attname = 'part'"
-    ))
-    .fetch_one(outbox.pool())
-    .await
-    .unwrap();
-    sqlx::query_scalar(&format!("SELECT {default}"))
-        .fetch_one(outbox.pool())
-        .await
-        .unwrap()
-}
-
-async fn part_of(outbox: &Outbox<Postgres>, id: uuid::Uuid) -> i16 {
-    sqlx::query_scalar(&format!(
-        "SELECT part FROM {} WHERE id = $1",
-        outbox.table()
-    ))
-    .bind(id)
-    .fetch_one(outbox.pool())
-    .await
-    .unwrap()
-}
-
-fn item(aggregate: &str, n: u64) -> ItemChanged {
-    ItemChanged {
-        item: aggregate.to_owned(),
-        n,
-    }
-}
-
-async fn enqueue(outbox: &Outbox<Postgres>, events: &[ItemChanged]) -> Vec<uuid::Uuid> {
-    let mut tx = outbox.pool().begin().await.unwrap();
-    let ids = outbox.enqueue_batch(&mut *tx, events).await.unwrap();
-    tx.commit().await.unwrap();
-    ids
-}
 
 /// Seconds since the oldest delivered event still in the table was delivered.
 async fn oldest_delivered_age(outbox: &Outbox<Postgres>) -> f64 {
@@ -144,7 +79,7 @@ async fn retention_keeps_its_bound_when_the_ring_covers_the_age() {
     let oldest = oldest_delivered_age(&outbox).await;
     let rows = status_count(&outbox, "delivered").await;
     relay.stop().await;
-    drop_tables(&outbox).await;
+    Postgres::drop_tables(&outbox).await;
     // keep + n × every, and two seconds of slack for the relay's and retention's rounds.
     assert!(
         oldest <= 3.0 + 3.0 + 2.0,
@@ -244,7 +179,7 @@ async fn dead_events_moved_by_truncation_do_not_pin_a_partition() {
     let oldest = oldest_delivered_age(&outbox).await;
     let delivered = status_count(&outbox, "delivered").await;
     relay.stop().await;
-    drop_tables(&outbox).await;
+    Postgres::drop_tables(&outbox).await;
     assert!(
         oldest <= 0.0 + 2.0 + 2.0,
         "partitions {a} and {b}; dead per partition after the first truncation \
@@ -341,7 +276,7 @@ async fn an_event_in_flight_when_its_partition_is_truncated_settles_once() {
         "{handled:?}"
     );
     assert!(outbox.check().await.unwrap().is_empty());
-    drop_tables(&outbox).await;
+    Postgres::drop_tables(&outbox).await;
 }
 
 /// An application's transaction that began in an earlier period (its `now()`, so its event's
@@ -401,7 +336,7 @@ async fn a_transaction_of_an_earlier_period_writes_after_its_partition_is_trunca
         outbox.get(late).await.unwrap().unwrap().status,
         EventStatus::Delivered
     );
-    drop_tables(&outbox).await;
+    Postgres::drop_tables(&outbox).await;
 }
 
 /// Four retentions with archiving at once (four relays' schedules, or `outbox purge` beside a
@@ -461,7 +396,7 @@ async fn concurrent_archiving_retentions_archive_each_event_once() {
         .fetch_one(outbox.pool())
         .await
         .unwrap();
-    drop_tables(&outbox).await;
+    Postgres::drop_tables(&outbox).await;
     assert_eq!(rows, 0);
     assert_eq!(distinct as u64, written);
     assert_eq!(archived, distinct, "an event archived twice");
@@ -527,6 +462,6 @@ async fn an_idempotency_key_finds_its_event_after_a_move() {
     })
     .await;
     relay.stop().await;
-    drop_tables(&outbox).await;
+    Postgres::drop_tables(&outbox).await;
     assert!(!more, "the keyed event was delivered twice");
 }

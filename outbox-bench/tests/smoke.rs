@@ -3,8 +3,8 @@
 
 use outbox_bench::{run, Config, Target};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_harness_measures_every_section() {
+/// The smoke sizes, against the test suite's servers.
+fn smoke_config() -> Config {
     let mut config = Config::smoke();
     if let Ok(url) = std::env::var("OUTBOX_TEST_DATABASE_URL") {
         config.database_url = url;
@@ -18,6 +18,12 @@ async fn the_harness_measures_every_section() {
     if let Ok(brokers) = std::env::var("OUTBOX_TEST_KAFKA_BROKERS") {
         config.kafka_brokers = brokers;
     }
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_harness_measures_every_section() {
+    let mut config = smoke_config();
     let out = std::env::temp_dir().join(format!("outbox-bench-smoke-{}", std::process::id()));
     config.out_dir = Some(out.clone());
     config.hold_open = true;
@@ -109,19 +115,7 @@ async fn the_harness_measures_every_section() {
 /// (the standard layout, above) can free nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_partitioned_layout_frees_its_table_under_a_held_snapshot() {
-    let mut config = Config::smoke();
-    if let Ok(url) = std::env::var("OUTBOX_TEST_DATABASE_URL") {
-        config.database_url = url;
-    }
-    if let Ok(url) = std::env::var("OUTBOX_TEST_AMQP_URL") {
-        config.amqp_url = url;
-    }
-    if let Ok(url) = std::env::var("OUTBOX_TEST_NATS_URL") {
-        config.nats_url = url;
-    }
-    if let Ok(brokers) = std::env::var("OUTBOX_TEST_KAFKA_BROKERS") {
-        config.kafka_brokers = brokers;
-    }
+    let mut config = smoke_config();
     config.prefix = format!("obpart{:04x}", std::process::id() & 0xffff);
     config.partitioned = true;
     config.hold_open = true;

@@ -5,6 +5,7 @@ pub mod debezium;
 pub mod faults;
 pub mod lanes;
 pub mod nats;
+pub mod partitioned;
 pub mod scenarios;
 pub mod wal;
 
